@@ -1,0 +1,26 @@
+//! CareTwin's deciding code: the twins, their policies, and the ports they act through.
+//!
+//! This crate never does I/O of its own: no sockets, no files, no clocks, no spawned tasks
+//! of its own making. Time comes in as `now`, storage through the [`store::Store`] port,
+//! and every outbound effect is returned to the caller or written through a port. That is
+//! what lets the same code run in unit tests, in the cluster and in deterministic
+//! simulation.
+//!
+//! # Layout
+//! - [`store`] — the storage port: snapshots with versions, fences and leases, high-water
+//!   marks, logs, idempotency records, the outbox.
+//! - [`settings`] — layered configuration (TOML text plus environment overrides), as pure
+//!   functions the binaries call.
+//! - `conformance` (feature `conformance`) — the suite every storage backend must pass.
+//! - [`error`] — the crate's error type.
+
+#![forbid(unsafe_code)]
+
+pub mod error;
+pub mod settings;
+pub mod store;
+
+#[cfg(feature = "conformance")]
+pub mod conformance;
+
+pub use error::{Error, Result};
