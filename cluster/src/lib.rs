@@ -1,1 +1,22 @@
-//! placeholder
+//! The CareTwin cluster node.
+//!
+//! It hosts the twins and owns every I/O edge around them: the storage backends, the
+//! clock, and (in later work) the QUIC endpoint for edges and the gRPC endpoint for
+//! integrators. The deciding code it runs lives in `caretwin-actors` and never does I/O
+//! itself.
+//!
+//! # Layout
+//! - [`config`] — the node's configuration (TOML plus environment overrides).
+//! - [`node`] — the node's lifecycle: [`node::run`] takes a config and a shutdown future.
+//! - [`store`] — storage backends behind the `Store` port: [`store::embedded`] (fjall).
+//! - [`error`] — the crate's error type.
+
+#![forbid(unsafe_code)]
+
+pub mod config;
+pub mod error;
+pub mod node;
+pub mod store;
+
+pub use config::ClusterConfig;
+pub use error::{Error, Result};

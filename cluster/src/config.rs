@@ -1,0 +1,103 @@
+//! The cluster node's configuration: a TOML file with `CARETWIN_CLUSTER__…` overrides.
+
+use crate::store::StoreConfig;
+use serde::{Deserialize, Serialize};
+use std::time::Duration;
+
+/// Prefix of the environment overrides (`CARETWIN_CLUSTER__STORE__PATH=/data`).
+pub const ENV_PREFIX: &str = "CARETWIN_CLUSTER";
+
+/// Everything a cluster node is configured with.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ClusterConfig {
+    /// This node's id, unique in the cluster.
+    #[serde(default = "default_node_id")]
+    pub node_id: String,
+    /// Where the node's state lives.
+    #[serde(default)]
+    pub store: StoreConfig,
+    /// How long the node's membership lease lasts without renewal.
+    #[serde(default = "default_lease_ttl", with = "humantime_serde")]
+    pub lease_ttl: Duration,
+    /// How often the membership lease is renewed; well under `lease_ttl`.
+    #[serde(default = "default_renew_every", with = "humantime_serde")]
+    pub renew_every: Duration,
+}
+
+fn default_node_id() -> String {
+    "node-1".into()
+}
+fn default_lease_ttl() -> Duration {
+    Duration::from_secs(10)
+}
+fn default_renew_every() -> Duration {
+    Duration::from_secs(3)
+}
+
+impl Default for ClusterConfig {
+    fn default() -> Self {
+        Self {
+            node_id: default_node_id(),
+            store: StoreConfig::default(),
+            lease_ttl: default_lease_ttl(),
+            renew_every: default_renew_every(),
+        }
+    }
+}
+
+impl ClusterConfig {
+    /// Loads a configuration from a TOML text and environment overrides, then checks it.
+    pub fn load(
+        toml_text: &str,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> crate::Result<Self> {
+        let c: Self = caretwin_actors::settings::load(toml_text, env, ENV_PREFIX)?;
+        c.validate()?;
+        Ok(c)
+    }
+
+    /// Checks values that serde cannot.
+    pub fn validate(&self) -> crate::Result<()> {
+        if self.node_id.is_empty() || self.node_id.len() > 128 {
+            return Err(crate::Error::Config(format!(
+                "node_id {:?} must be 1..=128 bytes",
+                self.node_id
+            )));
+        }
+        if self.renew_every.is_zero() || self.renew_every * 2 > self.lease_ttl {
+            return Err(crate::Error::Config(format!(
+                "renew_every ({:?}) must be non-zero and at most half of lease_ttl ({:?})",
+                self.renew_every, self.lease_ttl
+            )));
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::EmbeddedConfig;
+
+    #[test]
+    fn defaults_then_file_then_environment() {
+        assert_eq!(ClusterConfig::load("", []).unwrap(), ClusterConfig::default());
+        let text = "node_id = \"n7\"\nlease_ttl = \"20s\"\n[store]\nbackend = \"embedded\"\npath = \"/srv/ct\"\n";
+        let env = [("CARETWIN_CLUSTER__STORE__MAX_GROUP".to_string(), "64".to_string())];
+        let c = ClusterConfig::load(text, env).unwrap();
+        assert_eq!(c.node_id, "n7");
+        assert_eq!(c.lease_ttl, Duration::from_secs(20));
+        let mut want = EmbeddedConfig::at("/srv/ct");
+        want.max_group = 64;
+        assert_eq!(c.store, StoreConfig::Embedded(want));
+    }
+
+    #[test]
+    fn bad_values_are_refused() {
+        assert!(ClusterConfig::load("renew_every = \"9s\"", []).is_err());
+        assert!(ClusterConfig::load("node_id = \"\"", []).is_err());
+        assert!(ClusterConfig::load("[store]\nbackend = \"floppy\"", []).is_err());
+        assert!(ClusterConfig::load("lease_ttl = \"soon\"", []).is_err());
+    }
+}

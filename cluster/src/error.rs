@@ -1,0 +1,25 @@
+//! The crate's error type.
+
+/// What can fail in a cluster node.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The storage port or a backend failed.
+    #[error(transparent)]
+    Store(#[from] caretwin_actors::Error),
+    /// The configuration is invalid.
+    #[error("invalid configuration: {0}")]
+    Config(String),
+    /// Another process holds this node's identity.
+    #[error("node id {node_id:?} is already live (held by {holder:?} until {expires_at_ms} ms)")]
+    NodeIdTaken {
+        /// The node id.
+        node_id: String,
+        /// Who holds it.
+        holder: String,
+        /// Until when.
+        expires_at_ms: u64,
+    },
+}
+
+/// The crate's result type.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
