@@ -21,7 +21,7 @@
 //! the median run by writes per second.
 //!
 //! Run it with `cargo bench -p caretwin-cluster --bench engines`; pass `--quick` (after `--`)
-//! or set `BENCH_QUICK=1` for a short smoke run.
+//! or set `BENCH_QUICK=1` for a short smoke run, and `fjall` or `redb` to run one engine.
 //!
 //! Files live under Cargo's `CARGO_TARGET_TMPDIR`, on the same disk as the target directory,
 //! because an fsync on tmpfs costs nothing and would hide exactly what is measured here.
@@ -52,10 +52,16 @@ const GROUP_SIZES: [usize; 3] = [1, 64, 1024];
 const PRELOAD_CHUNK: usize = 10_000;
 
 fn main() -> Result<()> {
-    // Cargo passes `--bench` (and any filter) to a `harness = false` bench: ignore what we
-    // don't know rather than fail.
-    let quick = std::env::args().any(|arg| arg == "--quick")
+    // Cargo passes `--bench` to a `harness = false` bench: flags we don't know are ignored
+    // rather than refused. A bare word is a filter on the engine name, as with libtest.
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let quick = args.iter().any(|arg| arg == "--quick")
         || std::env::var("BENCH_QUICK").is_ok_and(|v| v == "1");
+    let filters: Vec<&str> = args
+        .iter()
+        .map(String::as_str)
+        .filter(|arg| !arg.starts_with('-'))
+        .collect();
     let plan = if quick {
         Plan {
             runs: 1,
@@ -74,7 +80,10 @@ fn main() -> Result<()> {
 
     let workload = Workload::new();
     let mut rows = Vec::new();
-    for engine in [EngineKind::Fjall, EngineKind::Redb] {
+    let engines = [EngineKind::Fjall, EngineKind::Redb]
+        .into_iter()
+        .filter(|engine| filters.is_empty() || filters.iter().any(|f| engine.name().contains(f)));
+    for engine in engines {
         for group_size in GROUP_SIZES {
             let mut runs = Vec::with_capacity(plan.runs);
             for _ in 0..plan.runs {
@@ -566,7 +575,9 @@ fn print_results(rows: &[Row]) {
             ))
         })
         .collect();
-    println!("\nfjall/redb writes/s: {}", ratios.join(", "));
+    if !ratios.is_empty() {
+        println!("\nfjall/redb writes/s: {}", ratios.join(", "));
+    }
 
     println!("\nMedian runs in detail (CPU is all threads, engine workers included):\n");
     for row in rows {

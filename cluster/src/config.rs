@@ -4,7 +4,7 @@ use crate::store::StoreConfig;
 use serde::{Deserialize, Serialize};
 use std::time::Duration;
 
-/// Prefix of the environment overrides (`CARETWIN_CLUSTER__STORE__PATH=/data`).
+/// Prefix of the environment overrides (`CARETWIN_CLUSTER__STORE__EMBEDDED__PATH=/data`).
 pub const ENV_PREFIX: &str = "CARETWIN_CLUSTER";
 
 /// Everything a cluster node is configured with.
@@ -78,19 +78,23 @@ impl ClusterConfig {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::store::EmbeddedConfig;
+    use crate::store::StoreConfig;
 
     #[test]
     fn defaults_then_file_then_environment() {
         assert_eq!(ClusterConfig::load("", []).unwrap(), ClusterConfig::default());
-        let text = "node_id = \"n7\"\nlease_ttl = \"20s\"\n[store]\nbackend = \"embedded\"\npath = \"/srv/ct\"\n";
-        let env = [("CARETWIN_CLUSTER__STORE__MAX_GROUP".to_string(), "64".to_string())];
+        let text = "node_id = \"n7\"\nlease_ttl = \"20s\"\n[store]\nbackend = \"embedded\"\n[store.embedded]\npath = \"/srv/ct\"\n";
+        let env = [("CARETWIN_CLUSTER__STORE__EMBEDDED__MAX_GROUP".to_string(), "64".to_string())];
         let c = ClusterConfig::load(text, env).unwrap();
         assert_eq!(c.node_id, "n7");
         assert_eq!(c.lease_ttl, Duration::from_secs(20));
-        let mut want = EmbeddedConfig::at("/srv/ct");
-        want.max_group = 64;
-        assert_eq!(c.store, StoreConfig::Embedded(want));
+        let mut want = StoreConfig::embedded_at("/srv/ct");
+        want.embedded.max_group = 64;
+        assert_eq!(c.store, want);
+        // One field from the environment, the rest defaults.
+        let env = [("CARETWIN_CLUSTER__STORE__EMBEDDED__PATH".to_string(), "/x".to_string())];
+        let c = ClusterConfig::load("", env).unwrap();
+        assert_eq!(c.store, StoreConfig::embedded_at("/x"));
     }
 
     #[test]

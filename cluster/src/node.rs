@@ -85,13 +85,13 @@ fn drain(store: Arc<dyn Store>) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::store::{EmbeddedConfig, StoreConfig};
+    use crate::store::StoreConfig;
 
     #[tokio::test]
     async fn node_registers_and_releases_its_lease() {
         let dir = tempfile::tempdir().unwrap();
         let config = ClusterConfig {
-            store: StoreConfig::Embedded(EmbeddedConfig::at(dir.path())),
+            store: StoreConfig::embedded_at(dir.path()),
             ..ClusterConfig::default()
         };
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();

@@ -39,6 +39,7 @@ use tokio::sync::{mpsc, oneshot};
 #[serde(deny_unknown_fields)]
 pub struct EmbeddedConfig {
     /// Directory of the database; created if missing.
+    #[serde(default = "default_path")]
     pub path: PathBuf,
     /// Most requests written with one fsync.
     #[serde(default = "default_max_group")]
@@ -51,6 +52,9 @@ pub struct EmbeddedConfig {
     pub cache_mib: u64,
 }
 
+fn default_path() -> PathBuf {
+    PathBuf::from("data/cluster")
+}
 fn default_max_group() -> usize {
     1024
 }
@@ -59,6 +63,12 @@ fn default_queue_depth() -> usize {
 }
 fn default_cache_mib() -> u64 {
     64
+}
+
+impl Default for EmbeddedConfig {
+    fn default() -> Self {
+        Self::at(default_path())
+    }
 }
 
 impl EmbeddedConfig {
@@ -577,7 +587,13 @@ impl EmbeddedStore {
         let db = Database::builder(&config.path)
             .cache_size(config.cache_mib * 1024 * 1024)
             .open()
-            .map_err(backend)?;
+            .map_err(|e| match e {
+                fjall::Error::Locked => Error::Backend(format!(
+                    "database {} is in use by another process",
+                    config.path.display()
+                )),
+                e => backend(e),
+            })?;
         let ks = |name: &str| db.keyspace(name, KeyspaceCreateOptions::default).map_err(backend);
         let tables = Arc::new(Tables {
             snapshots: ks("snapshots")?,

@@ -12,23 +12,41 @@ use std::sync::Arc;
 
 pub use embedded::{EmbeddedConfig, EmbeddedStore};
 
-/// Which backend holds the node's state, and its settings.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-#[serde(tag = "backend", rename_all = "lowercase")]
-pub enum StoreConfig {
-    /// The embedded store (fjall) in a local directory.
-    Embedded(EmbeddedConfig),
+/// The storage backends.
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum Backend {
+    /// The embedded store (fjall) in a local directory: one node.
+    #[default]
+    Embedded,
 }
 
-impl Default for StoreConfig {
-    fn default() -> Self {
-        StoreConfig::Embedded(EmbeddedConfig::at("data/cluster"))
+/// Which backend holds the node's state, and each backend's settings
+/// (`[store] backend = "embedded"`, `[store.embedded] path = "…"`).
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct StoreConfig {
+    /// The backend in use.
+    #[serde(default)]
+    pub backend: Backend,
+    /// Settings of the embedded backend.
+    #[serde(default)]
+    pub embedded: EmbeddedConfig,
+}
+
+impl StoreConfig {
+    /// The embedded backend at `path`, with default settings.
+    pub fn embedded_at(path: impl Into<std::path::PathBuf>) -> Self {
+        Self {
+            backend: Backend::Embedded,
+            embedded: EmbeddedConfig::at(path),
+        }
     }
 }
 
 /// Opens the configured backend.
 pub fn open(config: &StoreConfig) -> crate::Result<Arc<dyn Store>> {
-    match config {
-        StoreConfig::Embedded(c) => Ok(Arc::new(EmbeddedStore::open(c)?)),
+    match config.backend {
+        Backend::Embedded => Ok(Arc::new(EmbeddedStore::open(&config.embedded)?)),
     }
 }
