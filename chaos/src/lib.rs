@@ -1,1 +1,15 @@
-//! placeholder
+//! CareTwin's chaos tools: fault injection, scenarios with invariant checks, and (in
+//! later work) a deterministic simulation of the whole system.
+//!
+//! Scenarios drive real processes and real stores; every scenario ends with a check of
+//! the guarantees it exercises and reports what it found.
+//!
+//! # Layout
+//! - [`config`] — the chaos tool's configuration.
+//! - [`crash`] — SIGKILL a writing process, reopen its store, find every acknowledged
+//!   write.
+
+#![forbid(unsafe_code)]
+
+pub mod config;
+pub mod crash;

@@ -396,6 +396,9 @@ fn measure(
 ) -> Result<RunResult> {
     // Room for one group to form while the previous one commits. A deeper queue would only
     // add queueing delay proportional to its depth, measuring the channel, not the engine.
+    // Under this saturating load a write therefore waits for the group being committed, then
+    // its own group (and, for the one write stamped while the producer is blocked, one more):
+    // latency is about two to three group commit times by construction.
     let (tx, rx) = mpsc::sync_channel(group_size);
     let stop = &AtomicBool::new(false);
     let pool_len = workload.pool.len();
@@ -519,7 +522,14 @@ fn print_header(root: &Path, plan: &Plan) -> Result<()> {
     let (fs, device) = filesystem_of(root);
 
     println!("# Storage engines on the CareTwin write pattern, group commit\n");
-    println!("- machine: {cpu}, {cores} cores, {}", kernel.join(" "));
+    // Other work on the machine (a build, say) skews results on few cores: show it.
+    let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
+    let load: Vec<&str> = load.split_whitespace().take(3).collect();
+    println!(
+        "- machine: {cpu}, {cores} cores, {}; load average {} at start",
+        kernel.join(" "),
+        load.join(" ")
+    );
     println!(
         "- engines: fjall {} (lsm-tree {}), redb {}",
         locked_version(&lock, "fjall"),

@@ -46,24 +46,8 @@ fn load_config(path: Option<&PathBuf>) -> anyhow::Result<ClusterConfig> {
     Ok(ClusterConfig::load(&text, std::env::vars())?)
 }
 
-fn main() -> std::process::ExitCode {
-    let runtime = match tokio::runtime::Runtime::new() {
-        Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("error: cannot start the runtime: {e}");
-            return std::process::ExitCode::FAILURE;
-        }
-    };
-    match runtime.block_on(real_main()) {
-        Ok(()) => std::process::ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("error: {e:#}");
-            std::process::ExitCode::FAILURE
-        }
-    }
-}
-
-async fn real_main() -> anyhow::Result<()> {
+#[tokio::main]
+async fn main() -> std::process::ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
@@ -71,6 +55,14 @@ async fn real_main() -> anyhow::Result<()> {
         )
         .with_writer(std::io::stderr)
         .init();
+    if let Err(e) = real_main().await {
+        eprintln!("error: {e:#}");
+        return std::process::ExitCode::FAILURE;
+    }
+    std::process::ExitCode::SUCCESS
+}
+
+async fn real_main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     let config = load_config(cli.config.as_ref())?;
     match cli.command {
