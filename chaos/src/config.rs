@@ -66,4 +66,11 @@ mod tests {
         assert_eq!((c.writers, c.work_dir), (8, PathBuf::from("/srv/chaos")));
         assert!(ChaosConfig::load("writers = 0", []).is_err());
     }
+
+    #[test]
+    fn shipped_example_is_valid() {
+        let text = include_str!("../../deploy/config/chaos.toml");
+        let c = ChaosConfig::load(text, []).unwrap();
+        assert_eq!(c.writers, ChaosConfig::default().writers);
+    }
 }

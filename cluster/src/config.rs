@@ -104,4 +104,10 @@ mod tests {
         assert!(ClusterConfig::load("[store]\nbackend = \"floppy\"", []).is_err());
         assert!(ClusterConfig::load("lease_ttl = \"soon\"", []).is_err());
     }
+
+    #[test]
+    fn shipped_example_is_valid_and_matches_defaults() {
+        let text = include_str!("../../deploy/config/cluster.toml");
+        assert_eq!(ClusterConfig::load(text, []).unwrap(), ClusterConfig::default());
+    }
 }

@@ -94,4 +94,10 @@ mod tests {
             assert!(EdgeConfig::load(text, []).is_err(), "{text}");
         }
     }
+
+    #[test]
+    fn shipped_example_is_valid_and_matches_defaults() {
+        let text = include_str!("../../deploy/config/edge.toml");
+        assert_eq!(EdgeConfig::load(text, []).unwrap(), EdgeConfig::default());
+    }
 }

@@ -1,1 +1,173 @@
-//! placeholder
+//! CareTwin's end-to-end test harness: start the real binaries as processes, wait for
+//! what they report, signal them, and read what they printed.
+//!
+//! Waits are explicit — for a line on a process's output or for its exit — with a
+//! generous deadline that only turns a hang into a failure; no test sleeps and hopes.
+//!
+//! # Layout
+//! - [`Process`] — a running binary with its output captured line by line.
+
+#![forbid(unsafe_code)]
+
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+/// How long any single wait may take before the test fails as hung.
+pub const DEADLINE: Duration = Duration::from_secs(60);
+
+/// Which stream a captured line came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stream {
+    /// Standard output.
+    Stdout,
+    /// Standard error (logs).
+    Stderr,
+}
+
+/// A running binary whose stdout and stderr are captured line by line.
+pub struct Process {
+    name: String,
+    child: Child,
+    lines: mpsc::Receiver<(Stream, String)>,
+    seen: Vec<(Stream, String)>,
+}
+
+impl Process {
+    /// Starts `exe` with `args` and extra environment `env` (no colours in logs).
+    pub fn start(exe: &Path, args: &[&str], env: &[(&str, &str)]) -> anyhow::Result<Self> {
+        let mut cmd = Command::new(exe);
+        cmd.args(args)
+            .env("NO_COLOR", "1")
+            .env_remove("RUST_LOG")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let mut child = cmd.spawn()?;
+        let (tx, lines) = mpsc::channel();
+        let stdout = child.stdout.take().expect("stdout is piped");
+        let stderr = child.stderr.take().expect("stderr is piped");
+        for (stream, reader) in [
+            (Stream::Stdout, Box::new(stdout) as Box<dyn std::io::Read + Send>),
+            (Stream::Stderr, Box::new(stderr)),
+        ] {
+            let tx = tx.clone();
+            std::thread::spawn(move || {
+                for line in BufReader::new(reader).lines().map_while(Result::ok) {
+                    if tx.send((stream, line)).is_err() {
+                        break;
+                    }
+                }
+            });
+        }
+        Ok(Self {
+            name: exe.file_name().map_or_else(String::new, |n| n.to_string_lossy().into()),
+            child,
+            lines,
+            seen: Vec::new(),
+        })
+    }
+
+    /// The process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Waits until a line containing `needle` appears on either stream; returns it.
+    pub fn wait_for(&mut self, needle: &str) -> anyhow::Result<String> {
+        if let Some((_, l)) = self.seen.iter().find(|(_, l)| l.contains(needle)) {
+            return Ok(l.clone());
+        }
+        let until = Instant::now() + DEADLINE;
+        loop {
+            let left = until.saturating_duration_since(Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok((stream, line)) => {
+                    self.seen.push((stream, line.clone()));
+                    if line.contains(needle) {
+                        return Ok(line);
+                    }
+                }
+                Err(mpsc::RecvTimeoutError::Timeout) => {
+                    anyhow::bail!("{}: no line with {needle:?} in {DEADLINE:?}; saw:\n{}", self.name, self.transcript())
+                }
+                Err(mpsc::RecvTimeoutError::Disconnected) => {
+                    anyhow::bail!("{}: exited without printing {needle:?}; saw:\n{}", self.name, self.transcript())
+                }
+            }
+        }
+    }
+
+    /// Sends SIGTERM (a graceful stop request).
+    pub fn terminate(&self) -> anyhow::Result<()> {
+        self.signal("TERM")
+    }
+
+    /// Sends SIGKILL (no cleanup at all).
+    pub fn kill(&self) -> anyhow::Result<()> {
+        self.signal("KILL")
+    }
+
+    fn signal(&self, sig: &str) -> anyhow::Result<()> {
+        let status = Command::new("kill")
+            .arg(format!("-{sig}"))
+            .arg(self.pid().to_string())
+            .status()?;
+        anyhow::ensure!(status.success(), "kill -{sig} {} failed", self.pid());
+        Ok(())
+    }
+
+    /// Waits for the process to exit and collects the rest of its output.
+    pub fn wait(&mut self) -> anyhow::Result<ExitStatus> {
+        let until = Instant::now() + DEADLINE;
+        loop {
+            if let Some(status) = self.child.try_wait()? {
+                // The reader threads end at EOF; take what is left.
+                while let Ok(l) = self.lines.recv_timeout(Duration::from_secs(5)) {
+                    self.seen.push(l);
+                }
+                return Ok(status);
+            }
+            match self.lines.recv_timeout(Duration::from_millis(50)) {
+                Ok(l) => self.seen.push(l),
+                Err(_) if Instant::now() < until => {}
+                Err(_) => {
+                    let _ = self.child.kill();
+                    anyhow::bail!("{} did not exit within {DEADLINE:?}", self.name);
+                }
+            }
+        }
+    }
+
+    /// Every line seen so far from `stream`.
+    pub fn output(&self, stream: Stream) -> Vec<&str> {
+        self.seen
+            .iter()
+            .filter(|(s, _)| *s == stream)
+            .map(|(_, l)| l.as_str())
+            .collect()
+    }
+
+    /// Everything seen so far, for failure messages.
+    pub fn transcript(&self) -> String {
+        self.seen
+            .iter()
+            .map(|(s, l)| format!("[{s:?}] {l}"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        // A test that failed half-way must not leave its processes behind.
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}

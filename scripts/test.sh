@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# Every check of the project, as CI runs it: formatting, lints, the whole test suite,
+# and the docs. Run from anywhere: `bash scripts/test.sh`.
+#
+# It installs what it needs on a fresh machine (rustfmt and clippy through rustup when
+# missing). Tests that need a service start it themselves through this script.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+step() { printf '\n==> %s\n' "$*"; }
+
+if command -v rustup >/dev/null; then
+    for component in rustfmt clippy; do
+        rustup component list --installed 2>/dev/null | grep -q "^$component" \
+            || rustup component add "$component"
+    done
+fi
+
+step "cargo fmt --check"
+cargo fmt --all --check
+
+step "cargo clippy (all targets, warnings denied)"
+cargo clippy --workspace --all-targets --locked -- -D warnings
+
+step "tests"
+if cargo nextest --version >/dev/null 2>&1; then
+    cargo nextest run --workspace --locked --no-fail-fast
+    cargo test --workspace --locked --doc
+else
+    cargo test --workspace --locked --no-fail-fast
+fi
+
+step "cargo doc (warnings denied)"
+RUSTDOCFLAGS="-D warnings" cargo doc --workspace --no-deps --locked
+
+step "all checks passed"
