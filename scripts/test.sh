@@ -16,6 +16,15 @@ if command -v rustup >/dev/null; then
     done
 fi
 
+step "one rustls crypto provider: aws-lc-rs, never ring"
+# With both providers linked, rustls cannot pick one and panics at run time.
+ring_users=$(cargo tree --workspace --locked -e normal -i ring 2>/dev/null || true)
+if [ -n "$ring_users" ]; then
+    echo "ring is linked; use the aws-lc-rs features instead:"
+    echo "$ring_users"
+    exit 1
+fi
+
 step "cargo fmt --check"
 cargo fmt --all --check
 
