@@ -9,11 +9,11 @@
 //!
 //! The tests need a multi-threaded tokio runtime (the macro asks for one).
 
+use crate::Error;
 use crate::store::{
     Applied, Entry, Fence, IdempotencyMode, Key, MAX_BATCH_BYTES, MAX_BATCH_OPS, MAX_KEY_BYTES,
     MAX_VALUE_BYTES, Op, Store, WriteBatch,
 };
-use crate::Error;
 use async_trait::async_trait;
 use std::sync::Arc;
 
@@ -53,14 +53,23 @@ pub async fn snapshot_compare_and_set(mut h: impl Harness) {
     let s = h.open().await;
     let k = Key::from("t1/device/cas");
     assert_eq!(s.snapshot(&k).await.unwrap(), None);
-    let applied = s.commit(WriteBatch::new().with(put(k.as_str(), 0, b"v1"))).await;
+    let applied = s
+        .commit(WriteBatch::new().with(put(k.as_str(), 0, b"v1")))
+        .await;
     assert_eq!(applied.unwrap(), vec![Applied::Snapshot { version: 1 }]);
     let err = s
         .commit(WriteBatch::new().with(put(k.as_str(), 0, b"again")))
         .await
         .unwrap_err();
     assert!(
-        matches!(err, Error::VersionConflict { expected: 0, actual: 1, .. }),
+        matches!(
+            err,
+            Error::VersionConflict {
+                expected: 0,
+                actual: 1,
+                ..
+            }
+        ),
         "{err}"
     );
     s.commit(WriteBatch::new().with(put(k.as_str(), 1, b"v2")))
@@ -73,7 +82,11 @@ pub async fn snapshot_compare_and_set(mut h: impl Harness) {
         key: k.clone(),
         expected_version: 1,
     };
-    assert!(s.commit(WriteBatch::new().with(stale_delete)).await.is_err());
+    assert!(
+        s.commit(WriteBatch::new().with(stale_delete))
+            .await
+            .is_err()
+    );
     let delete = Op::DeleteSnapshot {
         key: k.clone(),
         expected_version: 2,
@@ -95,7 +108,8 @@ pub async fn racing_writers_exactly_one_wins(mut h: impl Harness) {
             let s = s.clone();
             let key = key.clone();
             tasks.push(tokio::spawn(async move {
-                s.commit(WriteBatch::new().with(put(&key, 0, &[writer]))).await
+                s.commit(WriteBatch::new().with(put(&key, 0, &[writer])))
+                    .await
             }));
         }
         let mut wins = 0;
@@ -112,7 +126,11 @@ pub async fn racing_writers_exactly_one_wins(mut h: impl Harness) {
         }
         assert_eq!(wins, 1, "round {round}: {wins} writers won");
         let stored = s.snapshot(&Key::from(key)).await.unwrap().unwrap();
-        assert_eq!(stored.value, vec![winner_value.unwrap()], "winner's value is stored");
+        assert_eq!(
+            stored.value,
+            vec![winner_value.unwrap()],
+            "winner's value is stored"
+        );
     }
 }
 
@@ -139,7 +157,8 @@ pub async fn stale_fence_is_refused(mut h: impl Harness) {
                 let f = old.fence();
                 let key = key.clone();
                 tokio::spawn(async move {
-                    s.commit(WriteBatch::fenced(f).with(put(&key, 1, b"stale"))).await
+                    s.commit(WriteBatch::fenced(f).with(put(&key, 1, b"stale")))
+                        .await
                 })
             },
             {
@@ -147,7 +166,8 @@ pub async fn stale_fence_is_refused(mut h: impl Harness) {
                 let f = new.fence();
                 let key = key.clone();
                 tokio::spawn(async move {
-                    s.commit(WriteBatch::fenced(f).with(put(&key, 1, b"owner"))).await
+                    s.commit(WriteBatch::fenced(f).with(put(&key, 1, b"owner")))
+                        .await
                 })
             }
         );
@@ -190,21 +210,45 @@ pub async fn high_water_marks_only_move_forward(mut h: impl Harness) {
         to,
     };
     assert_eq!(
-        s.commit(WriteBatch::new().with(advance(0, 5))).await.unwrap(),
+        s.commit(WriteBatch::new().with(advance(0, 5)))
+            .await
+            .unwrap(),
         vec![Applied::HighWater { seq: 5 }]
     );
     // The same readings replayed: refused, nothing applied twice.
     let err = s
-        .commit(WriteBatch::new().with(advance(0, 5)).with(append("t1/log/hwm", b"effect")))
+        .commit(
+            WriteBatch::new()
+                .with(advance(0, 5))
+                .with(append("t1/log/hwm", b"effect")),
+        )
         .await
         .unwrap_err();
     assert!(
-        matches!(err, Error::HighWaterConflict { expected: 0, actual: 5, .. }),
+        matches!(
+            err,
+            Error::HighWaterConflict {
+                expected: 0,
+                actual: 5,
+                ..
+            }
+        ),
         "{err}"
     );
-    assert!(s.read_log(&"t1/log/hwm".into(), 1, 10).await.unwrap().is_empty());
-    assert!(s.commit(WriteBatch::new().with(advance(5, 3))).await.is_err());
-    s.commit(WriteBatch::new().with(advance(5, 9))).await.unwrap();
+    assert!(
+        s.read_log(&"t1/log/hwm".into(), 1, 10)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    assert!(
+        s.commit(WriteBatch::new().with(advance(5, 3)))
+            .await
+            .is_err()
+    );
+    s.commit(WriteBatch::new().with(advance(5, 9)))
+        .await
+        .unwrap();
     assert_eq!(s.high_water(&d).await.unwrap(), 9);
 }
 
@@ -232,11 +276,28 @@ pub async fn batches_are_atomic(mut h: impl Harness) {
         s.commit(batch).await,
         Err(Error::VersionConflict { .. })
     ));
-    assert_eq!(s.snapshot(&"t1/device/atomic-a".into()).await.unwrap(), None);
-    assert!(s.read_log(&"t1/log/atomic".into(), 1, 10).await.unwrap().is_empty());
-    assert!(s.read_outbox(&"q/atomic".into(), 1, 10).await.unwrap().is_empty());
+    assert_eq!(
+        s.snapshot(&"t1/device/atomic-a".into()).await.unwrap(),
+        None
+    );
+    assert!(
+        s.read_log(&"t1/log/atomic".into(), 1, 10)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    assert!(
+        s.read_outbox(&"q/atomic".into(), 1, 10)
+            .await
+            .unwrap()
+            .is_empty()
+    );
     assert_eq!(s.high_water(&"t1/device/atomic-a".into()).await.unwrap(), 0);
-    let b = s.snapshot(&"t1/device/atomic-b".into()).await.unwrap().unwrap();
+    let b = s
+        .snapshot(&"t1/device/atomic-b".into())
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!((b.version, b.value), (1, b"b1".to_vec()));
     // Operations inside one batch see the ones before them.
     let chained = WriteBatch::new()
@@ -244,7 +305,10 @@ pub async fn batches_are_atomic(mut h: impl Harness) {
         .with(put("t1/device/chain", 1, b"2"));
     assert_eq!(
         s.commit(chained).await.unwrap(),
-        vec![Applied::Snapshot { version: 1 }, Applied::Snapshot { version: 2 }]
+        vec![
+            Applied::Snapshot { version: 1 },
+            Applied::Snapshot { version: 2 }
+        ]
     );
 }
 
@@ -278,7 +342,13 @@ pub async fn logs_read_in_order(mut h: impl Harness) {
     s.commit(WriteBatch::new().with(append("t1/log/on", b"x")))
         .await
         .unwrap();
-    assert_eq!(s.read_log(&"t1/log/on".into(), 1, 1000).await.unwrap().len(), 1);
+    assert_eq!(
+        s.read_log(&"t1/log/on".into(), 1, 1000)
+            .await
+            .unwrap()
+            .len(),
+        1
+    );
 }
 
 /// Leases expire on the caller's clock, change hands with a new token, and are exclusive.
@@ -286,14 +356,24 @@ pub async fn leases_expire_and_fence(mut h: impl Harness) {
     let s = h.open().await;
     let name = Key::from("shard/lease-test");
     assert_eq!(s.lease(&name).await.unwrap(), None);
-    let a = s.acquire_lease(&name, "node-a", 1_000, 10_000).await.unwrap();
+    let a = s
+        .acquire_lease(&name, "node-a", 1_000, 10_000)
+        .await
+        .unwrap();
     assert_eq!(a.expires_at_ms, 11_000);
     let held = s.acquire_lease(&name, "node-b", 1_000, 10_500).await;
     assert!(matches!(held, Err(Error::LeaseHeld { .. })), "{held:?}");
     let a = s.renew_lease(&a, 1_000, 10_900).await.unwrap();
     assert_eq!(a.expires_at_ms, 11_900);
-    assert!(s.acquire_lease(&name, "node-b", 1_000, 11_899).await.is_err());
-    let b = s.acquire_lease(&name, "node-b", 1_000, 11_900).await.unwrap();
+    assert!(
+        s.acquire_lease(&name, "node-b", 1_000, 11_899)
+            .await
+            .is_err()
+    );
+    let b = s
+        .acquire_lease(&name, "node-b", 1_000, 11_900)
+        .await
+        .unwrap();
     assert!(b.token > a.token);
     assert_eq!(s.lease(&name).await.unwrap(), Some(b.clone()));
     assert!(matches!(
@@ -301,8 +381,14 @@ pub async fn leases_expire_and_fence(mut h: impl Harness) {
         Err(Error::LeaseLost { .. })
     ));
     s.release_lease(&b).await.unwrap();
-    let c = s.acquire_lease(&name, "node-c", 1_000, 11_950).await.unwrap();
-    assert!(c.token > b.token, "a released lease changes hands with a new token");
+    let c = s
+        .acquire_lease(&name, "node-c", 1_000, 11_950)
+        .await
+        .unwrap();
+    assert!(
+        c.token > b.token,
+        "a released lease changes hands with a new token"
+    );
     assert!(s.release_lease(&b).await.is_err(), "double release");
 }
 
@@ -330,7 +416,13 @@ pub async fn idempotency_records_claim_once(mut h: impl Harness) {
         s.commit(retry).await,
         Err(Error::IdempotencyExists { .. })
     ));
-    assert_eq!(s.read_outbox(&"q/orders".into(), 1, 10).await.unwrap().len(), 1);
+    assert_eq!(
+        s.read_outbox(&"q/orders".into(), 1, 10)
+            .await
+            .unwrap()
+            .len(),
+        1
+    );
     s.commit(WriteBatch::new().with(Op::PutIdempotency {
         key: k.clone(),
         value: b"placed:PO-7".to_vec(),
@@ -338,7 +430,10 @@ pub async fn idempotency_records_claim_once(mut h: impl Harness) {
     }))
     .await
     .unwrap();
-    assert_eq!(s.idempotency(&k).await.unwrap(), Some(b"placed:PO-7".to_vec()));
+    assert_eq!(
+        s.idempotency(&k).await.unwrap(),
+        Some(b"placed:PO-7".to_vec())
+    );
     assert_eq!(s.idempotency(&"t1/idem/none".into()).await.unwrap(), None);
 }
 
@@ -431,7 +526,11 @@ pub async fn concurrent_commits_all_land(mut h: impl Harness) {
         .map(|e| u64::from_be_bytes(e.value.as_slice().try_into().unwrap()))
         .collect();
     seen.sort_unstable();
-    assert_eq!(seen, (0..500).collect::<Vec<_>>(), "every append exactly once");
+    assert_eq!(
+        seen,
+        (0..500).collect::<Vec<_>>(),
+        "every append exactly once"
+    );
 }
 
 /// Everything acknowledged before a crash is there after reopening.
@@ -490,9 +589,24 @@ pub async fn acknowledged_writes_survive_crash(mut h: impl Harness) {
                 .is_some()
         );
     }
-    assert_eq!(s.read_log(&"t1/log/crash".into(), 1, 1000).await.unwrap().len(), 200);
-    assert_eq!(s.read_outbox(&"q/crash".into(), 1, 1000).await.unwrap().len(), 200);
-    assert_eq!(s.lease(&"shard/crash".into()).await.unwrap(), Some(lease.clone()));
+    assert_eq!(
+        s.read_log(&"t1/log/crash".into(), 1, 1000)
+            .await
+            .unwrap()
+            .len(),
+        200
+    );
+    assert_eq!(
+        s.read_outbox(&"q/crash".into(), 1, 1000)
+            .await
+            .unwrap()
+            .len(),
+        200
+    );
+    assert_eq!(
+        s.lease(&"shard/crash".into()).await.unwrap(),
+        Some(lease.clone())
+    );
     // Counters continue after recovery instead of starting over.
     let applied = s
         .commit(WriteBatch::fenced(lease.fence()).with(append("t1/log/crash", b"after")))
@@ -543,7 +657,10 @@ pub async fn bad_input_is_refused(mut h: impl Harness) {
     ];
     for (what, batch) in cases {
         let err = s.commit(batch).await.expect_err(what);
-        assert!(!err.to_string().is_empty(), "{what}: error says what failed");
+        assert!(
+            !err.to_string().is_empty(),
+            "{what}: error says what failed"
+        );
         assert!(
             matches!(
                 err,
@@ -558,12 +675,25 @@ pub async fn bad_input_is_refused(mut h: impl Harness) {
     assert!(s.snapshot(&"".into()).await.is_err());
     assert!(s.read_log(&"t1/log/bad".into(), 0, 10).await.is_err());
     assert!(s.read_log(&"t1/log/bad".into(), 1, 0).await.is_err());
-    assert!(s.acquire_lease(&"shard/bad".into(), "", 100, 0).await.is_err());
-    assert!(s.acquire_lease(&"shard/bad".into(), "n", 0, 0).await.is_err());
+    assert!(
+        s.acquire_lease(&"shard/bad".into(), "", 100, 0)
+            .await
+            .is_err()
+    );
+    assert!(
+        s.acquire_lease(&"shard/bad".into(), "n", 0, 0)
+            .await
+            .is_err()
+    );
     // Nothing changed.
     let snap = s.snapshot(&"t1/device/bad".into()).await.unwrap().unwrap();
     assert_eq!((snap.version, snap.value), (1, b"good".to_vec()));
-    assert!(s.read_log(&"t1/log/bad".into(), 1, 10).await.unwrap().is_empty());
+    assert!(
+        s.read_log(&"t1/log/bad".into(), 1, 10)
+            .await
+            .unwrap()
+            .is_empty()
+    );
     assert_eq!(s.lease(&"shard/bad".into()).await.unwrap(), None);
 }
 

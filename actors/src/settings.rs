@@ -27,7 +27,9 @@ pub fn load<T: DeserializeOwned>(
         };
         let path: Vec<String> = path.split("__").map(str::to_lowercase).collect();
         if path.iter().any(String::is_empty) {
-            return Err(Error::Config(format!("environment variable {name} has an empty level")));
+            return Err(Error::Config(format!(
+                "environment variable {name} has an empty level"
+            )));
         }
         set(&mut table, &path, parse_value(&raw), &name)?;
     }
@@ -83,7 +85,10 @@ mod tests {
     }
 
     fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
-        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
     }
 
     #[test]
@@ -115,15 +120,26 @@ mod tests {
     fn errors_name_the_problem() {
         let bad_toml = load::<Conf>("name = ", env(&[]), "CT").unwrap_err();
         assert!(matches!(bad_toml, Error::Config(_)));
-        let unknown = load::<Conf>("name = \"a\"\nbogus = 1\n[store]\npath = \"p\"", env(&[]), "CT")
-            .unwrap_err();
+        let unknown = load::<Conf>(
+            "name = \"a\"\nbogus = 1\n[store]\npath = \"p\"",
+            env(&[]),
+            "CT",
+        )
+        .unwrap_err();
         assert!(unknown.to_string().contains("bogus"), "{unknown}");
-        let wrong_type =
-            load::<Conf>("name = \"a\"\n[store]\npath = \"p\"", env(&[("CT__STORE__GROUP", "many")]), "CT")
-                .unwrap_err();
+        let wrong_type = load::<Conf>(
+            "name = \"a\"\n[store]\npath = \"p\"",
+            env(&[("CT__STORE__GROUP", "many")]),
+            "CT",
+        )
+        .unwrap_err();
         assert!(wrong_type.to_string().contains("group"), "{wrong_type}");
-        let not_table = load::<Conf>("name = \"a\"\n[store]\npath = \"p\"", env(&[("CT__NAME__X", "1")]), "CT")
-            .unwrap_err();
+        let not_table = load::<Conf>(
+            "name = \"a\"\n[store]\npath = \"p\"",
+            env(&[("CT__NAME__X", "1")]),
+            "CT",
+        )
+        .unwrap_err();
         assert!(not_table.to_string().contains("CT__NAME__X"), "{not_table}");
     }
 }

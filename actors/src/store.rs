@@ -513,7 +513,12 @@ pub fn decide_acquire(
 }
 
 /// The renewal decision: the lease is extended only if its token is still current.
-pub fn decide_renew(current: Option<&Lease>, held: &Lease, ttl_ms: u64, now_ms: u64) -> Result<Lease> {
+pub fn decide_renew(
+    current: Option<&Lease>,
+    held: &Lease,
+    ttl_ms: u64,
+    now_ms: u64,
+) -> Result<Lease> {
     match current {
         Some(c) if c.token == held.token && c.holder == held.holder && c.expires_at_ms != 0 => {
             Ok(Lease {
@@ -567,7 +572,10 @@ mod tests {
         assert!(Key::from("shard/1").validate().is_ok());
         assert!(matches!(
             Key::from("").validate(),
-            Err(Error::InvalidKey { reason: "empty", .. })
+            Err(Error::InvalidKey {
+                reason: "empty",
+                ..
+            })
         ));
         assert!(Key::new("x".repeat(MAX_KEY_BYTES + 1)).validate().is_err());
         assert!(Key::from("a\0b").validate().is_err());
@@ -634,6 +642,15 @@ mod tests {
         let c = decide_acquire(Some(&released), &name, "c", 100, 151).unwrap();
         assert_eq!(c.token, 3);
         // No lease at all: every fence is stale.
-        assert!(check_fence(None, &Fence { lease: name, token: 0 }).is_err());
+        assert!(
+            check_fence(
+                None,
+                &Fence {
+                    lease: name,
+                    token: 0
+                }
+            )
+            .is_err()
+        );
     }
 }

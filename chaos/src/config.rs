@@ -60,7 +60,10 @@ mod tests {
     fn loads_with_overrides() {
         let c = ChaosConfig::load(
             "writers = 8",
-            [("CARETWIN_CHAOS__WORK_DIR".to_string(), "/srv/chaos".to_string())],
+            [(
+                "CARETWIN_CHAOS__WORK_DIR".to_string(),
+                "/srv/chaos".to_string(),
+            )],
         )
         .unwrap();
         assert_eq!((c.writers, c.work_dir), (8, PathBuf::from("/srv/chaos")));

@@ -99,7 +99,10 @@ pub async fn crash_store(exe: &Path, dir: &Path, kill_after: usize) -> anyhow::R
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
         .spawn()?;
-    let stdout = child.stdout.take().ok_or_else(|| anyhow::anyhow!("no stdout"))?;
+    let stdout = child
+        .stdout
+        .take()
+        .ok_or_else(|| anyhow::anyhow!("no stdout"))?;
     let mut acked = BTreeSet::new();
     let mut lines = BufReader::new(stdout).lines();
     let mut killed = false;
@@ -117,8 +120,15 @@ pub async fn crash_store(exe: &Path, dir: &Path, kill_after: usize) -> anyhow::R
         }
     }
     let status = child.wait()?;
-    anyhow::ensure!(killed, "writer exited by itself ({status}) after {} acks", acked.len());
-    tracing::info!(acknowledged = acked.len(), "writer killed, reopening the store");
+    anyhow::ensure!(
+        killed,
+        "writer exited by itself ({status}) after {} acks",
+        acked.len()
+    );
+    tracing::info!(
+        acknowledged = acked.len(),
+        "writer killed, reopening the store"
+    );
     verify(dir, &acked).await
 }
 
@@ -128,8 +138,8 @@ async fn verify(dir: &Path, acked: &BTreeSet<u64>) -> anyhow::Result<CrashReport
     for &id in acked {
         let snap = store.snapshot(&device(id)).await?;
         let hwm = store.high_water(&device(id)).await?;
-        let complete = snap.is_some_and(|s| s.value == format!("state-{id}").into_bytes())
-            && hwm == id + 1;
+        let complete =
+            snap.is_some_and(|s| s.value == format!("state-{id}").into_bytes()) && hwm == id + 1;
         if !complete {
             lost.push(id);
         }

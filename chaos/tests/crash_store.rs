@@ -24,5 +24,8 @@ fn sigkilled_writer_loses_no_acknowledged_write() {
     assert_eq!(report["survived"].as_u64(), Some(acknowledged), "{report}");
     assert_eq!(report["lost"].as_array().map(Vec::len), Some(0), "{report}");
     assert_eq!(report["duplicated"].as_u64(), Some(0), "{report}");
-    assert!(report["log_entries"].as_u64().unwrap() >= acknowledged, "{report}");
+    assert!(
+        report["log_entries"].as_u64().unwrap() >= acknowledged,
+        "{report}"
+    );
 }

@@ -59,7 +59,7 @@ async fn run_once(group: usize, duration: Duration) -> Run {
                         from: versions[d] * 10,
                         to: versions[d] * 10 + 10,
                     });
-                if step % 10 == 0 {
+                if step.is_multiple_of(10) {
                     batch.push(Op::Append {
                         log: Key::new(format!("t1/log/{w}")),
                         value: vec![1; 200],
@@ -116,7 +116,9 @@ fn main() {
     println!("# group commit, embedded store (fjall) through the Store port");
     println!("machine: {}", machine());
     println!("each configuration: 3 runs of {duration:?}, median run by writes/s\n");
-    println!("| writes per fsync (cap) | writers | writes/s | p50 ack | p99 ack | observed writes per fsync |");
+    println!(
+        "| writes per fsync (cap) | writers | writes/s | p50 ack | p99 ack | observed writes per fsync |"
+    );
     println!("|---|---|---|---|---|---|");
     for group in [1usize, 64, 1024] {
         let mut runs: Vec<Run> = (0..3)

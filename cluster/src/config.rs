@@ -82,9 +82,15 @@ mod tests {
 
     #[test]
     fn defaults_then_file_then_environment() {
-        assert_eq!(ClusterConfig::load("", []).unwrap(), ClusterConfig::default());
+        assert_eq!(
+            ClusterConfig::load("", []).unwrap(),
+            ClusterConfig::default()
+        );
         let text = "node_id = \"n7\"\nlease_ttl = \"20s\"\n[store]\nbackend = \"embedded\"\n[store.embedded]\npath = \"/srv/ct\"\n";
-        let env = [("CARETWIN_CLUSTER__STORE__EMBEDDED__MAX_GROUP".to_string(), "64".to_string())];
+        let env = [(
+            "CARETWIN_CLUSTER__STORE__EMBEDDED__MAX_GROUP".to_string(),
+            "64".to_string(),
+        )];
         let c = ClusterConfig::load(text, env).unwrap();
         assert_eq!(c.node_id, "n7");
         assert_eq!(c.lease_ttl, Duration::from_secs(20));
@@ -92,7 +98,10 @@ mod tests {
         want.embedded.max_group = 64;
         assert_eq!(c.store, want);
         // One field from the environment, the rest defaults.
-        let env = [("CARETWIN_CLUSTER__STORE__EMBEDDED__PATH".to_string(), "/x".to_string())];
+        let env = [(
+            "CARETWIN_CLUSTER__STORE__EMBEDDED__PATH".to_string(),
+            "/x".to_string(),
+        )];
         let c = ClusterConfig::load("", env).unwrap();
         assert_eq!(c.store, StoreConfig::embedded_at("/x"));
     }
@@ -108,6 +117,9 @@ mod tests {
     #[test]
     fn shipped_example_is_valid_and_matches_defaults() {
         let text = include_str!("../../deploy/config/cluster.toml");
-        assert_eq!(ClusterConfig::load(text, []).unwrap(), ClusterConfig::default());
+        assert_eq!(
+            ClusterConfig::load(text, []).unwrap(),
+            ClusterConfig::default()
+        );
     }
 }

@@ -30,7 +30,10 @@ fn node_runs_refuses_a_twin_process_and_stops_cleanly() -> anyhow::Result<()> {
     let mut check = Process::start(EXE.as_ref(), &["check-store"], &env)?;
     assert!(check.wait()?.success(), "{}", check.transcript());
     let out = check.output(Stream::Stdout).join("\n");
-    assert!(out.contains("store ok") && out.contains("version 1"), "{out}");
+    assert!(
+        out.contains("store ok") && out.contains("version 1"),
+        "{out}"
+    );
     Ok(())
 }
 
@@ -39,13 +42,25 @@ fn bad_configuration_is_refused_with_its_reason() -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
     let cfg = dir.path().join("bad.toml");
     std::fs::write(&cfg, "lease_ttl = \"2s\"\nrenew_every = \"5s\"\n")?;
-    let mut p = Process::start(EXE.as_ref(), &["--config", cfg.to_str().unwrap(), "run"], &[])?;
+    let mut p = Process::start(
+        EXE.as_ref(),
+        &["--config", cfg.to_str().unwrap(), "run"],
+        &[],
+    )?;
     assert!(!p.wait()?.success());
     let err = p.output(Stream::Stderr).join("\n");
     assert!(err.contains("renew_every"), "{err}");
 
-    let mut p = Process::start(EXE.as_ref(), &["config"], &[("CARETWIN_CLUSTER__NODE_ID", "n9")])?;
+    let mut p = Process::start(
+        EXE.as_ref(),
+        &["config"],
+        &[("CARETWIN_CLUSTER__NODE_ID", "n9")],
+    )?;
     assert!(p.wait()?.success());
-    assert!(p.output(Stream::Stdout).contains(&"node_id = \"n9\""), "{}", p.transcript());
+    assert!(
+        p.output(Stream::Stdout).contains(&"node_id = \"n9\""),
+        "{}",
+        p.transcript()
+    );
     Ok(())
 }

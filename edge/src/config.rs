@@ -61,8 +61,14 @@ impl EdgeConfig {
         if c.site_id.is_empty() || c.site_id.len() > 128 {
             return bad(format!("site_id {:?} must be 1..=128 bytes", c.site_id));
         }
-        if c.cluster_addr.rsplit_once(':').is_none_or(|(_, p)| p.parse::<u16>().is_err()) {
-            return bad(format!("cluster_addr {:?} must be host:port", c.cluster_addr));
+        if c.cluster_addr
+            .rsplit_once(':')
+            .is_none_or(|(_, p)| p.parse::<u16>().is_err())
+        {
+            return bad(format!(
+                "cluster_addr {:?} must be host:port",
+                c.cluster_addr
+            ));
         }
         if c.outbox_limit_mib == 0 {
             return bad("outbox_limit_mib must be at least 1".into());
@@ -80,7 +86,10 @@ mod tests {
         assert_eq!(EdgeConfig::load("", []).unwrap(), EdgeConfig::default());
         let c = EdgeConfig::load(
             "site_id = \"store-42\"\noutbox_limit_mib = 64",
-            [("CARETWIN_EDGE__CLUSTER_ADDR".to_string(), "cluster.example:7400".to_string())],
+            [(
+                "CARETWIN_EDGE__CLUSTER_ADDR".to_string(),
+                "cluster.example:7400".to_string(),
+            )],
         )
         .unwrap();
         assert_eq!(c.site_id, "store-42");
@@ -90,7 +99,12 @@ mod tests {
 
     #[test]
     fn bad_values_are_refused() {
-        for text in ["site_id = \"\"", "cluster_addr = \"nowhere\"", "outbox_limit_mib = 0", "colour = 1"] {
+        for text in [
+            "site_id = \"\"",
+            "cluster_addr = \"nowhere\"",
+            "outbox_limit_mib = 0",
+            "colour = 1",
+        ] {
             assert!(EdgeConfig::load(text, []).is_err(), "{text}");
         }
     }

@@ -52,7 +52,10 @@ impl Process {
         let stdout = child.stdout.take().expect("stdout is piped");
         let stderr = child.stderr.take().expect("stderr is piped");
         for (stream, reader) in [
-            (Stream::Stdout, Box::new(stdout) as Box<dyn std::io::Read + Send>),
+            (
+                Stream::Stdout,
+                Box::new(stdout) as Box<dyn std::io::Read + Send>,
+            ),
             (Stream::Stderr, Box::new(stderr)),
         ] {
             let tx = tx.clone();
@@ -65,7 +68,9 @@ impl Process {
             });
         }
         Ok(Self {
-            name: exe.file_name().map_or_else(String::new, |n| n.to_string_lossy().into()),
+            name: exe
+                .file_name()
+                .map_or_else(String::new, |n| n.to_string_lossy().into()),
             child,
             lines,
             seen: Vec::new(),
@@ -93,10 +98,18 @@ impl Process {
                     }
                 }
                 Err(mpsc::RecvTimeoutError::Timeout) => {
-                    anyhow::bail!("{}: no line with {needle:?} in {DEADLINE:?}; saw:\n{}", self.name, self.transcript())
+                    anyhow::bail!(
+                        "{}: no line with {needle:?} in {DEADLINE:?}; saw:\n{}",
+                        self.name,
+                        self.transcript()
+                    )
                 }
                 Err(mpsc::RecvTimeoutError::Disconnected) => {
-                    anyhow::bail!("{}: exited without printing {needle:?}; saw:\n{}", self.name, self.transcript())
+                    anyhow::bail!(
+                        "{}: exited without printing {needle:?}; saw:\n{}",
+                        self.name,
+                        self.transcript()
+                    )
                 }
             }
         }

@@ -268,13 +268,7 @@ impl Outcome {
 
     /// Answers the caller; a failed group turns successes into the group's error.
     fn answer(self, group_error: Option<&Error>) {
-        let fail = |ok: bool| -> Option<Error> {
-            if ok {
-                group_error.cloned()
-            } else {
-                None
-            }
-        };
+        let fail = |ok: bool| -> Option<Error> { if ok { group_error.cloned() } else { None } };
         // A caller that went away no longer wants the answer; that is not an error here.
         match self {
             Outcome::Commit(tx, r) => {
@@ -439,7 +433,8 @@ impl<'a> Txn<'a> {
             }
             Op::PutIdempotency { key, value, mode } => {
                 let k = key.as_str().as_bytes();
-                if *mode == IdempotencyMode::CreateOnly && self.get(Table::Idempotency, k)?.is_some()
+                if *mode == IdempotencyMode::CreateOnly
+                    && self.get(Table::Idempotency, k)?.is_some()
                 {
                     return Err(Error::IdempotencyExists {
                         key: key.to_string(),
@@ -581,9 +576,8 @@ impl EmbeddedStore {
                 config.max_group, config.queue_depth
             )));
         }
-        std::fs::create_dir_all(&config.path).map_err(|e| {
-            Error::Backend(format!("cannot create {}: {e}", config.path.display()))
-        })?;
+        std::fs::create_dir_all(&config.path)
+            .map_err(|e| Error::Backend(format!("cannot create {}: {e}", config.path.display())))?;
         let db = Database::builder(&config.path)
             .cache_size(config.cache_mib * 1024 * 1024)
             .open()
@@ -594,7 +588,10 @@ impl EmbeddedStore {
                 )),
                 e => backend(e),
             })?;
-        let ks = |name: &str| db.keyspace(name, KeyspaceCreateOptions::default).map_err(backend);
+        let ks = |name: &str| {
+            db.keyspace(name, KeyspaceCreateOptions::default)
+                .map_err(backend)
+        };
         let tables = Arc::new(Tables {
             snapshots: ks("snapshots")?,
             high_water: ks("high_water")?,
@@ -816,7 +813,10 @@ mod tests {
         let groups = store.stats().groups.load(Ordering::Relaxed);
         assert_eq!(store.stats().requests.load(Ordering::Relaxed), 2000);
         // 2000 writers queued faster than fsyncs complete must share them.
-        assert!(groups < 2000, "{groups} fsyncs for 2000 writes: no group commit");
+        assert!(
+            groups < 2000,
+            "{groups} fsyncs for 2000 writes: no group commit"
+        );
     }
 
     #[tokio::test]
