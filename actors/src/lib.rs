@@ -7,6 +7,10 @@
 //! simulation.
 //!
 //! # Layout
+//! - [`model`] — the shared vocabulary: ids, directions, consent scopes, insights.
+//! - [`catalogue`] — device models: signals, consumables, parts, failure modes, playbooks.
+//! - [`reasoning`] — streaming per-signal detectors with constant memory.
+//! - [`rul`] — remaining-useful-life estimation, fitted offline, applied per reading.
 //! - [`store`] — the storage port: snapshots with versions, fences and leases, high-water
 //!   marks, logs, idempotency records, the outbox.
 //! - [`settings`] — layered configuration (TOML text plus environment overrides), as pure
@@ -16,7 +20,11 @@
 
 #![forbid(unsafe_code)]
 
+pub mod catalogue;
 pub mod error;
+pub mod model;
+pub mod reasoning;
+pub mod rul;
 pub mod settings;
 pub mod store;
 

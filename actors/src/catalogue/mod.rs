@@ -1,0 +1,1 @@
+//! The device model catalogue (placeholder, being written).

@@ -1,0 +1,1 @@
+//! Streaming per-signal reasoning (placeholder, being written).

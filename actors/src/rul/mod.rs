@@ -1,0 +1,1 @@
+//! Remaining-useful-life estimation (placeholder, being written).
