@@ -488,6 +488,72 @@ pub async fn outbox_delivers_until_acknowledged(mut h: impl Harness) {
     assert_eq!(applied, vec![Applied::Index { index: 6 }]);
 }
 
+/// Timers come back earliest first, only once due, and stay until disarmed.
+pub async fn timers_come_due_in_order(mut h: impl Harness) {
+    let s = h.open().await;
+    let sched = Key::from("timers/shard-1");
+    let arm = |due_ms, item: &str| Op::Schedule {
+        schedule: sched.clone(),
+        due_ms,
+        item: item.as_bytes().to_vec(),
+    };
+    s.commit(
+        WriteBatch::new()
+            .with(arm(3_000, "twin-c"))
+            .with(arm(1_000, "twin-b"))
+            .with(arm(1_000, "twin-a"))
+            .with(arm(9_000, "twin-d"))
+            .with(arm(1_000, "twin-a")),
+    )
+    .await
+    .unwrap();
+    // Another schedule whose name extends this one's must stay separate.
+    s.commit(WriteBatch::new().with(Op::Schedule {
+        schedule: "timers/shard-10".into(),
+        due_ms: 500,
+        item: b"other".to_vec(),
+    }))
+    .await
+    .unwrap();
+    let due = |until, limit| {
+        let s = s.clone();
+        let sched = sched.clone();
+        async move {
+            s.read_due(&sched, until, limit)
+                .await
+                .unwrap()
+                .into_iter()
+                .map(|d| (d.due_ms, String::from_utf8(d.item).unwrap()))
+                .collect::<Vec<_>>()
+        }
+    };
+    assert_eq!(due(999, 10).await, vec![]);
+    assert_eq!(
+        due(3_000, 10).await,
+        vec![
+            (1_000, "twin-a".to_string()),
+            (1_000, "twin-b".to_string()),
+            (3_000, "twin-c".to_string())
+        ]
+    );
+    assert_eq!(due(u64::MAX, 2).await.len(), 2);
+    s.commit(WriteBatch::new().with(Op::Unschedule {
+        schedule: sched.clone(),
+        due_ms: 1_000,
+        item: b"twin-a".to_vec(),
+    }))
+    .await
+    .unwrap();
+    assert_eq!(due(u64::MAX, 10).await.len(), 3);
+    assert!(s.read_due(&sched, 0, 0).await.is_err());
+    let empty_item = Op::Schedule {
+        schedule: sched.clone(),
+        due_ms: 1,
+        item: Vec::new(),
+    };
+    assert!(s.commit(WriteBatch::new().with(empty_item)).await.is_err());
+}
+
 /// Many concurrent writers are all acknowledged and all visible (group commit must not
 /// lose or mix up anybody's write).
 pub async fn concurrent_commits_all_land(mut h: impl Harness) {
@@ -712,6 +778,7 @@ macro_rules! store_conformance {
             leases_expire_and_fence,
             idempotency_records_claim_once,
             outbox_delivers_until_acknowledged,
+            timers_come_due_in_order,
             concurrent_commits_all_land,
             acknowledged_writes_survive_crash,
             bad_input_is_refused,

@@ -13,6 +13,8 @@
 //! - **Idempotency records**: the recorded intent or outcome of a side effect.
 //! - **Outbox queues**: outbound effects enqueued atomically with the state change that
 //!   caused them, delivered by a dispatcher, then acknowledged (removed).
+//! - **Timers**: per schedule, items due at a time, read back earliest first, so a twin's
+//!   "wait six hours" survives passivation and restarts.
 //! - **Leases** with expiry and a fencing token. A [`WriteBatch`] may carry a [`Fence`]; the
 //!   store refuses the whole batch when the fence's token is not the lease's current one,
 //!   so a stale owner can never overwrite the new owner's state.
@@ -228,6 +230,25 @@ pub enum Op {
         /// The entry's index.
         index: u64,
     },
+    /// Arm a timer: `item` becomes due at `due_ms` in `schedule`. Arming the same
+    /// (due, item) twice keeps one timer.
+    Schedule {
+        /// The schedule (e.g. one per shard).
+        schedule: Key,
+        /// When it is due, Unix ms.
+        due_ms: u64,
+        /// What is due (e.g. a twin id and a timer tag); at most [`MAX_KEY_BYTES`].
+        item: Vec<u8>,
+    },
+    /// Disarm a timer (fired or cancelled). Disarming an absent timer is not an error.
+    Unschedule {
+        /// The schedule.
+        schedule: Key,
+        /// When it was due.
+        due_ms: u64,
+        /// What was due.
+        item: Vec<u8>,
+    },
 }
 
 impl Op {
@@ -241,6 +262,9 @@ impl Op {
                 key.0.len() + value.len()
             }
             Op::DeleteSnapshot { key, .. } => key.0.len(),
+            Op::Schedule { schedule, item, .. } | Op::Unschedule { schedule, item, .. } => {
+                schedule.0.len() + item.len() + 8
+            }
             Op::AdvanceHighWater { device, .. } => device.0.len() + 8,
             Op::Dequeue { queue, .. } => queue.0.len() + 8,
         }
@@ -286,6 +310,19 @@ impl Op {
                         name: "to",
                         reason: format!(
                             "high-water mark of {device:?} must move forward, {from} -> {to}"
+                        ),
+                    });
+                }
+                Ok(())
+            }
+            Op::Schedule { schedule, item, .. } | Op::Unschedule { schedule, item, .. } => {
+                schedule.validate()?;
+                if item.is_empty() || item.len() > MAX_KEY_BYTES {
+                    return Err(Error::InvalidArgument {
+                        name: "item",
+                        reason: format!(
+                            "timer items in {schedule:?} must be 1..={MAX_KEY_BYTES} bytes, got {}",
+                            item.len()
                         ),
                     });
                 }
@@ -397,6 +434,19 @@ pub enum Applied {
     Recorded,
     /// An outbox entry was removed (or was already gone).
     Dequeued,
+    /// A timer was armed.
+    Scheduled,
+    /// A timer was disarmed (or was already gone).
+    Unscheduled,
+}
+
+/// A timer read back from a schedule.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Due {
+    /// When it is due, Unix ms.
+    pub due_ms: u64,
+    /// What is due.
+    pub item: Vec<u8>,
 }
 
 /// The storage port. Every method validates its input and refuses bad input with a clear
@@ -422,6 +472,10 @@ pub trait Store: Send + Sync + 'static {
     /// Reads up to `limit` pending entries of an outbox queue, oldest first, from index
     /// `from` on.
     async fn read_outbox(&self, queue: &Key, from: u64, limit: usize) -> Result<Vec<Entry>>;
+
+    /// Reads up to `limit` timers of `schedule` due at or before `until_ms`, earliest first
+    /// (ties in item order).
+    async fn read_due(&self, schedule: &Key, until_ms: u64, limit: usize) -> Result<Vec<Due>>;
 
     /// Takes a lease for `ttl_ms` if it is free, expired, or already held by `holder`
     /// (then it is extended, keeping its token). Taking it from another holder, or after
@@ -455,6 +509,18 @@ pub fn validate_range(key: &Key, from: u64, limit: usize) -> Result<()> {
             reason: "indexes start at 1".into(),
         });
     }
+    if limit == 0 || limit > MAX_RANGE {
+        return Err(Error::InvalidArgument {
+            name: "limit",
+            reason: format!("{limit} is outside 1..={MAX_RANGE}"),
+        });
+    }
+    Ok(())
+}
+
+/// Checks a due-timer read's arguments. Backends call this first.
+pub fn validate_due(schedule: &Key, limit: usize) -> Result<()> {
+    schedule.validate()?;
     if limit == 0 || limit > MAX_RANGE {
         return Err(Error::InvalidArgument {
             name: "limit",

@@ -20,10 +20,11 @@
 //! - `outbox`: len(queue) (u16 BE) ++ queue ++ index (u64 BE) → entry
 //! - `idempotency`: key → record
 //! - `leases`: name → token (u64 BE) ++ expires_at_ms (u64 BE) ++ holder
+//! - `schedule`: len(schedule) (u16 BE) ++ schedule ++ due_ms (u64 BE) ++ item → empty
 //! - `meta`: `l` ++ log → last index; `o` ++ queue → last index (never reused)
 
 use caretwin_actors::store::{
-    self, Applied, Entry, IdempotencyMode, Key, Lease, Op, Store, Versioned, WriteBatch,
+    self, Applied, Due, Entry, IdempotencyMode, Key, Lease, Op, Store, Versioned, WriteBatch,
 };
 use caretwin_actors::{Error, Result};
 use fjall::{Database, Keyspace, KeyspaceCreateOptions, PersistMode};
@@ -101,6 +102,7 @@ struct Tables {
     idempotency: Keyspace,
     leases: Keyspace,
     meta: Keyspace,
+    schedule: Keyspace,
     poisoned: AtomicBool,
 }
 
@@ -114,6 +116,7 @@ enum Table {
     Idempotency,
     Leases,
     Meta,
+    Schedule,
 }
 
 impl Tables {
@@ -126,6 +129,7 @@ impl Tables {
             Table::Idempotency => &self.idempotency,
             Table::Leases => &self.leases,
             Table::Meta => &self.meta,
+            Table::Schedule => &self.schedule,
         }
     }
 
@@ -161,6 +165,36 @@ impl Tables {
         }
         Ok(out)
     }
+}
+
+impl Tables {
+    /// Timers of a schedule due at or before `until_ms`, earliest first.
+    fn due(&self, prefix: &[u8], until_ms: u64, limit: usize) -> Result<Vec<Due>> {
+        self.check_poison()?;
+        let mut out = Vec::new();
+        for guard in self.schedule.range(prefix.to_vec()..) {
+            let k = guard.key().map_err(backend)?;
+            if !k.starts_with(prefix) || out.len() == limit {
+                break;
+            }
+            let rest = &k[prefix.len()..];
+            let due_ms = decode_u64(rest.get(..8).unwrap_or_default())?;
+            if due_ms > until_ms {
+                break;
+            }
+            out.push(Due {
+                due_ms,
+                item: rest[8..].to_vec(),
+            });
+        }
+        Ok(out)
+    }
+}
+
+fn timer_key(schedule: &Key, due_ms: u64, item: &[u8]) -> Vec<u8> {
+    let mut k = indexed(schedule, due_ms);
+    k.extend_from_slice(item);
+    k
 }
 
 fn backend(e: fjall::Error) -> Error {
@@ -431,6 +465,22 @@ impl<'a> Txn<'a> {
                 self.delete(Table::Outbox, indexed(queue, *index));
                 Applied::Dequeued
             }
+            Op::Schedule {
+                schedule,
+                due_ms,
+                item,
+            } => {
+                self.put(Table::Schedule, timer_key(schedule, *due_ms, item), Vec::new());
+                Applied::Scheduled
+            }
+            Op::Unschedule {
+                schedule,
+                due_ms,
+                item,
+            } => {
+                self.delete(Table::Schedule, timer_key(schedule, *due_ms, item));
+                Applied::Unscheduled
+            }
             Op::PutIdempotency { key, value, mode } => {
                 let k = key.as_str().as_bytes();
                 if *mode == IdempotencyMode::CreateOnly
@@ -600,6 +650,7 @@ impl EmbeddedStore {
             idempotency: ks("idempotency")?,
             leases: ks("leases")?,
             meta: ks("meta")?,
+            schedule: ks("schedule")?,
             db,
             poisoned: AtomicBool::new(false),
         });
@@ -707,6 +758,12 @@ impl Store for EmbeddedStore {
         let prefix = prefixed(queue);
         self.read(move |t| t.range(Table::Outbox, &prefix, from, limit))
             .await
+    }
+
+    async fn read_due(&self, schedule: &Key, until_ms: u64, limit: usize) -> Result<Vec<Due>> {
+        store::validate_due(schedule, limit)?;
+        let prefix = prefixed(schedule);
+        self.read(move |t| t.due(&prefix, until_ms, limit)).await
     }
 
     async fn acquire_lease(
