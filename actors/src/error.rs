@@ -97,6 +97,17 @@ pub enum Error {
     /// The store has been shut down.
     #[error("store is closed")]
     Closed,
+    /// The twin host failed (a shard stopped or did not answer).
+    #[error("twin host: {0}")]
+    Host(String),
+    /// A twin refused a message or its snapshot could not be read.
+    #[error("twin {id:?}: {reason}")]
+    Twin {
+        /// The twin.
+        id: String,
+        /// Why.
+        reason: String,
+    },
     /// A configuration text could not be parsed or has a wrong value.
     #[error("invalid configuration: {0}")]
     Config(String),

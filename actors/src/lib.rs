@@ -11,6 +11,8 @@
 //! - [`catalogue`] — device models: signals, consumables, parts, failure modes, playbooks.
 //! - [`reasoning`] — streaming per-signal detectors with constant memory.
 //! - [`rul`] — remaining-useful-life estimation, fitted offline, applied per reading.
+//! - [`host`] — hosting twins: many per ractor shard actor, activation, passivation,
+//!   write-through snapshots, durable timers.
 //! - [`store`] — the storage port: snapshots with versions, fences and leases, high-water
 //!   marks, logs, idempotency records, the outbox.
 //! - [`settings`] — layered configuration (TOML text plus environment overrides), as pure
@@ -22,6 +24,7 @@
 
 pub mod catalogue;
 pub mod error;
+pub mod host;
 pub mod model;
 pub mod reasoning;
 pub mod rul;
