@@ -13,6 +13,7 @@
 //! - [`rul`] — remaining-useful-life estimation, fitted offline, applied per reading.
 //! - [`host`] — hosting twins: many per ractor shard actor, activation, passivation,
 //!   write-through snapshots, durable timers.
+//! - [`mail`] — messages between twins and to the outside, carried by durable outboxes.
 //! - [`store`] — the storage port: snapshots with versions, fences and leases, high-water
 //!   marks, logs, idempotency records, the outbox.
 //! - [`settings`] — layered configuration (TOML text plus environment overrides), as pure
@@ -25,9 +26,11 @@
 pub mod catalogue;
 pub mod error;
 pub mod host;
+pub mod mail;
 pub mod model;
 pub mod reasoning;
 pub mod rul;
+pub mod services;
 pub mod settings;
 pub mod store;
 

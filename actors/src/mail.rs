@@ -1,0 +1,306 @@
+//! Mail: the messages twins send each other and the outside world, through durable
+//! outboxes.
+//!
+//! A twin never calls another twin. It emits [`Mail`] into its shard's outbox, atomically
+//! with the state change that caused it; a dispatcher delivers the mail and only then
+//! removes it. Delivery is therefore at least once, and every receiver de-duplicates by
+//! [`Mail::id`] (or by the idempotency key inside the body), so the effect is exactly once.
+//!
+//! Every address is tenant-scoped: a twin id always starts with its tenant (`t1:…`), and the
+//! dispatcher refuses mail whose sender and receiver are of different tenants.
+
+use crate::model::{ConsentScope, Insight, Priority, TimeMs};
+use serde::{Deserialize, Serialize};
+
+/// Where mail goes.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Address {
+    /// A device twin, by id (`tenant:device`).
+    Device(String),
+    /// A customer twin, by id (`tenant:customer`).
+    Customer(String),
+    /// The tenant's parts desk (inventory and supplier orders).
+    Parts(String),
+    /// The tenant's repair scheduler (technicians and their calendars).
+    Scheduler(String),
+    /// The tenant's handoff queue to human agents.
+    Handoff(String),
+    /// Outside: the edge node of a site (commands to devices).
+    Edge(String),
+    /// Outside: the tenant's notification channels (push, SMS, e-mail).
+    Notifier(String),
+    /// Outside: the tenant's parts supplier.
+    Supplier(String),
+}
+
+impl Address {
+    /// The tenant the address belongs to (the part of the id before the first `:`).
+    pub fn tenant(&self) -> &str {
+        let id = match self {
+            Address::Device(id)
+            | Address::Customer(id)
+            | Address::Parts(id)
+            | Address::Scheduler(id)
+            | Address::Handoff(id)
+            | Address::Edge(id)
+            | Address::Notifier(id)
+            | Address::Supplier(id) => id,
+        };
+        id.split_once(':').map_or(id.as_str(), |(t, _)| t)
+    }
+}
+
+/// The tenant of a twin id (`tenant:rest`).
+pub fn tenant_of(id: &str) -> &str {
+    id.split_once(':').map_or(id, |(t, _)| t)
+}
+
+/// A message in an outbox.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Mail {
+    /// Unique per sender and message: the receiver's de-duplication key.
+    pub id: String,
+    /// Who sent it.
+    pub from: Address,
+    /// Where it goes.
+    pub to: Address,
+    /// What it says.
+    pub body: Body,
+}
+
+impl Mail {
+    /// Encodes the mail for an outbox.
+    pub fn encode(&self) -> Vec<u8> {
+        serde_json::to_vec(self).expect("mail is plain data and always serialises")
+    }
+
+    /// Decodes mail from an outbox entry.
+    pub fn decode(bytes: &[u8]) -> crate::Result<Self> {
+        serde_json::from_slice(bytes)
+            .map_err(|e| crate::Error::Host(format!("undecodable mail: {e}")))
+    }
+}
+
+/// A remote command for a device.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DeviceCommand {
+    /// Unique command id (idempotency at the edge).
+    pub command_id: String,
+    /// The device.
+    pub device: String,
+    /// The remedy or action name from the catalogue (`descale`, `reset`).
+    pub name: String,
+    /// Arguments.
+    pub args: Vec<(String, String)>,
+    /// When it expires if not delivered.
+    pub expires_at_ms: TimeMs,
+}
+
+/// The context a human agent gets with a case, so nobody asks the customer again.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CaseContext {
+    /// The customer.
+    pub customer: String,
+    /// The customer's devices concerned.
+    pub devices: Vec<String>,
+    /// The root cause (failure mode or signal).
+    pub root_cause: String,
+    /// What the twins concluded, oldest first, filtered by consent.
+    pub insights: Vec<Insight>,
+    /// What was tried, with outcomes, oldest first.
+    pub actions: Vec<String>,
+    /// What the system suggests next.
+    pub suggested_next_step: String,
+    /// Scopes the customer has not consented to, whose data was withheld.
+    pub withheld: Vec<ConsentScope>,
+}
+
+/// What mail says.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", tag = "type")]
+pub enum Body {
+    // ---- device twin → customer twin
+    /// A device twin concluded something.
+    Insight {
+        /// The device.
+        device: String,
+        /// Its model.
+        model: String,
+        /// The conclusion.
+        insight: Insight,
+    },
+    /// A condition the device twin reported earlier has cleared.
+    InsightCleared {
+        /// The device.
+        device: String,
+        /// The subject that cleared (signal, consumable).
+        subject: String,
+        /// The failure mode, if the insight named one.
+        failure_mode: Option<String>,
+    },
+    /// A remote command finished on the device.
+    CommandOutcome {
+        /// The device.
+        device: String,
+        /// The command.
+        command_id: String,
+        /// Whether it succeeded.
+        succeeded: bool,
+        /// What the device said.
+        detail: String,
+    },
+    /// The customer answered a question or an approval request.
+    CustomerAnswer {
+        /// The question or approval.
+        question_id: String,
+        /// The answer.
+        answer: String,
+    },
+
+    // ---- customer twin → device twin / edge
+    /// Send a remote command to a device.
+    Command(DeviceCommand),
+
+    // ---- customer twin → parts desk, and back
+    /// Order a part or consumable, once per key.
+    OrderPart {
+        /// Idempotency key (`case/part`): one order however often this is sent.
+        key: String,
+        /// The part number.
+        part_number: String,
+        /// How many.
+        quantity: u32,
+        /// Who it is for.
+        customer: String,
+        /// The case it belongs to.
+        case_id: String,
+    },
+    /// What became of an order.
+    PartOrderUpdate {
+        /// The order's idempotency key.
+        key: String,
+        /// Placed (with an arrival estimate) or failed.
+        placed: bool,
+        /// When the part arrives.
+        arrives_at_ms: Option<TimeMs>,
+        /// Order reference or failure reason.
+        detail: String,
+    },
+
+    /// The supplier's answer to a [`Body::SupplierOrder`].
+    SupplierResult {
+        /// The order's idempotency key.
+        key: String,
+        /// Accepted, or refused (e.g. out of stock, try later).
+        accepted: bool,
+        /// When the part arrives, if accepted.
+        arrives_at_ms: Option<TimeMs>,
+        /// Supplier reference or reason.
+        detail: String,
+    },
+
+    // ---- customer twin → scheduler, and back
+    /// Book a technician, once per key.
+    Book {
+        /// Idempotency key (`case/visit`).
+        key: String,
+        /// The customer.
+        customer: String,
+        /// The case.
+        case_id: String,
+        /// The skill needed.
+        skill: String,
+        /// The customer's region.
+        region: String,
+        /// Not before this (e.g. the part's arrival).
+        not_before_ms: TimeMs,
+        /// Windows the customer is available, as (start, end) Unix ms.
+        windows: Vec<(TimeMs, TimeMs)>,
+        /// How long the visit takes.
+        duration_ms: u64,
+    },
+    /// What became of a booking.
+    Booking {
+        /// The booking's idempotency key.
+        key: String,
+        /// The technician, if booked.
+        technician: Option<String>,
+        /// The slot, if booked.
+        slot: Option<(TimeMs, TimeMs)>,
+        /// Work order id or failure reason.
+        detail: String,
+    },
+
+    // ---- customer twin → handoff queue, and back
+    /// Hand a case to a human.
+    Handoff {
+        /// The case.
+        case_id: String,
+        /// How urgent.
+        priority: Priority,
+        /// Why a human is needed.
+        reason: String,
+        /// Everything the agent needs.
+        context: CaseContext,
+    },
+    /// A human agent picked up or closed a handed-off case.
+    HandoffUpdate {
+        /// The case.
+        case_id: String,
+        /// `accepted`, `escalated`, `resolved`.
+        state: String,
+        /// The agent, if any.
+        agent: Option<String>,
+    },
+
+    // ---- to the outside
+    /// Tell the customer something through a channel.
+    Notify {
+        /// The customer.
+        customer: String,
+        /// The channel (`push`, `sms`, `email`).
+        channel: String,
+        /// The text.
+        text: String,
+        /// How urgent.
+        priority: Priority,
+        /// A question or approval the customer can answer with one tap, if any.
+        question_id: Option<String>,
+    },
+    /// Place an order with the supplier, once per key.
+    SupplierOrder {
+        /// Idempotency key, passed to the supplier.
+        key: String,
+        /// The part number.
+        part_number: String,
+        /// How many.
+        quantity: u32,
+    },
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mail_round_trips_and_names_its_tenant() {
+        let m = Mail {
+            id: "t1:cust-1/7".into(),
+            from: Address::Customer("t1:cust-1".into()),
+            to: Address::Parts("t1".into()),
+            body: Body::OrderPart {
+                key: "case-1/DESCALER".into(),
+                part_number: "DESCALER".into(),
+                quantity: 1,
+                customer: "t1:cust-1".into(),
+                case_id: "case-1".into(),
+            },
+        };
+        assert_eq!(Mail::decode(&m.encode()).unwrap(), m);
+        assert_eq!(m.from.tenant(), "t1");
+        assert_eq!(m.to.tenant(), "t1");
+        assert_eq!(tenant_of("t2:dev-9"), "t2");
+        assert!(Mail::decode(b"{not mail").is_err());
+    }
+}

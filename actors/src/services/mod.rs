@@ -1,0 +1,1 @@
+//! Service twins (placeholder, being written).
