@@ -14,6 +14,7 @@
 //! - [`host`] — hosting twins: many per ractor shard actor, activation, passivation,
 //!   write-through snapshots, durable timers.
 //! - [`mail`] — messages between twins and to the outside, carried by durable outboxes.
+//! - [`policy`] — customer preferences, consent, value tiers, and the notification rule.
 //! - [`store`] — the storage port: snapshots with versions, fences and leases, high-water
 //!   marks, logs, idempotency records, the outbox.
 //! - [`settings`] — layered configuration (TOML text plus environment overrides), as pure
@@ -27,6 +28,7 @@ pub mod catalogue;
 pub mod error;
 pub mod host;
 pub mod mail;
+pub mod policy;
 pub mod model;
 pub mod reasoning;
 pub mod rul;
