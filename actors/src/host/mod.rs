@@ -28,8 +28,10 @@
 //! - [`clock`] — the clock port: [`clock::ManualClock`] for virtual time.
 //! - [`shard`] — the shard actor.
 //! - [`registry`] — routes a twin id to its shard.
+//! - [`dispatch`] — delivers outbox mail in order, at least once, then removes it.
 
 pub mod clock;
+pub mod dispatch;
 pub mod registry;
 pub mod shard;
 
