@@ -15,6 +15,7 @@
 //!   write-through snapshots, durable timers.
 //! - [`mail`] — messages between twins and to the outside, carried by durable outboxes.
 //! - [`policy`] — customer preferences, consent, value tiers, and the notification rule.
+//! - [`twins`] — the device and customer twins.
 //! - [`store`] — the storage port: snapshots with versions, fences and leases, high-water
 //!   marks, logs, idempotency records, the outbox.
 //! - [`settings`] — layered configuration (TOML text plus environment overrides), as pure
@@ -35,6 +36,7 @@ pub mod rul;
 pub mod services;
 pub mod settings;
 pub mod store;
+pub mod twins;
 
 #[cfg(feature = "conformance")]
 pub mod conformance;

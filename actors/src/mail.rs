@@ -161,6 +161,12 @@ pub enum Body {
     // ---- customer twin → device twin / edge
     /// Send a remote command to a device.
     Command(DeviceCommand),
+    /// The customer's consent changed: the device twin stops using data of withdrawn
+    /// scopes at once.
+    ConsentChanged {
+        /// Scopes now allowed.
+        allowed: Vec<ConsentScope>,
+    },
 
     // ---- customer twin → parts desk, and back
     /// Order a part or consumable, once per key.

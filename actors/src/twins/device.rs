@@ -1,0 +1,776 @@
+//! The device twin: one per device. It applies the device's readings and events exactly
+//! once, in sequence order, reasons about every signal as it streams, and tells the
+//! customer twin what it concluded.
+//!
+//! # Exactly once
+//! Readings and events share one sequence per device (from 1, no gaps). The twin applies
+//! only the next one after its high-water mark: a duplicate or replay changes nothing; a
+//! gap stops the batch there and is noted (the edge resends from the mark). The new mark
+//! is committed with the twin's snapshot by compare-and-set (`AdvanceHighWater`), so even
+//! two hosts that both believed they owned the twin could not both apply a reading.
+//!
+//! An item that is malformed — a NaN, a timestamp far in the future, an unknown signal —
+//! is refused with its reason and changes no state, but the mark moves past it, so one
+//! bad reading never blocks a device.
+//!
+//! # Consent
+//! Readings of a signal whose consent scope the customer has not granted are counted and
+//! dropped: not stored, not reasoned about.
+
+use crate::catalogue::{Catalogue, DeviceModel, Gauge, Signal};
+use crate::host::{Ctx, Twin};
+use crate::mail::{Address, Body, DeviceCommand, Mail, tenant_of};
+use crate::model::{ConsentScope, Insight, InsightKind, TimeMs};
+use crate::policy::Consent;
+use crate::reasoning::{Assessment, Debounce, Edge, ReasonerParams, SignalState, min_health};
+use crate::rul::{RulFeatures, RulModel};
+use crate::store::{Key, Op};
+use serde::{Deserialize, Serialize};
+use std::collections::HashMap;
+use std::sync::Arc;
+
+/// How far ahead of the twin's clock a device timestamp may be.
+pub const MAX_CLOCK_SKEW_MS: u64 = 5 * 60 * 1000;
+/// Most items applied in one message (the protocol's batch limit).
+pub const MAX_ITEMS: usize = 10_000;
+/// Commands remembered per device.
+const MAX_COMMANDS: usize = 32;
+
+/// What every device twin of one model shares: the reasoning parameters per signal and
+/// the fitted remaining-life model.
+pub struct ModelRuntime {
+    params: Vec<ReasonerParams>,
+    rul: Option<Arc<RulModel>>,
+}
+
+/// What every device twin shares: the catalogue and each model's runtime.
+pub struct DeviceEnv {
+    /// The device models.
+    pub catalogue: Arc<Catalogue>,
+    runtimes: HashMap<String, ModelRuntime>,
+}
+
+/// Reasoning parameters for one catalogue signal.
+pub fn reasoner_params(model: &DeviceModel, index: usize, signal: &Signal) -> ReasonerParams {
+    let mut p = ReasonerParams::default();
+    if let Some(n) = signal.normal {
+        p.normal_min = n.min;
+        p.normal_max = n.max;
+    }
+    if let Some(f) = signal.failure {
+        p.threshold = Some(f.threshold);
+        p.direction = Some(f.direction);
+    }
+    p.alpha = signal.detector.ewma_alpha;
+    p.z_threshold = signal.detector.anomaly_z;
+    // Higher sensitivity, lower alarm threshold for the drift detector.
+    p.drift_lambda = (p.drift_lambda / signal.detector.drift_sensitivity.max(0.1)).max(1.0);
+    p.persistence = signal.detector.persistence.clamp(1, u32::from(u16::MAX)) as u16;
+    p.cumulative = signal.cumulative;
+    if let Some(&c) = model.consumables_gauged_by(index).first() {
+        let c = &model.consumables()[c];
+        if c.gauge == Gauge::Usage {
+            p.cumulative = true;
+            p.capacity = Some(c.capacity);
+            p.reorder_fraction = Some((c.reorder_level() / c.capacity).clamp(0.0, 1.0));
+        }
+    }
+    p
+}
+
+impl DeviceEnv {
+    /// Builds each model's runtime from the catalogue; fitted RUL parameters in a model's
+    /// `[rul]` section are loaded.
+    pub fn new(catalogue: Arc<Catalogue>) -> crate::Result<Self> {
+        let mut runtimes = HashMap::new();
+        for m in catalogue.models() {
+            let params = m
+                .signals()
+                .iter()
+                .enumerate()
+                .map(|(i, s)| reasoner_params(m, i, s).validated())
+                .collect::<crate::Result<Vec<_>>>()
+                .map_err(|e| crate::Error::Config(format!("model {:?}: {e}", m.id())))?;
+            let rul = match m.rul().and_then(|r| r.params.clone()) {
+                Some(v) => {
+                    let bad = |e: String| {
+                        crate::Error::Config(format!("model {:?}: rul params: {e}", m.id()))
+                    };
+                    let params = v
+                        .try_into()
+                        .map_err(|e: toml::de::Error| bad(e.to_string()))?;
+                    Some(Arc::new(
+                        RulModel::from_params(params).map_err(|e| bad(e.to_string()))?,
+                    ))
+                }
+                None => None,
+            };
+            runtimes.insert(m.id().to_owned(), ModelRuntime { params, rul });
+        }
+        Ok(Self {
+            catalogue,
+            runtimes,
+        })
+    }
+
+    /// Uses `model` as model `id`'s remaining-life estimator (e.g. one just fitted).
+    pub fn with_rul(mut self, id: &str, model: RulModel) -> crate::Result<Self> {
+        let rt = self
+            .runtimes
+            .get_mut(id)
+            .ok_or_else(|| crate::Error::Config(format!("unknown device model {id:?}")))?;
+        rt.rul = Some(Arc::new(model));
+        Ok(self)
+    }
+}
+
+/// One item of a device's log: a reading or an event, with its sequence number.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DeviceItem {
+    /// Per-device sequence number, from 1, shared by readings and events.
+    pub seq: u64,
+    /// The device's timestamp, Unix ms.
+    pub ts_ms: TimeMs,
+    /// What it is.
+    pub kind: ItemKind,
+}
+
+/// What a device reported.
+#[derive(Debug, Clone, PartialEq)]
+pub enum ItemKind {
+    /// A signal's value.
+    Reading {
+        /// The signal's name in the catalogue.
+        signal: String,
+        /// Its value.
+        value: f64,
+    },
+    /// A safety alarm.
+    Alarm {
+        /// The alarm kind (`smoke`, `leak`…).
+        kind: String,
+        /// What the edge did locally, if anything.
+        local_action: Option<String>,
+    },
+    /// A diagnostic code.
+    Diagnostic {
+        /// The code (`F28`).
+        code: String,
+    },
+    /// A question from the product.
+    Question {
+        /// The question's id in the catalogue.
+        question_id: String,
+    },
+    /// The outcome of a remote command.
+    CommandResult {
+        /// The command.
+        command_id: String,
+        /// Whether it succeeded.
+        succeeded: bool,
+        /// What the device said.
+        detail: String,
+    },
+}
+
+/// What a device twin is sent.
+#[derive(Debug, Clone, PartialEq)]
+pub enum DeviceMsg {
+    /// The device belongs to this customer and site, and is of this model.
+    Provision {
+        /// The customer twin's id.
+        customer: String,
+        /// The site.
+        site: String,
+        /// The catalogue model.
+        model: String,
+    },
+    /// Readings and events from the device, in sequence order.
+    Apply(Vec<DeviceItem>),
+    /// Mail from another twin.
+    Mail(Mail),
+}
+
+/// What happened to a batch of items.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct ApplyReport {
+    /// Items applied.
+    pub applied: u32,
+    /// Items at or below the high-water mark, ignored.
+    pub duplicates: u32,
+    /// Items refused (the mark moved past them), with the reason.
+    pub rejected: Vec<(u64, String)>,
+    /// Items dropped for lack of consent (the mark moved past them).
+    pub withheld: u32,
+    /// The first missing sequence number, when the batch had a gap.
+    pub gap_at: Option<u64>,
+    /// The high-water mark after the batch.
+    pub high_water: u64,
+}
+
+/// A device twin's answer.
+#[derive(Debug, Clone, PartialEq)]
+pub enum DeviceReply {
+    /// Items applied.
+    Applied(ApplyReport),
+    /// Taken.
+    Ok,
+    /// Refused, with the reason.
+    Rejected(String),
+}
+
+/// A signal's last reported value.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct Reported {
+    /// The value.
+    pub value: f64,
+    /// The device's timestamp.
+    pub ts_ms: TimeMs,
+    /// The item's sequence number (the field's version).
+    pub seq: u64,
+}
+
+/// A remote command as the twin knows it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CommandEntry {
+    /// The command.
+    pub id: String,
+    /// Its name.
+    pub name: String,
+    /// `queued`, `succeeded`, `failed`.
+    pub state: String,
+}
+
+/// Remaining-life state for models that define one.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+struct RulState {
+    features: RulFeatures,
+    /// The timestamp whose values are being collected.
+    ts_ms: TimeMs,
+    values: Vec<f64>,
+    seen: Vec<bool>,
+    /// The latest estimate.
+    estimate: Option<f64>,
+    /// Whether maintenance was already asked for.
+    maintenance_raised: bool,
+}
+
+/// The device twin's state (its snapshot).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DeviceTwin {
+    id: String,
+    customer: Option<String>,
+    site: Option<String>,
+    model: Option<String>,
+    high_water: u64,
+    gaps: u32,
+    reported: Vec<Option<Reported>>,
+    signals: Vec<SignalState>,
+    concern: Vec<Debounce>,
+    health: Vec<f64>,
+    consent: Consent,
+    commands: Vec<CommandEntry>,
+    rul: Option<RulState>,
+    withheld: u64,
+    last_seen_ms: TimeMs,
+    mail_seq: u64,
+}
+
+impl DeviceTwin {
+    /// The applied high-water mark.
+    pub fn high_water(&self) -> u64 {
+        self.high_water
+    }
+
+    /// Gaps seen in the device's sequence.
+    pub fn gaps(&self) -> u32 {
+        self.gaps
+    }
+
+    /// The model, once provisioned.
+    pub fn model(&self) -> Option<&str> {
+        self.model.as_deref()
+    }
+
+    /// The customer, once provisioned.
+    pub fn customer(&self) -> Option<&str> {
+        self.customer.as_deref()
+    }
+
+    /// Last reported value per signal (catalogue order).
+    pub fn reported(&self) -> &[Option<Reported>] {
+        &self.reported
+    }
+
+    /// The device's health, 0..=1 (1 when nothing is known yet).
+    pub fn health(&self) -> f64 {
+        if self.health.is_empty() {
+            1.0
+        } else {
+            min_health(self.health.iter().copied())
+        }
+    }
+
+    /// The latest remaining-life estimate, for models that define one.
+    pub fn remaining_life(&self) -> Option<f64> {
+        self.rul.as_ref().and_then(|r| r.estimate)
+    }
+
+    /// Commands the twin knows of.
+    pub fn commands(&self) -> &[CommandEntry] {
+        &self.commands
+    }
+
+    /// Readings dropped for lack of consent.
+    pub fn withheld(&self) -> u64 {
+        self.withheld
+    }
+
+    fn send(&mut self, ctx: &mut Ctx, to: Address, body: Body) {
+        self.mail_seq += 1;
+        let mail = Mail {
+            id: format!("{}/{}", self.id, self.mail_seq),
+            from: Address::Device(self.id.clone()),
+            to,
+            body,
+        };
+        ctx.emit(mail.encode());
+    }
+
+    fn tell_customer(&mut self, ctx: &mut Ctx, body: Body) {
+        if let Some(c) = self.customer.clone() {
+            self.send(ctx, Address::Customer(c), body);
+        }
+    }
+
+    fn provision(
+        &mut self,
+        customer: String,
+        site: String,
+        model: &DeviceModel,
+        env: &DeviceEnv,
+    ) -> DeviceReply {
+        if tenant_of(&customer) != tenant_of(&self.id) {
+            return DeviceReply::Rejected(format!("customer {customer} is of another tenant"));
+        }
+        if self.model.as_deref().is_some_and(|m| m != model.id()) {
+            return DeviceReply::Rejected(format!(
+                "device is already a {:?}; a device does not change model",
+                self.model.as_deref().unwrap_or_default()
+            ));
+        }
+        let rt = &env.runtimes[model.id()];
+        if self.model.is_none() {
+            self.signals = rt.params.iter().map(SignalState::new).collect();
+            self.concern = vec![Debounce::default(); rt.params.len()];
+            self.reported = vec![None; rt.params.len()];
+            self.health = Vec::new();
+            self.rul = model.rul().map(|_| RulState {
+                features: RulFeatures::new(),
+                ts_ms: 0,
+                values: vec![f64::NAN; model.signals().len()],
+                seen: vec![false; model.signals().len()],
+                estimate: None,
+                maintenance_raised: false,
+            });
+        }
+        self.model = Some(model.id().to_owned());
+        self.customer = Some(customer);
+        self.site = Some(site);
+        DeviceReply::Ok
+    }
+
+    fn apply(&mut self, mut items: Vec<DeviceItem>, ctx: &mut Ctx, env: &DeviceEnv) -> DeviceReply {
+        let Some(model) = self.model.as_deref().and_then(|m| env.catalogue.model(m)) else {
+            return DeviceReply::Rejected("device is not provisioned".into());
+        };
+        if items.len() > MAX_ITEMS {
+            return DeviceReply::Rejected(format!(
+                "batch of {} items, the limit is {MAX_ITEMS}",
+                items.len()
+            ));
+        }
+        let rt = &env.runtimes[model.id()];
+        items.sort_by_key(|i| i.seq);
+        let start = self.high_water;
+        let mut report = ApplyReport::default();
+        for item in items {
+            if item.seq <= self.high_water {
+                report.duplicates += 1;
+                continue;
+            }
+            if item.seq > self.high_water + 1 {
+                // A gap is noted, not papered over: nothing after it is applied.
+                self.gaps += 1;
+                report.gap_at = Some(self.high_water + 1);
+                break;
+            }
+            self.high_water = item.seq;
+            report.applied += 1;
+            if let Err(why) = self.apply_item(&item, model, rt, ctx) {
+                report.applied -= 1;
+                match why {
+                    Refusal::Withheld => report.withheld += 1,
+                    Refusal::Invalid(why) => report.rejected.push((item.seq, why)),
+                }
+            }
+        }
+        if self.high_water > start {
+            ctx.op(Op::AdvanceHighWater {
+                device: Key::new(self.id.clone()),
+                from: start,
+                to: self.high_water,
+            });
+            self.last_seen_ms = ctx.now();
+            ctx.changed();
+        }
+        report.high_water = self.high_water;
+        DeviceReply::Applied(report)
+    }
+
+    fn apply_item(
+        &mut self,
+        item: &DeviceItem,
+        model: &DeviceModel,
+        rt: &ModelRuntime,
+        ctx: &mut Ctx,
+    ) -> Result<(), Refusal> {
+        if item.ts_ms > ctx.now().saturating_add(MAX_CLOCK_SKEW_MS) {
+            return Err(Refusal::Invalid(format!(
+                "timestamp {} is more than {MAX_CLOCK_SKEW_MS} ms in the future",
+                item.ts_ms
+            )));
+        }
+        match &item.kind {
+            ItemKind::Reading { signal, value } => {
+                let idx = model
+                    .signal_index(signal)
+                    .ok_or_else(|| Refusal::Invalid(format!("unknown signal {signal:?}")))?;
+                let spec = &model.signals()[idx];
+                if !self.consent.allows(spec.scope) {
+                    self.withheld += 1;
+                    return Err(Refusal::Withheld);
+                }
+                let a = self.signals[idx]
+                    .observe(&rt.params[idx], item.ts_ms, *value)
+                    .map_err(|e| Refusal::Invalid(e.to_string()))?;
+                self.reported[idx] = Some(Reported {
+                    value: *value,
+                    ts_ms: item.ts_ms,
+                    seq: item.seq,
+                });
+                if self.health.len() != self.signals.len() {
+                    self.health = vec![1.0; self.signals.len()];
+                }
+                self.health[idx] = a.health;
+                self.conclude(idx, spec, &a, model, rt, ctx);
+                self.feed_rul(idx, item.ts_ms, *value, model, rt, ctx);
+                Ok(())
+            }
+            ItemKind::Alarm { kind, local_action } => {
+                let mode = model
+                    .mode_for_alarm(kind)
+                    .ok_or_else(|| Refusal::Invalid(format!("unknown alarm kind {kind:?}")))?;
+                let insight = Insight {
+                    kind: InsightKind::Alarm,
+                    subject: match local_action {
+                        Some(a) => format!("{kind} (edge acted: {a})"),
+                        None => kind.clone(),
+                    },
+                    failure_mode: Some(mode.id.clone()),
+                    confidence: 1.0,
+                    eta_ms: None,
+                    eta_band_ms: None,
+                    value: 1.0,
+                    raised_at_ms: item.ts_ms,
+                    scope: ConsentScope::Diagnostics,
+                };
+                self.raise(insight, model, ctx);
+                Ok(())
+            }
+            ItemKind::Diagnostic { code } => {
+                let d = model
+                    .diagnostic_code(code)
+                    .ok_or_else(|| Refusal::Invalid(format!("unknown diagnostic code {code:?}")))?;
+                let insight = self.event_insight(code, &d.failure_mode, d.confidence, item.ts_ms);
+                self.raise(insight, model, ctx);
+                Ok(())
+            }
+            ItemKind::Question { question_id } => {
+                let q = model
+                    .question(question_id)
+                    .ok_or_else(|| Refusal::Invalid(format!("unknown question {question_id:?}")))?;
+                let insight =
+                    self.event_insight(question_id, &q.failure_mode, q.confidence, item.ts_ms);
+                self.raise(insight, model, ctx);
+                Ok(())
+            }
+            ItemKind::CommandResult {
+                command_id,
+                succeeded,
+                detail,
+            } => {
+                if let Some(c) = self.commands.iter_mut().find(|c| c.id == *command_id) {
+                    c.state = if *succeeded { "succeeded" } else { "failed" }.into();
+                }
+                self.tell_customer(
+                    ctx,
+                    Body::CommandOutcome {
+                        device: self.id.clone(),
+                        command_id: command_id.clone(),
+                        succeeded: *succeeded,
+                        detail: detail.clone(),
+                    },
+                );
+                Ok(())
+            }
+        }
+    }
+
+    fn event_insight(&self, subject: &str, mode: &str, confidence: f64, ts: TimeMs) -> Insight {
+        Insight {
+            kind: InsightKind::Diagnostic,
+            subject: subject.to_owned(),
+            failure_mode: Some(mode.to_owned()),
+            confidence,
+            eta_ms: None,
+            eta_band_ms: None,
+            value: 1.0,
+            raised_at_ms: ts,
+            scope: ConsentScope::Diagnostics,
+        }
+    }
+
+    fn raise(&mut self, insight: Insight, model: &DeviceModel, ctx: &mut Ctx) {
+        let body = Body::Insight {
+            device: self.id.clone(),
+            model: model.id().to_owned(),
+            insight,
+        };
+        self.tell_customer(ctx, body);
+    }
+
+    /// Turns what the reasoner raised into insights, and notes conditions that cleared.
+    fn conclude(
+        &mut self,
+        idx: usize,
+        spec: &Signal,
+        a: &Assessment,
+        model: &DeviceModel,
+        rt: &ModelRuntime,
+        ctx: &mut Ctx,
+    ) {
+        for kind in a.raised.kinds() {
+            let (confidence, eta, value) = match kind {
+                InsightKind::Forecast => match a.forecast {
+                    Some(e) => (e.confidence, Some(e), a.level),
+                    None => continue,
+                },
+                InsightKind::ConsumableLow => match a.depletion {
+                    Some(d) => {
+                        let eta = d.reorder.or(d.empty);
+                        (eta.map_or(0.9, |e| e.confidence), eta, d.remaining_fraction)
+                    }
+                    None => continue,
+                },
+                InsightKind::FailureNow => (0.95, None, a.level),
+                InsightKind::Drift => (0.6, None, a.level),
+                _ => (
+                    a.anomaly.map_or(0.5, |z| {
+                        (z.abs() / (2.0 * rt.params[idx].z_threshold)).clamp(0.3, 0.9)
+                    }),
+                    None,
+                    a.level,
+                ),
+            };
+            let insight = Insight {
+                kind,
+                subject: spec.name.clone(),
+                failure_mode: model.mode_for_insight(idx, kind).map(|m| m.id.clone()),
+                confidence,
+                eta_ms: eta.map(|e| e.eta_ms),
+                eta_band_ms: eta.map(|e| (e.early_ms, e.late_ms)),
+                value,
+                raised_at_ms: ctx.now(),
+                scope: spec.scope,
+            };
+            self.raise(insight, model, ctx);
+        }
+        // A concern (a forecast or a failure) that has gone for `persistence` readings has
+        // cleared: the customer twin judges remedies by it.
+        let concerned = a.forecast.is_some() || a.failure_now;
+        let persistence = rt.params[idx].persistence;
+        if self.concern[idx].update(concerned, 1, persistence) == Edge::Fell {
+            let failure_mode = model
+                .mode_for_insight(idx, InsightKind::Forecast)
+                .or_else(|| model.mode_for_insight(idx, InsightKind::FailureNow))
+                .map(|m| m.id.clone());
+            self.tell_customer(
+                ctx,
+                Body::InsightCleared {
+                    device: self.id.clone(),
+                    subject: spec.name.clone(),
+                    failure_mode,
+                },
+            );
+        }
+    }
+
+    /// Collects one timestamp's values of every signal, then updates the remaining-life
+    /// estimate.
+    fn feed_rul(
+        &mut self,
+        idx: usize,
+        ts: TimeMs,
+        value: f64,
+        model: &DeviceModel,
+        rt: &ModelRuntime,
+        ctx: &mut Ctx,
+    ) {
+        let (Some(state), Some(estimator), Some(spec)) =
+            (self.rul.as_mut(), rt.rul.as_ref(), model.rul())
+        else {
+            return;
+        };
+        if ts != state.ts_ms {
+            state.ts_ms = ts;
+            state.seen.iter_mut().for_each(|s| *s = false);
+        }
+        state.values[idx] = value;
+        state.seen[idx] = true;
+        if !state.seen.iter().all(|&s| s) {
+            return;
+        }
+        state.seen.iter_mut().for_each(|s| *s = false);
+        if state.features.push(&state.values).is_err() {
+            return;
+        }
+        let rul = estimator.predict(&state.features);
+        state.estimate = Some(rul);
+        if rul <= spec.maintenance_at && !state.maintenance_raised {
+            state.maintenance_raised = true;
+            let insight = Insight {
+                kind: InsightKind::RemainingLife,
+                subject: format!("remaining life {rul:.0} {}", spec.unit),
+                failure_mode: Some(spec.failure_mode.clone()),
+                confidence: 0.8,
+                eta_ms: None,
+                eta_band_ms: None,
+                value: rul,
+                raised_at_ms: ctx.now(),
+                scope: ConsentScope::Diagnostics,
+            };
+            self.raise(insight, model, ctx);
+        }
+    }
+
+    fn handle_mail(&mut self, mail: Mail, ctx: &mut Ctx) -> DeviceReply {
+        if mail.from.tenant() != tenant_of(&self.id) {
+            return DeviceReply::Rejected(format!("mail {} from another tenant", mail.id));
+        }
+        match mail.body {
+            Body::Command(cmd) => self.command(cmd, &mail.from, ctx),
+            Body::ConsentChanged { allowed } => {
+                if Some(&mail.from) != self.customer.clone().map(Address::Customer).as_ref() {
+                    return DeviceReply::Rejected(
+                        "consent comes only from the device's customer".into(),
+                    );
+                }
+                self.consent = Consent::of(&allowed);
+                ctx.changed();
+                DeviceReply::Ok
+            }
+            _ => DeviceReply::Rejected(format!("a device twin does not take mail {}", mail.id)),
+        }
+    }
+
+    fn command(&mut self, cmd: DeviceCommand, from: &Address, ctx: &mut Ctx) -> DeviceReply {
+        if Some(from) != self.customer.clone().map(Address::Customer).as_ref() {
+            return DeviceReply::Rejected("commands come only from the device's customer".into());
+        }
+        if self.commands.iter().any(|c| c.id == cmd.command_id) {
+            return DeviceReply::Ok; // a redelivery
+        }
+        let Some(site) = self.site.clone() else {
+            return DeviceReply::Rejected("device has no site".into());
+        };
+        self.commands.push(CommandEntry {
+            id: cmd.command_id.clone(),
+            name: cmd.name.clone(),
+            state: "queued".into(),
+        });
+        if self.commands.len() > MAX_COMMANDS {
+            self.commands.remove(0);
+        }
+        self.send(ctx, Address::Edge(site), Body::Command(cmd));
+        ctx.changed();
+        DeviceReply::Ok
+    }
+}
+
+enum Refusal {
+    Withheld,
+    Invalid(String),
+}
+
+impl Twin for DeviceTwin {
+    type Msg = DeviceMsg;
+    type Reply = DeviceReply;
+    type Env = DeviceEnv;
+    const KIND: &'static str = "device";
+
+    fn create(id: &str, _env: &DeviceEnv) -> crate::Result<Self> {
+        Ok(Self {
+            id: id.to_owned(),
+            customer: None,
+            site: None,
+            model: None,
+            high_water: 0,
+            gaps: 0,
+            reported: Vec::new(),
+            signals: Vec::new(),
+            concern: Vec::new(),
+            health: Vec::new(),
+            consent: Consent::of(&[ConsentScope::Diagnostics]),
+            commands: Vec::new(),
+            rul: None,
+            withheld: 0,
+            last_seen_ms: 0,
+            mail_seq: 0,
+        })
+    }
+
+    fn restore(id: &str, snapshot: &[u8], _env: &DeviceEnv) -> crate::Result<Self> {
+        serde_json::from_slice(snapshot).map_err(|e| crate::Error::Twin {
+            id: id.to_owned(),
+            reason: format!("unreadable snapshot: {e}"),
+        })
+    }
+
+    fn snapshot(&self) -> Vec<u8> {
+        serde_json::to_vec(self).expect("device twin state is plain data")
+    }
+
+    fn handle(&mut self, msg: DeviceMsg, ctx: &mut Ctx, env: &DeviceEnv) -> DeviceReply {
+        match msg {
+            DeviceMsg::Provision {
+                customer,
+                site,
+                model,
+            } => {
+                let Some(m) = env.catalogue.model(&model) else {
+                    return DeviceReply::Rejected(format!("unknown device model {model:?}"));
+                };
+                let r = self.provision(customer, site, m, env);
+                if r == DeviceReply::Ok {
+                    ctx.changed();
+                }
+                r
+            }
+            DeviceMsg::Apply(items) => self.apply(items, ctx, env),
+            DeviceMsg::Mail(mail) => self.handle_mail(mail, ctx),
+        }
+    }
+
+    fn on_timer(&mut self, _tag: &str, _ctx: &mut Ctx, _env: &DeviceEnv) {}
+}
