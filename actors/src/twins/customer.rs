@@ -328,10 +328,15 @@ impl CustomerTwin {
             return CustomerReply::Rejected(format!("mail {} from another tenant", mail.id));
         }
         if let Some((sender, seq)) = mail_seq(&mail.id) {
-            match self.seen.get(sender) {
+            // Keyed by the sender's address too: the tenant's desks share one twin id.
+            let key = format!(
+                "{}|{sender}",
+                serde_json::to_string(&mail.from).unwrap_or_default()
+            );
+            match self.seen.get(&key) {
                 Some(&last) if seq <= last => return CustomerReply::Ok, // a redelivery
                 _ => {
-                    self.seen.insert(sender.to_owned(), seq);
+                    self.seen.insert(key, seq);
                 }
             }
         }

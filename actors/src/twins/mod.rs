@@ -6,3 +6,6 @@
 
 pub mod customer;
 pub mod device;
+
+#[cfg(test)]
+mod tests;

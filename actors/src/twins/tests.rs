@@ -1,0 +1,809 @@
+//! The twins driven step by step in virtual time, with their mail read back from the
+//! step's operations.
+
+use super::customer::{CaseState, CustomerEnv, CustomerMsg, CustomerReply, CustomerTwin, Profile};
+use super::device::{DeviceEnv, DeviceItem, DeviceMsg, DeviceReply, DeviceTwin, ItemKind};
+use crate::catalogue::Catalogue;
+use crate::host::{Ctx, Twin};
+use crate::mail::{Address, Body, Mail};
+use crate::model::{ConsentScope, DAY_MS, HOUR_MS, Insight, InsightKind, Priority, TimeMs};
+use crate::policy::{Consent, Preferences};
+use crate::store::{Key, Op};
+use std::sync::{Arc, OnceLock};
+
+/// 2026-11-23 (a Monday) 10:00 UTC.
+const T0: TimeMs = 1_795_392_000_000 + 10 * HOUR_MS;
+const DEVICE: &str = "t1:coffee-1";
+const CUSTOMER: &str = "t1:alice";
+
+fn catalogue() -> Arc<Catalogue> {
+    static C: OnceLock<Arc<Catalogue>> = OnceLock::new();
+    C.get_or_init(|| Arc::new(Catalogue::builtin())).clone()
+}
+
+fn device_env() -> DeviceEnv {
+    DeviceEnv::new(catalogue()).unwrap()
+}
+
+fn customer_env() -> CustomerEnv {
+    CustomerEnv {
+        catalogue: catalogue(),
+    }
+}
+
+fn ctx(now: TimeMs, id: &str) -> Ctx {
+    Ctx::new(now, id, Key::new("timers/t"), Key::new("outbox/t"))
+}
+
+/// The mail a step emitted.
+fn mail_of(ctx: &Ctx) -> Vec<Mail> {
+    ctx.ops()
+        .iter()
+        .filter_map(|op| match op {
+            Op::Enqueue { value, .. } => Some(Mail::decode(value).unwrap()),
+            _ => None,
+        })
+        .collect()
+}
+
+/// Timers a step armed, as (due, tag-carrying item).
+fn armed(ctx: &Ctx) -> Vec<u64> {
+    ctx.ops()
+        .iter()
+        .filter_map(|op| match op {
+            Op::Schedule { due_ms, .. } => Some(*due_ms),
+            _ => None,
+        })
+        .collect()
+}
+
+fn coffee(env: &DeviceEnv) -> DeviceTwin {
+    let mut d = DeviceTwin::create(DEVICE, env).unwrap();
+    let mut c = ctx(T0, DEVICE);
+    let r = d.handle(
+        DeviceMsg::Provision {
+            customer: CUSTOMER.into(),
+            site: "t1:home-1".into(),
+            model: "coffee.barista-200".into(),
+        },
+        &mut c,
+        env,
+    );
+    assert_eq!(r, DeviceReply::Ok);
+    d
+}
+
+fn reading(seq: u64, ts: TimeMs, signal: &str, value: f64) -> DeviceItem {
+    DeviceItem {
+        seq,
+        ts_ms: ts,
+        kind: ItemKind::Reading {
+            signal: signal.into(),
+            value,
+        },
+    }
+}
+
+fn applied(r: DeviceReply) -> super::device::ApplyReport {
+    match r {
+        DeviceReply::Applied(a) => a,
+        other => panic!("expected an apply report, got {other:?}"),
+    }
+}
+
+/// Deterministic noise in [-1, 1].
+fn noise(i: u64) -> f64 {
+    let mut x = i.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ 0xD1B5_4A32_D192_ED03;
+    x ^= x >> 31;
+    x = x.wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    x ^= x >> 27;
+    (x as f64 / u64::MAX as f64) * 2.0 - 1.0
+}
+
+// ---------------------------------------------------------------- device twin
+
+#[test]
+fn a_replay_changes_nothing_and_emits_nothing() {
+    let env = device_env();
+    let mut d = coffee(&env);
+    let items: Vec<DeviceItem> = (1..=48)
+        .map(|i| reading(i, T0 + i * HOUR_MS, "brew_pressure", 9.2 + 0.05 * noise(i)))
+        .collect();
+    let now = T0 + 49 * HOUR_MS;
+    let mut c = ctx(now, DEVICE);
+    let first = applied(d.handle(DeviceMsg::Apply(items.clone()), &mut c, &env));
+    assert_eq!((first.applied, first.high_water), (48, 48));
+    assert!(c.is_changed());
+    assert!(c.ops().iter().any(|op| matches!(
+        op,
+        Op::AdvanceHighWater {
+            from: 0,
+            to: 48,
+            ..
+        }
+    )));
+    let before = d.snapshot();
+
+    let mut c = ctx(now, DEVICE);
+    let again = applied(d.handle(DeviceMsg::Apply(items), &mut c, &env));
+    assert_eq!((again.applied, again.duplicates), (0, 48));
+    assert!(!c.is_changed(), "a replay must not rewrite the twin");
+    assert!(
+        c.ops().is_empty(),
+        "a replay must not emit or advance anything"
+    );
+    assert_eq!(d.snapshot(), before);
+}
+
+#[test]
+fn a_gap_is_noted_and_nothing_after_it_is_applied() {
+    let env = device_env();
+    let mut d = coffee(&env);
+    let now = T0 + DAY_MS;
+    let mut c = ctx(now, DEVICE);
+    let r = applied(d.handle(
+        DeviceMsg::Apply(vec![
+            reading(1, T0 + 1, "brew_pressure", 9.1),
+            reading(2, T0 + 2, "brew_pressure", 9.1),
+            reading(4, T0 + 4, "brew_pressure", 9.1),
+            reading(5, T0 + 5, "brew_pressure", 9.1),
+        ]),
+        &mut c,
+        &env,
+    ));
+    assert_eq!((r.applied, r.gap_at, r.high_water), (2, Some(3), 2));
+    assert_eq!(d.gaps(), 1);
+    let mut c = ctx(now, DEVICE);
+    let r = applied(
+        d.handle(
+            DeviceMsg::Apply(
+                (3..=5)
+                    .map(|i| reading(i, T0 + i, "brew_pressure", 9.1))
+                    .collect(),
+            ),
+            &mut c,
+            &env,
+        ),
+    );
+    assert_eq!((r.applied, r.gap_at, r.high_water), (3, None, 5));
+}
+
+#[test]
+fn bad_items_are_refused_and_change_no_state() {
+    let env = device_env();
+    let mut d = coffee(&env);
+    let now = T0 + DAY_MS;
+    let mut c = ctx(now, DEVICE);
+    applied(d.handle(
+        DeviceMsg::Apply(vec![reading(1, T0, "brew_pressure", 9.0)]),
+        &mut c,
+        &env,
+    ));
+    let reported_before = d.reported().to_vec();
+    let bad = vec![
+        reading(2, T0 + 1, "brew_pressure", f64::NAN),
+        reading(3, T0 + 2, "brew_pressure", f64::INFINITY),
+        reading(4, now + 2 * DAY_MS, "brew_pressure", 9.0),
+        reading(5, T0 + 3, "no_such_signal", 1.0),
+        DeviceItem {
+            seq: 6,
+            ts_ms: T0 + 4,
+            kind: ItemKind::Alarm {
+                kind: "martians".into(),
+                local_action: None,
+            },
+        },
+        DeviceItem {
+            seq: 7,
+            ts_ms: T0 + 5,
+            kind: ItemKind::Diagnostic { code: "E99".into() },
+        },
+    ];
+    let mut c = ctx(now, DEVICE);
+    let r = applied(d.handle(DeviceMsg::Apply(bad), &mut c, &env));
+    assert_eq!(r.applied, 0);
+    let reasons: Vec<&str> = r.rejected.iter().map(|(_, why)| why.as_str()).collect();
+    assert_eq!(reasons.len(), 6, "{reasons:?}");
+    assert!(
+        reasons[0].contains("not finite") && reasons[1].contains("not finite"),
+        "{reasons:?}"
+    );
+    assert!(reasons[2].contains("future"), "{reasons:?}");
+    assert!(reasons[3].contains("unknown signal"), "{reasons:?}");
+    assert!(reasons[4].contains("unknown alarm"), "{reasons:?}");
+    assert!(reasons[5].contains("unknown diagnostic"), "{reasons:?}");
+    // The mark moved past them (a device is never stuck), but no state changed.
+    assert_eq!(r.high_water, 7);
+    assert_eq!(d.reported(), reported_before.as_slice());
+    assert!(mail_of(&c).is_empty());
+    // An oversized batch is refused whole.
+    let huge: Vec<DeviceItem> = (8..8 + 10_001)
+        .map(|i| reading(i, T0 + i, "brew_pressure", 9.0))
+        .collect();
+    let mut c = ctx(now, DEVICE);
+    assert!(matches!(
+        d.handle(DeviceMsg::Apply(huge), &mut c, &env),
+        DeviceReply::Rejected(_)
+    ));
+    assert!(c.ops().is_empty());
+}
+
+/// Story 1's signal: brew pressure falls slowly as scale builds up.
+fn scaling_pressure(hours: u64) -> Vec<DeviceItem> {
+    // From 9.3 bar, −0.02 bar/h: the 7.5 bar threshold is crossed after 90 h.
+    (1..=hours)
+        .map(|h| {
+            reading(
+                h,
+                T0 + h * HOUR_MS,
+                "brew_pressure",
+                9.3 - 0.02 * h as f64 + 0.03 * noise(h),
+            )
+        })
+        .collect()
+}
+
+#[test]
+fn scale_build_up_is_forecast_once_with_its_failure_mode() {
+    let env = device_env();
+    let mut d = coffee(&env);
+    let mut forecasts: Vec<(u64, Insight)> = Vec::new();
+    for item in scaling_pressure(60) {
+        let h = item.seq;
+        let mut c = ctx(item.ts_ms, DEVICE);
+        applied(d.handle(DeviceMsg::Apply(vec![item]), &mut c, &env));
+        for m in mail_of(&c) {
+            assert_eq!(m.to, Address::Customer(CUSTOMER.into()));
+            if let Body::Insight { insight, .. } = m.body
+                && insight.kind == InsightKind::Forecast
+            {
+                forecasts.push((h, insight));
+            }
+        }
+    }
+    assert!(
+        !forecasts.is_empty(),
+        "a 0.02 bar/h decline must be forecast within 60 h"
+    );
+    let (h, first) = &forecasts[0];
+    assert_eq!(first.failure_mode.as_deref(), Some("scale"));
+    // True crossing: 90 h after T0. The forecast's ETA is within 15 % of it.
+    let truth = T0 + 90 * HOUR_MS;
+    let eta = first.eta_ms.unwrap();
+    let err = (eta as f64 - truth as f64).abs() / (truth - (T0 + h * HOUR_MS)) as f64;
+    assert!(err < 0.15, "ETA off by {:.0} %", err * 100.0);
+    // Not raised on every reading: the latch re-raises only on a material change.
+    assert!(
+        forecasts.len() <= 5,
+        "{} forecasts in 60 readings",
+        forecasts.len()
+    );
+}
+
+#[test]
+fn usage_data_is_used_only_with_consent() {
+    let env = device_env();
+    let mut d = coffee(&env);
+    let now = T0 + DAY_MS;
+    let mut c = ctx(now, DEVICE);
+    let r = applied(d.handle(
+        DeviceMsg::Apply(vec![reading(1, T0, "water_through", 10.0)]),
+        &mut c,
+        &env,
+    ));
+    assert_eq!((r.applied, r.withheld, r.high_water), (0, 1, 1));
+    assert!(
+        d.reported()[4].is_none(),
+        "usage data not stored without consent"
+    );
+
+    let grant = Mail {
+        id: format!("{CUSTOMER}/1"),
+        from: Address::Customer(CUSTOMER.into()),
+        to: Address::Device(DEVICE.into()),
+        body: Body::ConsentChanged {
+            allowed: vec![ConsentScope::Diagnostics, ConsentScope::UsageAnalytics],
+        },
+    };
+    assert_eq!(
+        d.handle(DeviceMsg::Mail(grant), &mut ctx(now, DEVICE), &env),
+        DeviceReply::Ok
+    );
+    let r = applied(d.handle(
+        DeviceMsg::Apply(vec![reading(2, T0 + 1, "water_through", 11.0)]),
+        &mut ctx(now, DEVICE),
+        &env,
+    ));
+    assert_eq!((r.applied, r.withheld), (1, 0));
+    assert!(d.reported()[4].is_some());
+
+    // Consent changes come only from the device's own customer.
+    let forged = Mail {
+        id: "t1:mallory/1".into(),
+        from: Address::Customer("t1:mallory".into()),
+        to: Address::Device(DEVICE.into()),
+        body: Body::ConsentChanged { allowed: vec![] },
+    };
+    assert!(matches!(
+        d.handle(DeviceMsg::Mail(forged), &mut ctx(now, DEVICE), &env),
+        DeviceReply::Rejected(_)
+    ));
+}
+
+#[test]
+fn an_alarm_reaches_the_customer_twin_at_once() {
+    let env = device_env();
+    let mut d = DeviceTwin::create("t1:hub-1", &env).unwrap();
+    let prov = DeviceMsg::Provision {
+        customer: CUSTOMER.into(),
+        site: "t1:home-1".into(),
+        model: "hub.guardian-1".into(),
+    };
+    assert_eq!(
+        d.handle(prov, &mut ctx(T0, "t1:hub-1"), &env),
+        DeviceReply::Ok
+    );
+    let alarm = DeviceItem {
+        seq: 1,
+        ts_ms: T0,
+        kind: ItemKind::Alarm {
+            kind: "smoke".into(),
+            local_action: Some("siren_on".into()),
+        },
+    };
+    let mut c = ctx(T0 + 1, "t1:hub-1");
+    applied(d.handle(DeviceMsg::Apply(vec![alarm]), &mut c, &env));
+    let mail = mail_of(&c);
+    assert_eq!(mail.len(), 1);
+    let Body::Insight { insight, .. } = &mail[0].body else {
+        panic!("{mail:?}")
+    };
+    assert_eq!(insight.kind, InsightKind::Alarm);
+    assert!(insight.failure_mode.is_some());
+    assert!(insight.subject.contains("siren_on"));
+}
+
+#[test]
+fn another_tenants_customer_cannot_own_a_device() {
+    let env = device_env();
+    let mut d = DeviceTwin::create(DEVICE, &env).unwrap();
+    let r = d.handle(
+        DeviceMsg::Provision {
+            customer: "t2:eve".into(),
+            site: "t2:home".into(),
+            model: "coffee.barista-200".into(),
+        },
+        &mut ctx(T0, DEVICE),
+        &env,
+    );
+    assert!(matches!(r, DeviceReply::Rejected(_)));
+}
+
+// ---------------------------------------------------------------- customer twin
+
+fn alice(env: &CustomerEnv, prefs: Preferences) -> CustomerTwin {
+    let mut t = CustomerTwin::create(CUSTOMER, env).unwrap();
+    let profile = Profile {
+        region: "north".into(),
+        preferences: prefs,
+        consent: Consent::of(&[ConsentScope::Diagnostics, ConsentScope::Contact]),
+        ..Profile::default()
+    };
+    assert_eq!(
+        t.handle(
+            CustomerMsg::SetProfile(profile),
+            &mut ctx(T0, CUSTOMER),
+            env
+        ),
+        CustomerReply::Ok
+    );
+    let add = CustomerMsg::AddDevice {
+        device: DEVICE.into(),
+        model: "coffee.barista-200".into(),
+    };
+    assert_eq!(
+        t.handle(add, &mut ctx(T0, CUSTOMER), env),
+        CustomerReply::Ok
+    );
+    t
+}
+
+struct MailFrom {
+    sender: Address,
+    seq: u64,
+}
+
+impl MailFrom {
+    fn device() -> Self {
+        Self {
+            sender: Address::Device(DEVICE.into()),
+            seq: 0,
+        }
+    }
+
+    fn of(sender: Address) -> Self {
+        Self { sender, seq: 0 }
+    }
+
+    fn next(&mut self, body: Body) -> CustomerMsg {
+        self.seq += 1;
+        let id = match &self.sender {
+            Address::Device(i)
+            | Address::Customer(i)
+            | Address::Parts(i)
+            | Address::Scheduler(i)
+            | Address::Handoff(i) => i.clone(),
+            _ => "x".into(),
+        };
+        CustomerMsg::Mail(Mail {
+            id: format!("{id}/{}", self.seq),
+            from: self.sender.clone(),
+            to: Address::Customer(CUSTOMER.into()),
+            body,
+        })
+    }
+}
+
+fn insight(
+    kind: InsightKind,
+    subject: &str,
+    mode: &str,
+    confidence: f64,
+    scope: ConsentScope,
+) -> Body {
+    Body::Insight {
+        device: DEVICE.into(),
+        model: "coffee.barista-200".into(),
+        insight: Insight {
+            kind,
+            subject: subject.into(),
+            failure_mode: Some(mode.into()),
+            confidence,
+            eta_ms: Some(T0 + 5 * DAY_MS),
+            eta_band_ms: Some((T0 + 4 * DAY_MS, T0 + 6 * DAY_MS)),
+            value: 8.4,
+            raised_at_ms: T0,
+            scope,
+        },
+    }
+}
+
+fn standing_descaler() -> Preferences {
+    Preferences {
+        standing_approvals: vec!["DESC-250".into()],
+        ..Preferences::default()
+    }
+}
+
+/// Story 1 end to end at the customer twin: forecast → descale → judged → one order →
+/// one notification inside allowed hours → case closed.
+#[test]
+fn descaling_story_runs_the_playbook_in_order_once() {
+    let env = customer_env();
+    let mut t = alice(&env, standing_descaler());
+    let mut dev = MailFrom::device();
+    let scale = || {
+        insight(
+            InsightKind::Forecast,
+            "brew_pressure",
+            "scale",
+            0.8,
+            ConsentScope::Diagnostics,
+        )
+    };
+
+    let mut c = ctx(T0, CUSTOMER);
+    assert_eq!(t.handle(dev.next(scale()), &mut c, &env), CustomerReply::Ok);
+    let sent = mail_of(&c);
+    assert_eq!(sent.len(), 1);
+    let Body::Command(cmd) = &sent[0].body else {
+        panic!("{sent:?}")
+    };
+    assert_eq!(
+        (cmd.name.as_str(), sent[0].to.clone()),
+        ("descale", Address::Device(DEVICE.into()))
+    );
+    assert_eq!(
+        armed(&c),
+        vec![T0 + 6 * HOUR_MS],
+        "remedy judged after the playbook's 6 h"
+    );
+
+    // The same root cause again (another forecast): no second case, no second command.
+    let mut c = ctx(T0 + HOUR_MS, CUSTOMER);
+    t.handle(dev.next(scale()), &mut c, &env);
+    assert!(mail_of(&c).is_empty());
+    assert_eq!(t.cases().len(), 1);
+
+    // The descale cycle worked: the device reports the concern cleared.
+    let cleared = Body::InsightCleared {
+        device: DEVICE.into(),
+        subject: "brew_pressure".into(),
+        failure_mode: Some("scale".into()),
+    };
+    t.handle(
+        dev.next(cleared),
+        &mut ctx(T0 + 3 * HOUR_MS, CUSTOMER),
+        &env,
+    );
+    let mut c = ctx(T0 + 6 * HOUR_MS, CUSTOMER);
+    t.on_timer(&format!("case:{CUSTOMER}/case-1:remedy"), &mut c, &env);
+    let sent = mail_of(&c);
+    assert_eq!(sent.len(), 1, "{sent:?}");
+    let Body::OrderPart {
+        key, part_number, ..
+    } = &sent[0].body
+    else {
+        panic!("{sent:?}")
+    };
+    assert_eq!(part_number, "DESC-250");
+    assert_eq!(sent[0].to, Address::Parts("t1".into()));
+
+    // The desk confirms; the customer is told once, at 16:00 (inside allowed hours).
+    let mut desk = MailFrom::of(Address::Parts("t1".into()));
+    let placed = Body::PartOrderUpdate {
+        key: key.clone(),
+        placed: true,
+        arrives_at_ms: Some(T0 + 2 * DAY_MS),
+        detail: "PO-1".into(),
+    };
+    let mut c = ctx(T0 + 6 * HOUR_MS, CUSTOMER);
+    t.handle(desk.next(placed.clone()), &mut c, &env);
+    let sent = mail_of(&c);
+    assert_eq!(sent.len(), 1, "{sent:?}");
+    assert!(matches!(
+        &sent[0].body,
+        Body::Notify {
+            priority: Priority::Normal,
+            ..
+        }
+    ));
+    assert!(t.cases().is_empty(), "case closed after the playbook");
+    assert_eq!(t.history().last().unwrap().state, CaseState::Closed);
+
+    // The desk's confirmation redelivered: nothing new.
+    let mut c = ctx(T0 + 7 * HOUR_MS, CUSTOMER);
+    let redelivered = CustomerMsg::Mail(Mail {
+        id: "t1/1".into(),
+        from: Address::Parts("t1".into()),
+        to: Address::Customer(CUSTOMER.into()),
+        body: placed,
+    });
+    t.handle(redelivered, &mut c, &env);
+    assert!(mail_of(&c).is_empty());
+}
+
+#[test]
+fn a_failed_remedy_goes_to_a_person_with_its_context() {
+    let env = customer_env();
+    let mut t = alice(&env, Preferences::default()); // no standing approval
+    let mut dev = MailFrom::device();
+    t.handle(
+        dev.next(insight(
+            InsightKind::Forecast,
+            "brew_pressure",
+            "scale",
+            0.8,
+            ConsentScope::Diagnostics,
+        )),
+        &mut ctx(T0, CUSTOMER),
+        &env,
+    );
+    // Nothing cleared by the time the remedy is judged.
+    let mut c = ctx(T0 + 6 * HOUR_MS, CUSTOMER);
+    t.on_timer(&format!("case:{CUSTOMER}/case-1:remedy"), &mut c, &env);
+    let sent = mail_of(&c);
+    assert_eq!(
+        sent.len(),
+        1,
+        "no order without approval, straight to a person: {sent:?}"
+    );
+    let Body::Handoff {
+        context, priority, ..
+    } = &sent[0].body
+    else {
+        panic!("{sent:?}")
+    };
+    assert_eq!(*priority, Priority::Normal);
+    assert_eq!(context.root_cause, "scale");
+    assert_eq!(context.insights.len(), 1);
+    assert!(
+        context.actions.iter().any(|a| a.contains("descale")),
+        "{:?}",
+        context.actions
+    );
+    assert!(
+        context.actions.iter().any(|a| a.contains("Failed")),
+        "{:?}",
+        context.actions
+    );
+    assert!(context.withheld.contains(&ConsentScope::UsageAnalytics));
+    assert_eq!(t.cases()[0].state, CaseState::HandedOff);
+}
+
+#[test]
+fn pump_wear_orders_then_books_after_arrival_then_hands_off() {
+    let env = customer_env();
+    let mut t = alice(&env, Preferences::default());
+    let mut dev = MailFrom::device();
+    let mut c = ctx(T0, CUSTOMER);
+    t.handle(
+        dev.next(insight(
+            InsightKind::Forecast,
+            "pump_current",
+            "pump-wear",
+            0.9,
+            ConsentScope::Diagnostics,
+        )),
+        &mut c,
+        &env,
+    );
+    let sent = mail_of(&c);
+    let Body::OrderPart {
+        key, part_number, ..
+    } = &sent[0].body
+    else {
+        panic!("{sent:?}")
+    };
+    assert_eq!(part_number, "PUMP-12");
+
+    let arrives = T0 + 5 * DAY_MS;
+    let mut desk = MailFrom::of(Address::Parts("t1".into()));
+    let mut c = ctx(T0 + HOUR_MS, CUSTOMER);
+    t.handle(
+        desk.next(Body::PartOrderUpdate {
+            key: key.clone(),
+            placed: true,
+            arrives_at_ms: Some(arrives),
+            detail: "PO-7".into(),
+        }),
+        &mut c,
+        &env,
+    );
+    let sent = mail_of(&c);
+    let Body::Book {
+        key: visit,
+        not_before_ms,
+        skill,
+        region,
+        ..
+    } = &sent[0].body
+    else {
+        panic!("{sent:?}")
+    };
+    assert_eq!(
+        (*not_before_ms, skill.as_str(), region.as_str()),
+        (arrives, "coffee-service", "north")
+    );
+
+    let mut sched = MailFrom::of(Address::Scheduler("t1".into()));
+    let mut c = ctx(T0 + 2 * HOUR_MS, CUSTOMER);
+    t.handle(
+        sched.next(Body::Booking {
+            key: visit.clone(),
+            technician: Some("tech-3".into()),
+            slot: Some((arrives + DAY_MS, arrives + DAY_MS + HOUR_MS)),
+            detail: "WO-1".into(),
+        }),
+        &mut c,
+        &env,
+    );
+    let kinds: Vec<&str> = mail_of(&c)
+        .iter()
+        .map(|m| match &m.body {
+            Body::Notify { .. } => "notify",
+            Body::Handoff { .. } => "handoff",
+            _ => "other",
+        })
+        .collect();
+    // One-tap confirmation of the visit, the playbook's notification, then the handoff.
+    assert_eq!(kinds, ["notify", "notify", "handoff"]);
+}
+
+#[test]
+fn insights_without_consent_open_no_case() {
+    let env = customer_env();
+    let mut t = alice(&env, standing_descaler());
+    let mut dev = MailFrom::device();
+    let mut c = ctx(T0, CUSTOMER);
+    t.handle(
+        dev.next(insight(
+            InsightKind::ConsumableLow,
+            "water_through",
+            "scale",
+            0.9,
+            ConsentScope::UsageAnalytics,
+        )),
+        &mut c,
+        &env,
+    );
+    assert!(mail_of(&c).is_empty());
+    assert!(t.cases().is_empty());
+    assert_eq!(t.withheld(), 1);
+}
+
+#[test]
+fn a_safety_alarm_reaches_customer_and_a_person_even_at_night() {
+    let env = customer_env();
+    let mut t = alice(&env, Preferences::default()); // quiet 22:00–07:00 UTC
+    let add = CustomerMsg::AddDevice {
+        device: "t1:hub-1".into(),
+        model: "hub.guardian-1".into(),
+    };
+    t.handle(add, &mut ctx(T0, CUSTOMER), &env);
+    // Withdraw consent to contact: a safety alarm still gets through.
+    let withdraw = CustomerMsg::SetConsent {
+        grant: vec![],
+        withdraw: vec![ConsentScope::Contact],
+    };
+    t.handle(withdraw, &mut ctx(T0, CUSTOMER), &env);
+    let night = T0 + 15 * HOUR_MS; // 01:00
+    let model = catalogue();
+    let hub = model.model("hub.guardian-1").unwrap();
+    let mode = hub.mode_for_alarm("smoke").unwrap().id.clone();
+    let mut dev = MailFrom::of(Address::Device("t1:hub-1".into()));
+    let mut c = ctx(night, CUSTOMER);
+    t.handle(
+        dev.next(Body::Insight {
+            device: "t1:hub-1".into(),
+            model: "hub.guardian-1".into(),
+            insight: Insight {
+                kind: InsightKind::Alarm,
+                subject: "smoke".into(),
+                failure_mode: Some(mode),
+                confidence: 1.0,
+                eta_ms: None,
+                eta_band_ms: None,
+                value: 1.0,
+                raised_at_ms: night,
+                scope: ConsentScope::Diagnostics,
+            },
+        }),
+        &mut c,
+        &env,
+    );
+    let sent = mail_of(&c);
+    assert!(
+        sent.iter().any(|m| matches!(
+            &m.body,
+            Body::Notify {
+                priority: Priority::Safety,
+                ..
+            }
+        )),
+        "{sent:?}"
+    );
+    let handoffs: Vec<&Mail> = sent
+        .iter()
+        .filter(|m| matches!(m.body, Body::Handoff { .. }))
+        .collect();
+    assert_eq!(handoffs.len(), 1, "exactly one handoff: {sent:?}");
+    assert!(matches!(
+        handoffs[0].body,
+        Body::Handoff {
+            priority: Priority::Safety,
+            ..
+        }
+    ));
+}
+
+#[test]
+fn mail_from_another_tenant_is_refused() {
+    let env = customer_env();
+    let mut t = alice(&env, Preferences::default());
+    let mut c = ctx(T0, CUSTOMER);
+    let mut evil = MailFrom::of(Address::Device("t2:dev".into()));
+    let r = t.handle(
+        evil.next(insight(
+            InsightKind::Forecast,
+            "brew_pressure",
+            "scale",
+            0.9,
+            ConsentScope::Diagnostics,
+        )),
+        &mut c,
+        &env,
+    );
+    assert!(matches!(r, CustomerReply::Rejected(_)));
+    assert!(c.ops().is_empty() && t.cases().is_empty());
+}
