@@ -16,6 +16,8 @@
 //! - [`mail`] — messages between twins and to the outside, carried by durable outboxes.
 //! - [`policy`] — customer preferences, consent, value tiers, and the notification rule.
 //! - [`twins`] — the device and customer twins.
+//! - [`services`] — the tenant's desks: parts, repair scheduling, handoff to humans.
+//! - [`system`] — everything above wired together on one node, with the mail router.
 //! - [`store`] — the storage port: snapshots with versions, fences and leases, high-water
 //!   marks, logs, idempotency records, the outbox.
 //! - [`settings`] — layered configuration (TOML text plus environment overrides), as pure
@@ -36,6 +38,7 @@ pub mod rul;
 pub mod services;
 pub mod settings;
 pub mod store;
+pub mod system;
 pub mod twins;
 
 #[cfg(feature = "conformance")]

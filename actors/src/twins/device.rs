@@ -22,7 +22,9 @@ use crate::host::{Ctx, Twin};
 use crate::mail::{Address, Body, DeviceCommand, Mail, tenant_of};
 use crate::model::{ConsentScope, Insight, InsightKind, TimeMs};
 use crate::policy::Consent;
-use crate::reasoning::{Assessment, Debounce, Edge, ReasonerParams, SignalState, min_health};
+use crate::reasoning::{
+    Assessment, Debounce, Edge, ReasonerParams, SignalState, health_index, min_health,
+};
 use crate::rul::{RulFeatures, RulModel};
 use crate::store::{Key, Op};
 use serde::{Deserialize, Serialize};
@@ -33,6 +35,8 @@ use std::sync::Arc;
 pub const MAX_CLOCK_SKEW_MS: u64 = 5 * 60 * 1000;
 /// Most items applied in one message (the protocol's batch limit).
 pub const MAX_ITEMS: usize = 10_000;
+/// Raw health at which a signal counts as recovered from a concern.
+const RECOVERED_HEALTH: f64 = 0.75;
 /// Commands remembered per device.
 const MAX_COMMANDS: usize = 32;
 
@@ -463,7 +467,7 @@ impl DeviceTwin {
                     self.health = vec![1.0; self.signals.len()];
                 }
                 self.health[idx] = a.health;
-                self.conclude(idx, spec, &a, model, rt, ctx);
+                self.conclude(idx, spec, *value, &a, model, rt, ctx);
                 self.feed_rul(idx, item.ts_ms, *value, model, rt, ctx);
                 Ok(())
             }
@@ -551,10 +555,12 @@ impl DeviceTwin {
     }
 
     /// Turns what the reasoner raised into insights, and notes conditions that cleared.
+    #[allow(clippy::too_many_arguments)]
     fn conclude(
         &mut self,
         idx: usize,
         spec: &Signal,
+        reading: f64,
         a: &Assessment,
         model: &DeviceModel,
         rt: &ModelRuntime,
@@ -596,11 +602,22 @@ impl DeviceTwin {
             };
             self.raise(insight, model, ctx);
         }
-        // A concern (a forecast or a failure) that has gone for `persistence` readings has
-        // cleared: the customer twin judges remedies by it.
-        let concerned = a.forecast.is_some() || a.failure_now;
-        let persistence = rt.params[idx].persistence;
+        // A concern turns on with a forecast or a failure, and clears once the raw readings
+        // are healthy again for `persistence` readings in a row. The raw value, not the
+        // smoothed level: after a remedy (a descale cycle) the device recovers at once,
+        // while a trend model takes many readings to forget the decline. The customer twin
+        // judges remedies by this.
+        let p = &rt.params[idx];
+        let concerned = if self.concern[idx].is_on() {
+            health_index(reading, p.normal_min, p.normal_max, p.failure()) < RECOVERED_HEALTH
+        } else {
+            a.forecast.is_some() || a.failure_now
+        };
+        let persistence = p.persistence;
         if self.concern[idx].update(concerned, 1, persistence) == Edge::Fell {
+            // A recovery starts a new regime: the trend learnt during the decline would
+            // keep forecasting a failure that was fixed. Relearn the signal from here.
+            self.signals[idx] = SignalState::new(p);
             let failure_mode = model
                 .mode_for_insight(idx, InsightKind::Forecast)
                 .or_else(|| model.mode_for_insight(idx, InsightKind::FailureNow))
