@@ -401,3 +401,32 @@ async fn smoke_at_night_reaches_the_customer_and_a_person() {
     let log = w.handoff_log().await;
     assert!(log.iter().any(|e| e["event"] == "escalated"), "{log:?}");
 }
+
+/// Story 4: the fridge asks a question. The customer is asked through their channel; with
+/// no answer the case goes to a person who sees the question and that it went unanswered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_product_asks_a_question_and_silence_reaches_a_person() {
+    let mut w = World::new().await;
+    let fridge = "t1:fridge-1";
+    w.provision(fridge, "fridge.coolline-350", Preferences::default()).await;
+    w.report(
+        fridge,
+        vec![ItemKind::Question {
+            question_id: "door-seal-check".into(),
+        }],
+    )
+    .await;
+    let notes = w.outside.notifications();
+    assert_eq!(notes.len(), 1, "{notes:?}");
+    assert!(notes[0].2.contains("door"), "{notes:?}");
+    assert!(w.handoff_log().await.is_empty(), "a person only after the timeout");
+
+    w.hours(3).await; // the 2 h timeout passes unanswered
+    let log = w.handoff_log().await;
+    let handed: Vec<_> = log.iter().filter(|e| e["event"] == "handed_off").collect();
+    assert_eq!(handed.len(), 1, "{log:?}");
+    let actions = handed[0]["context"]["actions"].to_string();
+    assert!(actions.contains("asked the customer"), "{actions}");
+    assert!(actions.contains("did not answer"), "{actions}");
+    assert_eq!(handed[0]["context"]["root_cause"], "door-seal");
+}
