@@ -162,7 +162,7 @@ async fn run(twins: u64, duration: Duration) {
         .expect("inspect")
         .unwrap_or(0);
     println!(
-        "in memory: {} bytes of twin struct + its vectors; snapshot {snapshot} bytes (JSON)",
+        "size_of DeviceTwin: {} bytes (plus its per-signal vectors on the heap); snapshot {snapshot} bytes (JSON)",
         std::mem::size_of::<caretwin_actors::twins::device::DeviceTwin>()
     );
 

@@ -274,7 +274,8 @@ pub struct DeviceTwin {
     health: Vec<f64>,
     consent: Consent,
     commands: Vec<CommandEntry>,
-    rul: Option<RulState>,
+    /// Boxed: only models with a remaining-life estimator carry it, and it is large.
+    rul: Option<Box<RulState>>,
     withheld: u64,
     last_seen_ms: TimeMs,
     mail_seq: u64,
@@ -369,13 +370,15 @@ impl DeviceTwin {
             self.concern = vec![Debounce::default(); rt.params.len()];
             self.reported = vec![None; rt.params.len()];
             self.health = Vec::new();
-            self.rul = model.rul().map(|_| RulState {
-                features: RulFeatures::new(),
-                ts_ms: 0,
-                values: vec![f64::NAN; model.signals().len()],
-                seen: vec![false; model.signals().len()],
-                estimate: None,
-                maintenance_raised: false,
+            self.rul = model.rul().map(|_| {
+                Box::new(RulState {
+                    features: RulFeatures::new(),
+                    ts_ms: 0,
+                    values: vec![f64::NAN; model.signals().len()],
+                    seen: vec![false; model.signals().len()],
+                    estimate: None,
+                    maintenance_raised: false,
+                })
             });
         }
         self.model = Some(model.id().to_owned());
