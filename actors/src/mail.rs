@@ -161,6 +161,14 @@ pub enum Body {
     // ---- customer twin → device twin / edge
     /// Send a remote command to a device.
     Command(DeviceCommand),
+    /// The desired state of a device's fields, for its edge to apply (each field only if
+    /// its version is newer than the one the edge holds).
+    DesiredState {
+        /// The device.
+        device: String,
+        /// (field, value, version) for every desired field.
+        fields: Vec<(String, String, u64)>,
+    },
     /// The customer's consent changed: the device twin stops using data of withdrawn
     /// scopes at once.
     ConsentChanged {

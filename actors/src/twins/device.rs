@@ -28,7 +28,7 @@ use crate::reasoning::{
 use crate::rul::{RulFeatures, RulModel};
 use crate::store::{Key, Op};
 use serde::{Deserialize, Serialize};
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
 /// How far ahead of the twin's clock a device timestamp may be.
@@ -166,6 +166,13 @@ pub enum ItemKind {
         /// The question's id in the catalogue.
         question_id: String,
     },
+    /// A non-numeric field of the device's reported state (firmware version, mode…).
+    Reported {
+        /// The field.
+        field: String,
+        /// Its value.
+        value: String,
+    },
     /// The outcome of a remote command.
     CommandResult {
         /// The command.
@@ -193,7 +200,41 @@ pub enum DeviceMsg {
     Apply(Vec<DeviceItem>),
     /// Mail from another twin.
     Mail(Mail),
+    /// Set a field of the device's desired state (from an integrator or operator). With
+    /// `expected_version`, only if the field is at that version (0: not set yet).
+    SetDesired {
+        /// The field.
+        field: String,
+        /// The value.
+        value: String,
+        /// The version the writer read, for compare-and-set.
+        expected_version: Option<u64>,
+    },
 }
+
+/// A field of the desired state.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Desired {
+    /// The value.
+    pub value: String,
+    /// Its version: the cloud's latest version wins.
+    pub version: u64,
+}
+
+/// A non-numeric field of the reported state.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReportedField {
+    /// The value.
+    pub value: String,
+    /// The device's timestamp.
+    pub ts_ms: TimeMs,
+    /// The item's sequence number: the device's latest by its own sequence wins.
+    pub seq: u64,
+}
+
+/// Most desired or reported fields per device, and their longest name and value.
+pub const MAX_FIELDS: usize = 64;
+const MAX_FIELD_BYTES: usize = 256;
 
 /// What happened to a batch of items.
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -219,6 +260,8 @@ pub enum DeviceReply {
     Applied(ApplyReport),
     /// Taken.
     Ok,
+    /// A desired field now has this version.
+    Version(u64),
     /// Refused, with the reason.
     Rejected(String),
 }
@@ -274,6 +317,8 @@ pub struct DeviceTwin {
     health: Vec<f64>,
     consent: Consent,
     commands: Vec<CommandEntry>,
+    desired: BTreeMap<String, Desired>,
+    reported_fields: BTreeMap<String, ReportedField>,
     /// Boxed: only models with a remaining-life estimator carry it, and it is large.
     rul: Option<Box<RulState>>,
     withheld: u64,
@@ -329,6 +374,76 @@ impl DeviceTwin {
     /// Readings dropped for lack of consent.
     pub fn withheld(&self) -> u64 {
         self.withheld
+    }
+
+    /// The desired state.
+    pub fn desired(&self) -> &BTreeMap<String, Desired> {
+        &self.desired
+    }
+
+    /// The reported non-numeric fields.
+    pub fn reported_fields(&self) -> &BTreeMap<String, ReportedField> {
+        &self.reported_fields
+    }
+
+    /// Desired fields the device does not report at their desired value yet:
+    /// (field, desired value, reported value if any).
+    pub fn delta(&self) -> Vec<(&str, &str, Option<&str>)> {
+        self.desired
+            .iter()
+            .filter_map(|(f, d)| {
+                let reported = self.reported_fields.get(f).map(|r| r.value.as_str());
+                (reported != Some(d.value.as_str())).then_some((
+                    f.as_str(),
+                    d.value.as_str(),
+                    reported,
+                ))
+            })
+            .collect()
+    }
+
+    fn set_desired(
+        &mut self,
+        field: String,
+        value: String,
+        expected: Option<u64>,
+        ctx: &mut Ctx,
+    ) -> DeviceReply {
+        if field.is_empty() || field.len() > MAX_FIELD_BYTES || value.len() > MAX_FIELD_BYTES {
+            return DeviceReply::Rejected(format!(
+                "desired field {field:?} needs a name of 1..={MAX_FIELD_BYTES} bytes and a value of at most {MAX_FIELD_BYTES}"
+            ));
+        }
+        let current = self.desired.get(&field).map_or(0, |d| d.version);
+        if let Some(e) = expected
+            && e != current
+        {
+            return DeviceReply::Rejected(format!(
+                "desired field {field:?} is at version {current}, not {e}"
+            ));
+        }
+        if current == 0 && self.desired.len() >= MAX_FIELDS {
+            return DeviceReply::Rejected(format!("at most {MAX_FIELDS} desired fields"));
+        }
+        let version = current + 1;
+        self.desired.insert(field, Desired { value, version });
+        ctx.changed();
+        if let Some(site) = self.site.clone() {
+            let fields = self
+                .desired
+                .iter()
+                .map(|(f, d)| (f.clone(), d.value.clone(), d.version))
+                .collect();
+            self.send(
+                ctx,
+                Address::Edge(site),
+                Body::DesiredState {
+                    device: self.id.clone(),
+                    fields,
+                },
+            );
+        }
+        DeviceReply::Version(version)
     }
 
     fn send(&mut self, ctx: &mut Ctx, to: Address, body: Body) {
@@ -510,6 +625,33 @@ impl DeviceTwin {
                 let insight =
                     self.event_insight(question_id, &q.failure_mode, q.confidence, item.ts_ms);
                 self.raise(insight, model, ctx);
+                Ok(())
+            }
+            ItemKind::Reported { field, value } => {
+                if field.is_empty()
+                    || field.len() > MAX_FIELD_BYTES
+                    || value.len() > MAX_FIELD_BYTES
+                {
+                    return Err(Refusal::Invalid(format!(
+                        "reported field {field:?} is too long or empty"
+                    )));
+                }
+                if !self.reported_fields.contains_key(field)
+                    && self.reported_fields.len() >= MAX_FIELDS
+                {
+                    return Err(Refusal::Invalid(format!(
+                        "at most {MAX_FIELDS} reported fields"
+                    )));
+                }
+                // Items arrive in sequence order, so this item is the device's latest.
+                self.reported_fields.insert(
+                    field.clone(),
+                    ReportedField {
+                        value: value.clone(),
+                        ts_ms: item.ts_ms,
+                        seq: item.seq,
+                    },
+                );
                 Ok(())
             }
             ItemKind::CommandResult {
@@ -753,6 +895,8 @@ impl Twin for DeviceTwin {
             health: Vec::new(),
             consent: Consent::of(&[ConsentScope::Diagnostics]),
             commands: Vec::new(),
+            desired: Default::default(),
+            reported_fields: Default::default(),
             rul: None,
             withheld: 0,
             last_seen_ms: 0,
@@ -789,6 +933,11 @@ impl Twin for DeviceTwin {
             }
             DeviceMsg::Apply(items) => self.apply(items, ctx, env),
             DeviceMsg::Mail(mail) => self.handle_mail(mail, ctx),
+            DeviceMsg::SetDesired {
+                field,
+                value,
+                expected_version,
+            } => self.set_desired(field, value, expected_version, ctx),
         }
     }
 

@@ -379,6 +379,62 @@ fn another_tenants_customer_cannot_own_a_device() {
     assert!(matches!(r, DeviceReply::Rejected(_)));
 }
 
+#[test]
+fn desired_state_versions_and_delta_to_reported() {
+    let env = device_env();
+    let mut d = coffee(&env);
+    let set = |field: &str, value: &str, expected| DeviceMsg::SetDesired {
+        field: field.into(),
+        value: value.into(),
+        expected_version: expected,
+    };
+    let mut c = ctx(T0, DEVICE);
+    assert_eq!(
+        d.handle(set("brew_temp", "93", None), &mut c, &env),
+        DeviceReply::Version(1)
+    );
+    let sent = mail_of(&c);
+    assert_eq!(
+        sent[0].to,
+        Address::Edge("t1:home-1".into()),
+        "desired state goes to the edge"
+    );
+    // The cloud's latest version wins; a writer with a stale version is refused.
+    assert_eq!(
+        d.handle(set("brew_temp", "94", Some(1)), &mut ctx(T0, DEVICE), &env),
+        DeviceReply::Version(2)
+    );
+    assert!(matches!(
+        d.handle(set("brew_temp", "90", Some(1)), &mut ctx(T0, DEVICE), &env),
+        DeviceReply::Rejected(_)
+    ));
+    assert_eq!(d.delta(), vec![("brew_temp", "94", None)]);
+    // The device reports the field: by its own sequence, its latest wins.
+    let report = |seq, v: &str| DeviceItem {
+        seq,
+        ts_ms: T0,
+        kind: ItemKind::Reported {
+            field: "brew_temp".into(),
+            value: v.into(),
+        },
+    };
+    applied(d.handle(
+        DeviceMsg::Apply(vec![report(2, "94"), report(1, "93")]),
+        &mut ctx(T0, DEVICE),
+        &env,
+    ));
+    assert_eq!(
+        d.reported_fields()["brew_temp"].value,
+        "94",
+        "sequence order, not arrival order"
+    );
+    assert!(d.delta().is_empty());
+    assert!(matches!(
+        d.handle(set("", "x", None), &mut ctx(T0, DEVICE), &env),
+        DeviceReply::Rejected(_)
+    ));
+}
+
 // ---------------------------------------------------------------- customer twin
 
 fn alice(env: &CustomerEnv, prefs: Preferences) -> CustomerTwin {
