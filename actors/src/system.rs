@@ -140,7 +140,7 @@ impl Router for MailRouter {
         match mail.to.clone() {
             Address::Device(id) => {
                 verdict(
-                    r.devices.call(&id, DeviceMsg::Mail(mail)).await,
+                    r.devices.call(&id, DeviceMsg::Mail(Box::new(mail))).await,
                     |x| match x {
                         DeviceReply::Rejected(why) => Delivery::Rejected(why),
                         _ => Delivery::Delivered,

@@ -13,6 +13,9 @@ use std::sync::Arc;
 /// Timers read from the store per round while firing what is due.
 const DUE_PAGE: usize = 256;
 
+/// A look at a twin, run inside its shard.
+pub type InspectFn<T> = Box<dyn FnOnce(Option<&T>) + Send>;
+
 /// A message to a shard.
 pub enum ShardMsg<T: Twin> {
     /// Deliver `msg` to twin `id`, activating it if needed; the reply comes once the
@@ -31,7 +34,7 @@ pub enum ShardMsg<T: Twin> {
         /// The twin.
         id: String,
         /// What to do with it.
-        f: Box<dyn FnOnce(Option<&T>) + Send>,
+        f: InspectFn<T>,
     },
     /// Fire due timers and passivate idle twins, at the clock's time.
     Tick(Option<RpcReplyPort<Result<()>>>),

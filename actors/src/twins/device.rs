@@ -198,8 +198,8 @@ pub enum DeviceMsg {
     },
     /// Readings and events from the device, in sequence order.
     Apply(Vec<DeviceItem>),
-    /// Mail from another twin.
-    Mail(Mail),
+    /// Mail from another twin (boxed: mail is large next to the other messages).
+    Mail(Box<Mail>),
     /// Set a field of the device's desired state (from an integrator or operator). With
     /// `expected_version`, only if the field is at that version (0: not set yet).
     SetDesired {
@@ -932,7 +932,7 @@ impl Twin for DeviceTwin {
                 r
             }
             DeviceMsg::Apply(items) => self.apply(items, ctx, env),
-            DeviceMsg::Mail(mail) => self.handle_mail(mail, ctx),
+            DeviceMsg::Mail(mail) => self.handle_mail(*mail, ctx),
             DeviceMsg::SetDesired {
                 field,
                 value,
