@@ -8,6 +8,7 @@
 //! # Layout
 //! - [`config`] — the node's configuration (TOML plus environment overrides).
 //! - [`node`] — the node's lifecycle: [`node::run`] takes a config and a shutdown future.
+//! - [`replay`] — recorded run data (C-MAPSS) parsed and replayed through twins in virtual time.
 //! - [`store`] — storage backends behind the `Store` port: [`store::embedded`] (fjall).
 //! - [`error`] — the crate's error type.
 
@@ -16,6 +17,7 @@
 pub mod config;
 pub mod error;
 pub mod node;
+pub mod replay;
 pub mod store;
 
 pub use config::ClusterConfig;

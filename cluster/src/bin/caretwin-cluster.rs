@@ -1,10 +1,12 @@
 //! `caretwin-cluster`: parses flags, reads the configuration, calls the library.
 
 use anyhow::Context;
+use caretwin_actors::rul::{self, FitOptions, RulModel};
 use caretwin_actors::store::{Key, Op, WriteBatch};
-use caretwin_cluster::{ClusterConfig, node};
+use caretwin_cluster::{ClusterConfig, node, replay};
 use clap::{Parser, Subcommand};
-use std::path::PathBuf;
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 /// A CareTwin cluster node: hosts device and customer twins, syncs with edge sites and
@@ -35,6 +37,89 @@ enum Command {
     /// Check the store: durably write a probe record under `probe/<node-id>`, read it
     /// back, and print how long that took. Exits non-zero if either step fails.
     CheckStore,
+    /// Fit a remaining-useful-life model to run-to-failure records and print its
+    /// parameters as a TOML table: the `params` of a catalogue entry's RUL section.
+    Fit {
+        /// Format of the training file.
+        #[arg(long, value_enum)]
+        format: DataFormat,
+        /// Run-to-failure records: every unit's last row is the cycle it failed in.
+        train: PathBuf,
+        /// Write the table to this file instead of stdout.
+        #[arg(long)]
+        out: Option<PathBuf>,
+        /// Also score the fit by K-fold cross-validation over engines held out of
+        /// fitting (each cut at a random cycle, as in the test files), printed to stderr.
+        #[arg(long, default_value_t = 0)]
+        cv_folds: usize,
+        /// Cross-validate with seeds 1..=N (fold split and cut points) and report the
+        /// median.
+        #[arg(long, default_value_t = 1)]
+        cv_seeds: u64,
+        #[command(flatten)]
+        tuning: Tuning,
+    },
+    /// Replay recorded cycles through a remaining-useful-life estimator per unit, in
+    /// virtual time (cycle n at n hours after 2026-01-01), and print
+    /// `unit,last_cycle,predicted_rul` for every unit at its last cycle.
+    Replay {
+        /// Format of the files.
+        #[arg(long, value_enum)]
+        format: DataFormat,
+        /// Fit the model from these run-to-failure records first.
+        #[arg(long, conflicts_with = "params")]
+        train: Option<PathBuf>,
+        /// Fitted parameters: the table `fit` writes, or a catalogue entry holding
+        /// `[rul.params]`. Without this or --train, the built-in catalogue's turbofan
+        /// parameters are used.
+        #[arg(long)]
+        params: Option<PathBuf>,
+        /// The recording to replay.
+        test: PathBuf,
+        #[command(flatten)]
+        tuning: Tuning,
+    },
+}
+
+/// Formats of recorded run data.
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum DataFormat {
+    /// NASA C-MAPSS text: `unit cycle setting1..3 s1..s21` per row.
+    Cmapss,
+}
+
+/// Fitting knobs; each defaults to `caretwin_actors::rul::FitOptions::default()`.
+#[derive(clap::Args)]
+struct Tuning {
+    /// Boosted trees.
+    #[arg(long)]
+    trees: Option<usize>,
+    /// Levels per tree.
+    #[arg(long)]
+    depth: Option<usize>,
+    /// Shrinkage of each tree.
+    #[arg(long)]
+    learning_rate: Option<f64>,
+    /// RUL cap of the training target, in cycles.
+    #[arg(long)]
+    cap: Option<f64>,
+    /// Seed of the fit.
+    #[arg(long)]
+    seed: Option<u64>,
+}
+
+impl Tuning {
+    fn options(&self) -> FitOptions {
+        let d = FitOptions::default();
+        FitOptions {
+            trees: self.trees.unwrap_or(d.trees),
+            depth: self.depth.unwrap_or(d.depth),
+            learning_rate: self.learning_rate.unwrap_or(d.learning_rate),
+            cap: self.cap.unwrap_or(d.cap),
+            seed: self.seed.unwrap_or(d.seed),
+            ..d
+        }
+    }
 }
 
 fn load_config(path: Option<&PathBuf>) -> anyhow::Result<ClusterConfig> {
@@ -69,6 +154,32 @@ async fn real_main() -> anyhow::Result<()> {
         Command::Run => node::run(config, shutdown_signal()).await?,
         Command::Config => print!("{}", toml::to_string(&config)?),
         Command::CheckStore => check_store(&config).await?,
+        Command::Fit {
+            format: DataFormat::Cmapss,
+            train,
+            out,
+            cv_folds,
+            cv_seeds,
+            tuning,
+        } => fit(
+            &train,
+            out.as_deref(),
+            cv_folds,
+            cv_seeds,
+            &tuning.options(),
+        )?,
+        Command::Replay {
+            format: DataFormat::Cmapss,
+            train,
+            params,
+            test,
+            tuning,
+        } => replay_cmd(
+            train.as_deref(),
+            params.as_deref(),
+            &test,
+            &tuning.options(),
+        )?,
     }
     Ok(())
 }
@@ -99,6 +210,124 @@ async fn check_store(config: &ClusterConfig) -> anyhow::Result<()> {
         read.version,
         started.elapsed().as_secs_f64() * 1e3
     );
+    Ok(())
+}
+
+fn read_cmapss(path: &Path) -> anyhow::Result<Vec<replay::CycleRow>> {
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+    replay::parse_cmapss(&text).with_context(|| format!("{}", path.display()))
+}
+
+fn fit_model(runs: &[rul::TrainingRun], options: &FitOptions) -> anyhow::Result<RulModel> {
+    let started = Instant::now();
+    let model = rul::fit(runs, options)?;
+    tracing::info!(
+        units = runs.len(),
+        cycles = runs.iter().map(|r| r.readings.len()).sum::<usize>(),
+        trees = model.trees(),
+        parameters = model.parameter_count(),
+        secs = started.elapsed().as_secs_f64(),
+        "rul model fitted"
+    );
+    Ok(model)
+}
+
+fn fit(
+    train: &Path,
+    out: Option<&Path>,
+    cv_folds: usize,
+    cv_seeds: u64,
+    options: &FitOptions,
+) -> anyhow::Result<()> {
+    let runs = replay::training_runs(&read_cmapss(train)?);
+    if cv_folds > 0 {
+        let mut scores = Vec::new();
+        for seed in 1..=cv_seeds.max(1) {
+            let v = rul::cross_validate(&runs, options, cv_folds, seed)?;
+            eprintln!(
+                "cross-validation seed {seed}: {} folds, {} held-out engines, rmse {:.2}, phm08 {:.1}",
+                v.folds,
+                v.holdouts.len(),
+                v.rmse,
+                v.phm08
+            );
+            scores.push((v.rmse, v.phm08));
+        }
+        let median = |mut v: Vec<f64>| {
+            v.sort_by(f64::total_cmp);
+            let n = v.len();
+            if n.is_multiple_of(2) {
+                (v[n / 2 - 1] + v[n / 2]) / 2.0
+            } else {
+                v[n / 2]
+            }
+        };
+        eprintln!(
+            "cross-validation median over {} seeds: rmse {:.2} (range {:.2}..{:.2}), phm08 {:.1}",
+            scores.len(),
+            median(scores.iter().map(|s| s.0).collect()),
+            scores.iter().map(|s| s.0).fold(f64::INFINITY, f64::min),
+            scores.iter().map(|s| s.0).fold(0.0, f64::max),
+            median(scores.iter().map(|s| s.1).collect()),
+        );
+    }
+    let model = fit_model(&runs, options)?;
+    let table = format!(
+        "# RUL model fitted by `caretwin-cluster fit` from {}: {} trees of depth {}, cap {} cycles.\n\
+         # The `params` table of a turbofan catalogue entry's RUL section.\n[rul.params]\n{}",
+        train.file_name().map_or_else(
+            || train.display().to_string(),
+            |n| n.to_string_lossy().into_owned()
+        ),
+        model.trees(),
+        model.params().depth,
+        model.cap(),
+        model.to_toml()
+    );
+    match out {
+        Some(path) => std::fs::write(path, table)
+            .with_context(|| format!("cannot write {}", path.display()))?,
+        None => print!("{table}"),
+    }
+    Ok(())
+}
+
+fn replay_cmd(
+    train: Option<&Path>,
+    params: Option<&Path>,
+    test: &Path,
+    options: &FitOptions,
+) -> anyhow::Result<()> {
+    let model = match (train, params) {
+        (Some(train), _) => fit_model(&replay::training_runs(&read_cmapss(train)?), options)?,
+        (None, Some(path)) => {
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("cannot read {}", path.display()))?;
+            replay::rul_model_from_toml(&text).with_context(|| format!("{}", path.display()))?
+        }
+        (None, None) => replay::builtin_rul_model()?
+            .context("no fitted RUL parameters: pass --train or --params")?,
+    };
+    let rows = read_cmapss(test)?;
+    let bar = ProgressBar::with_draw_target(Some(rows.len() as u64), ProgressDrawTarget::stderr())
+        .with_style(
+            ProgressStyle::with_template("replay {bar:40} {pos}/{len} cycles {per_sec} {eta}")
+                .unwrap_or_else(|_| ProgressStyle::default_bar()),
+        );
+    let mut sink = replay::RulSink::new(model);
+    let started = Instant::now();
+    let results = replay::replay(&rows, &mut sink, |n| bar.set_position(n as u64))?;
+    bar.finish_and_clear();
+    let secs = started.elapsed().as_secs_f64();
+    tracing::info!(
+        cycles = rows.len(),
+        units = results.len(),
+        secs,
+        cycles_per_sec = (rows.len() as f64 / secs.max(1e-9)).round(),
+        "replay done"
+    );
+    print!("{}", replay::to_csv(&results));
     Ok(())
 }
 
