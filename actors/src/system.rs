@@ -138,15 +138,13 @@ impl Router for MailRouter {
     async fn deliver(&self, mail: Mail) -> Result<Delivery> {
         let r = &self.regs;
         match mail.to.clone() {
-            Address::Device(id) => {
-                verdict(
-                    r.devices.call(&id, DeviceMsg::Mail(Box::new(mail))).await,
-                    |x| match x {
-                        DeviceReply::Rejected(why) => Delivery::Rejected(why),
-                        _ => Delivery::Delivered,
-                    },
-                )
-            }
+            Address::Device(id) => verdict(
+                r.devices.call(&id, DeviceMsg::Mail(Box::new(mail))).await,
+                |x| match x {
+                    DeviceReply::Rejected(why) => Delivery::Rejected(why),
+                    _ => Delivery::Delivered,
+                },
+            ),
             Address::Customer(id) => verdict(
                 r.customers.call(&id, CustomerMsg::Mail(mail)).await,
                 |x| match x {

@@ -10,11 +10,19 @@
 //! a [`RulFeatures`] + [`RulModel`] per unit; a sink that routes each cycle to the unit's
 //! DeviceTwin in its shard replaces it without touching the loop.
 
+use crate::store::{EmbeddedConfig, EmbeddedStore};
 use caretwin_actors::catalogue::Catalogue;
+use caretwin_actors::host::clock::ManualClock;
+use caretwin_actors::host::dispatch::{Delivery, Router};
+use caretwin_actors::host::registry::HostConfig;
+use caretwin_actors::mail::Mail;
 use caretwin_actors::model::{HOUR_MS, TimeMs};
 use caretwin_actors::rul::{CHANNELS, RulFeatures, RulModel, TrainingRun, channel_name};
+use caretwin_actors::system::{Components, ServicesConfig, System};
+use caretwin_actors::twins::device::{DeviceEnv, DeviceItem, DeviceMsg, DeviceReply, ItemKind};
 use std::collections::{BTreeMap, HashMap};
 use std::fmt::Write as _;
+use std::sync::Arc;
 
 /// Columns of a C-MAPSS row: unit, cycle, then the [`CHANNELS`] values.
 pub const COLUMNS: usize = 2 + CHANNELS;
@@ -195,9 +203,10 @@ pub fn training_runs(rows: &[CycleRow]) -> Vec<TrainingRun> {
 }
 
 /// Where replayed cycles go: a twin per unit that estimates its remaining life.
-pub trait ReplaySink {
+#[async_trait::async_trait]
+pub trait ReplaySink: Send {
     /// Applies unit `unit`'s values at `cycle`, happening at `ts_ms` (virtual time).
-    fn apply(
+    async fn apply(
         &mut self,
         unit: u32,
         cycle: u32,
@@ -206,7 +215,166 @@ pub trait ReplaySink {
     ) -> Result<(), ReplayError>;
 
     /// The unit's current remaining-life estimate, in cycles, if it has one.
-    fn rul(&self, unit: u32) -> Option<f64>;
+    async fn rul(&self, unit: u32) -> Option<f64>;
+}
+
+/// A sink that feeds every unit's cycles into a real device twin: one twin per engine,
+/// hosted in ractor shards exactly as on a cluster node, each reading applied by sequence
+/// number and written through to an embedded store (in a temporary directory), in virtual
+/// time. The estimate is read back from the twin.
+pub struct TwinSink {
+    system: System,
+    clock: Arc<ManualClock>,
+    seq: HashMap<u32, u64>,
+    signals: Vec<String>,
+    _dir: tempfile::TempDir,
+}
+
+/// Mail that would leave the node during a replay (maintenance requests to people) goes
+/// nowhere: the replay only reports estimates.
+struct Discard;
+
+#[async_trait::async_trait]
+impl Router for Discard {
+    async fn deliver(&self, _mail: Mail) -> caretwin_actors::Result<Delivery> {
+        Ok(Delivery::Delivered)
+    }
+}
+
+impl TwinSink {
+    /// Starts the twins' host with `model` as the turbofan's estimator.
+    pub async fn start(model: RulModel) -> Result<Self, ReplayError> {
+        let dir = tempfile::Builder::new()
+            .prefix("caretwin-replay-")
+            .tempdir()
+            .map_err(|e| caretwin_actors::Error::Backend(format!("temporary directory: {e}")))?;
+        let store = Arc::new(EmbeddedStore::open(&EmbeddedConfig::at(dir.path()))?);
+        let catalogue = Arc::new(Catalogue::builtin());
+        let signals = catalogue
+            .model(TURBOFAN_MODEL)
+            .ok_or_else(|| {
+                caretwin_actors::Error::Config(format!("no {TURBOFAN_MODEL} in the catalogue"))
+            })?
+            .signals()
+            .iter()
+            .map(|s| s.name.clone())
+            .collect::<Vec<_>>();
+        if signals.len() != CHANNELS {
+            return Err(caretwin_actors::Error::Config(format!(
+                "{TURBOFAN_MODEL} has {} signals, C-MAPSS rows have {CHANNELS}",
+                signals.len()
+            ))
+            .into());
+        }
+        let device_env = DeviceEnv::new(catalogue.clone())?.with_rul(TURBOFAN_MODEL, model)?;
+        let clock = Arc::new(ManualClock::new(virtual_ts(0)));
+        let system = System::start(Components {
+            store,
+            clock: clock.clone(),
+            catalogue,
+            device_env: Some(device_env),
+            services: ServicesConfig::default(),
+            host: HostConfig {
+                shards: 16,
+                idle_ms: u64::MAX,
+            },
+            outside: Arc::new(Discard),
+            local_supplier: None,
+        })
+        .await?;
+        Ok(Self {
+            system,
+            clock,
+            seq: HashMap::new(),
+            signals,
+            _dir: dir,
+        })
+    }
+
+    fn twin(unit: u32) -> String {
+        format!("replay:engine-{unit}")
+    }
+
+    /// Stops the twins, then removes their store (in that order: the shards hold it).
+    pub async fn close(self) {
+        let TwinSink {
+            system, _dir: dir, ..
+        } = self;
+        system.stop().await;
+        drop(dir);
+    }
+}
+
+#[async_trait::async_trait]
+impl ReplaySink for TwinSink {
+    async fn apply(
+        &mut self,
+        unit: u32,
+        cycle: u32,
+        ts_ms: TimeMs,
+        values: &[f64],
+    ) -> Result<(), ReplayError> {
+        let fail = |source| ReplayError::Apply {
+            unit,
+            cycle,
+            source,
+        };
+        let id = Self::twin(unit);
+        let devices = self.system.devices();
+        if !self.seq.contains_key(&unit) {
+            let provision = DeviceMsg::Provision {
+                customer: "replay:operator".into(),
+                site: "replay:fleet".into(),
+                model: TURBOFAN_MODEL.into(),
+            };
+            match devices.call(&id, provision).await.map_err(fail)? {
+                DeviceReply::Ok => {}
+                other => {
+                    return Err(fail(caretwin_actors::Error::Twin {
+                        id,
+                        reason: format!("{other:?}"),
+                    }));
+                }
+            }
+        }
+        self.clock.set(ts_ms);
+        let seq = self.seq.entry(unit).or_insert(0);
+        let items = values
+            .iter()
+            .zip(&self.signals)
+            .map(|(v, s)| {
+                *seq += 1;
+                DeviceItem {
+                    seq: *seq,
+                    ts_ms,
+                    kind: ItemKind::Reading {
+                        signal: s.clone(),
+                        value: *v,
+                    },
+                }
+            })
+            .collect();
+        match devices
+            .call(&id, DeviceMsg::Apply(items))
+            .await
+            .map_err(fail)?
+        {
+            DeviceReply::Applied(r) if r.rejected.is_empty() && r.gap_at.is_none() => Ok(()),
+            other => Err(fail(caretwin_actors::Error::Twin {
+                id,
+                reason: format!("{other:?}"),
+            })),
+        }
+    }
+
+    async fn rul(&self, unit: u32) -> Option<f64> {
+        self.system
+            .devices()
+            .inspect(&Self::twin(unit), |t| t.and_then(|t| t.remaining_life()))
+            .await
+            .ok()
+            .flatten()
+    }
 }
 
 /// A sink that applies cycles straight to one [`RulFeatures`] per unit and predicts with
@@ -228,8 +396,9 @@ impl RulSink {
     }
 }
 
+#[async_trait::async_trait]
 impl ReplaySink for RulSink {
-    fn apply(
+    async fn apply(
         &mut self,
         unit: u32,
         cycle: u32,
@@ -249,7 +418,7 @@ impl ReplaySink for RulSink {
         Ok(())
     }
 
-    fn rul(&self, unit: u32) -> Option<f64> {
+    async fn rul(&self, unit: u32) -> Option<f64> {
         self.units.get(&unit).map(|&(_, rul)| rul)
     }
 }
@@ -268,28 +437,30 @@ pub struct UnitRul {
 /// Feeds `rows` to `sink` in order, each at its virtual time, calling `progress` with the
 /// number of rows applied so far every 1,024 rows and at the end; then reads every unit's
 /// estimate, by unit id.
-pub fn replay<S: ReplaySink>(
+pub async fn replay<S: ReplaySink>(
     rows: &[CycleRow],
     sink: &mut S,
     mut progress: impl FnMut(usize),
 ) -> Result<Vec<UnitRul>, ReplayError> {
     let mut last_cycle: BTreeMap<u32, u32> = BTreeMap::new();
     for (i, row) in rows.iter().enumerate() {
-        sink.apply(row.unit, row.cycle, virtual_ts(row.cycle), &row.values)?;
+        sink.apply(row.unit, row.cycle, virtual_ts(row.cycle), &row.values)
+            .await?;
         last_cycle.insert(row.unit, row.cycle);
         if (i + 1) % 1024 == 0 {
             progress(i + 1);
         }
     }
     progress(rows.len());
-    Ok(last_cycle
-        .into_iter()
-        .map(|(unit, last_cycle)| UnitRul {
+    let mut out = Vec::with_capacity(last_cycle.len());
+    for (unit, last_cycle) in last_cycle {
+        out.push(UnitRul {
             unit,
             last_cycle,
-            predicted_rul: sink.rul(unit),
-        })
-        .collect())
+            predicted_rul: sink.rul(unit).await,
+        });
+    }
+    Ok(out)
 }
 
 /// The replay's report as CSV: header `unit,last_cycle,predicted_rul`, then one line per
@@ -399,11 +570,12 @@ mod tests {
         }
     }
 
-    #[test]
-    fn replay_reports_each_unit_at_its_last_cycle() {
+    #[tokio::test]
+    async fn replay_reports_each_unit_at_its_last_cycle() {
         struct Counting(BTreeMap<u32, (u32, TimeMs)>);
+        #[async_trait::async_trait]
         impl ReplaySink for Counting {
-            fn apply(
+            async fn apply(
                 &mut self,
                 unit: u32,
                 cycle: u32,
@@ -413,7 +585,7 @@ mod tests {
                 self.0.insert(unit, (cycle, ts));
                 Ok(())
             }
-            fn rul(&self, unit: u32) -> Option<f64> {
+            async fn rul(&self, unit: u32) -> Option<f64> {
                 self.0.get(&unit).map(|&(c, _)| f64::from(c) * 10.0 + 0.44)
             }
         }
@@ -427,7 +599,7 @@ mod tests {
         let rows = parse_cmapss(&text).unwrap();
         let mut sink = Counting(BTreeMap::new());
         let mut seen = 0;
-        let results = replay(&rows, &mut sink, |n| seen = n).unwrap();
+        let results = replay(&rows, &mut sink, |n| seen = n).await.unwrap();
         assert_eq!(seen, 4);
         assert_eq!(sink.0[&2], (3, EPOCH_MS + 3 * HOUR_MS));
         assert_eq!(

@@ -408,7 +408,8 @@ async fn smoke_at_night_reaches_the_customer_and_a_person() {
 async fn the_product_asks_a_question_and_silence_reaches_a_person() {
     let mut w = World::new().await;
     let fridge = "t1:fridge-1";
-    w.provision(fridge, "fridge.coolline-350", Preferences::default()).await;
+    w.provision(fridge, "fridge.coolline-350", Preferences::default())
+        .await;
     w.report(
         fridge,
         vec![ItemKind::Question {
@@ -419,7 +420,10 @@ async fn the_product_asks_a_question_and_silence_reaches_a_person() {
     let notes = w.outside.notifications();
     assert_eq!(notes.len(), 1, "{notes:?}");
     assert!(notes[0].2.contains("door"), "{notes:?}");
-    assert!(w.handoff_log().await.is_empty(), "a person only after the timeout");
+    assert!(
+        w.handoff_log().await.is_empty(),
+        "a person only after the timeout"
+    );
 
     w.hours(3).await; // the 2 h timeout passes unanswered
     let log = w.handoff_log().await;

@@ -280,7 +280,10 @@ fn turbofan_fits_cmapss_fd001() {
     assert_eq!(rul.unit, "cycles");
     assert_eq!(rul.maintenance_at, 30.0);
     assert_eq!(rul.inputs.len(), 14);
-    assert!(rul.params.is_none());
+    // The shipped entry carries the parameters fitted on train_FD001, and they load.
+    let params = rul.params.clone().expect("fitted RUL parameters shipped");
+    let model: crate::rul::RulModel = params.try_into().expect("parameters load");
+    assert!(model.trees() > 0);
     for (name, &index) in rul.inputs.iter().zip(&rul.input_indices) {
         assert_eq!(&engine.signals()[index].name, name);
     }

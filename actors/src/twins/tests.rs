@@ -306,7 +306,11 @@ fn usage_data_is_used_only_with_consent() {
         },
     };
     assert_eq!(
-        d.handle(DeviceMsg::Mail(Box::new(grant)), &mut ctx(now, DEVICE), &env),
+        d.handle(
+            DeviceMsg::Mail(Box::new(grant)),
+            &mut ctx(now, DEVICE),
+            &env
+        ),
         DeviceReply::Ok
     );
     let r = applied(d.handle(
@@ -325,7 +329,11 @@ fn usage_data_is_used_only_with_consent() {
         body: Body::ConsentChanged { allowed: vec![] },
     };
     assert!(matches!(
-        d.handle(DeviceMsg::Mail(Box::new(forged)), &mut ctx(now, DEVICE), &env),
+        d.handle(
+            DeviceMsg::Mail(Box::new(forged)),
+            &mut ctx(now, DEVICE),
+            &env
+        ),
         DeviceReply::Rejected(_)
     ));
 }

@@ -174,12 +174,15 @@ async fn real_main() -> anyhow::Result<()> {
             params,
             test,
             tuning,
-        } => replay_cmd(
-            train.as_deref(),
-            params.as_deref(),
-            &test,
-            &tuning.options(),
-        )?,
+        } => {
+            replay_cmd(
+                train.as_deref(),
+                params.as_deref(),
+                &test,
+                &tuning.options(),
+            )
+            .await?
+        }
     }
     Ok(())
 }
@@ -293,7 +296,7 @@ fn fit(
     Ok(())
 }
 
-fn replay_cmd(
+async fn replay_cmd(
     train: Option<&Path>,
     params: Option<&Path>,
     test: &Path,
@@ -315,9 +318,12 @@ fn replay_cmd(
             ProgressStyle::with_template("replay {bar:40} {pos}/{len} cycles {per_sec} {eta}")
                 .unwrap_or_else(|_| ProgressStyle::default_bar()),
         );
-    let mut sink = replay::RulSink::new(model);
+    // Through real twins: one hosted device twin per engine, in virtual time.
+    let mut sink = replay::TwinSink::start(model).await?;
     let started = Instant::now();
-    let results = replay::replay(&rows, &mut sink, |n| bar.set_position(n as u64))?;
+    let results = replay::replay(&rows, &mut sink, |n| bar.set_position(n as u64)).await;
+    sink.close().await;
+    let results = results?;
     bar.finish_and_clear();
     let secs = started.elapsed().as_secs_f64();
     tracing::info!(

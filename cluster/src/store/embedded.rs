@@ -470,7 +470,11 @@ impl<'a> Txn<'a> {
                 due_ms,
                 item,
             } => {
-                self.put(Table::Schedule, timer_key(schedule, *due_ms, item), Vec::new());
+                self.put(
+                    Table::Schedule,
+                    timer_key(schedule, *due_ms, item),
+                    Vec::new(),
+                );
                 Applied::Scheduled
             }
             Op::Unschedule {
