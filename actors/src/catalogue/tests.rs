@@ -73,7 +73,7 @@ fn coffee_machine_descales_and_reorders_descaler() {
     assert!(scale.playbook.iter().any(|s| matches!(
         &s.action,
         Action::OrderConsumable { consumable, .. } if consumable == "descaler"
-    ) && s.when == Condition::StandingApproval));
+    ) && s.when == Condition::Always));
 
     let descaler = coffee.consumable("descaler").unwrap();
     assert_eq!(descaler.gauge, Gauge::Usage);

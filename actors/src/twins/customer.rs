@@ -34,6 +34,10 @@ const MAX_CASE_INSIGHTS: usize = 32;
 const MAX_HISTORY: usize = 32;
 /// A case opened with less confidence than this goes to a person at once.
 const HANDOFF_BELOW_CONFIDENCE: f64 = 0.35;
+/// How long a one-tap approval request stays open.
+const APPROVAL_TIMEOUT_MS: u64 = 2 * DAY_MS;
+/// The answer that approves an order.
+pub const APPROVE: &str = "Order";
 /// How far ahead technician availability is offered to the scheduler.
 const BOOKING_HORIZON_MS: u64 = 30 * DAY_MS;
 
@@ -200,6 +204,9 @@ pub struct Case {
     pub cleared: bool,
     /// When the ordered part arrives.
     pub part_arrives_at: Option<TimeMs>,
+    /// An order waiting for the customer's one-tap approval: (part number, quantity).
+    #[serde(default)]
+    pub pending_order: Option<(String, u32)>,
     /// Whether it went to a person.
     pub handed_off: bool,
     /// Where it stands.
@@ -532,6 +539,7 @@ impl CustomerTwin {
             answer: Answer::NotAsked,
             cleared: false,
             part_arrives_at: None,
+            pending_order: None,
             handed_off: false,
             state: CaseState::Open,
         };
@@ -572,8 +580,16 @@ impl CustomerTwin {
                 ctx.disarm(due, &format!("case:{}:answer", c.id));
             }
             c.actions.push(format!("customer answered {answer:?}"));
-            c.answer = Answer::Answered(answer);
             c.wait = Wait::Nothing;
+            if let Some((part, quantity)) = c.pending_order.take() {
+                // An approval, not a playbook question: it decides the order only.
+                if answer == APPROVE {
+                    self.order(i, &part, quantity, ctx);
+                    return;
+                }
+            } else {
+                c.answer = Answer::Answered(answer);
+            }
             self.walk(i, ctx, env);
         }
     }
@@ -689,7 +705,28 @@ impl CustomerTwin {
                 let Some(part) = model.consumable(consumable).map(|c| c.part.clone()) else {
                     return true;
                 };
-                self.order(i, &part, *quantity, ctx);
+                if self.approved(action, model) {
+                    self.order(i, &part, *quantity, ctx);
+                } else {
+                    // No standing approval: the minimum gesture, "we believe X; tap to
+                    // confirm", and the order only on a yes.
+                    let qid = format!("{case_id}/approve-{part}");
+                    let due = ctx.now() + APPROVAL_TIMEOUT_MS;
+                    let text = format!(
+                        "We believe your {} needs {consumable}; tap to order it [{APPROVE} / Not now]",
+                        model.name()
+                    );
+                    let done = self.notify(ctx, text, Priority::Normal, Some(qid.clone()));
+                    ctx.arm(due, &format!("case:{case_id}:answer"));
+                    let c = &mut self.cases[i];
+                    c.actions
+                        .push(format!("asked to approve ordering {part} ({done})"));
+                    c.pending_order = Some((part, *quantity));
+                    c.wait = Wait::Answer {
+                        question_id: qid,
+                        due,
+                    };
+                }
                 false
             }
             Action::OrderPart { part, quantity } => {
@@ -979,8 +1016,12 @@ impl Twin for CustomerTwin {
                 c.wait = Wait::Nothing;
             }
             ("answer", Wait::Answer { .. }) => {
-                c.answer = Answer::NoAnswer;
-                c.actions.push("the customer did not answer".into());
+                if c.pending_order.take().is_some() {
+                    c.actions.push("no approval: nothing ordered".into());
+                } else {
+                    c.answer = Answer::NoAnswer;
+                    c.actions.push("the customer did not answer".into());
+                }
                 c.wait = Wait::Nothing;
             }
             _ => return,

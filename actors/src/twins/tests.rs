@@ -638,6 +638,61 @@ fn descaling_story_runs_the_playbook_in_order_once() {
 }
 
 #[test]
+fn without_a_standing_approval_the_order_waits_for_one_tap() {
+    let env = customer_env();
+    let mut t = alice(&env, Preferences::default()); // no standing approval
+    let mut dev = MailFrom::device();
+    t.handle(
+        dev.next(insight(
+            InsightKind::Forecast,
+            "brew_pressure",
+            "scale",
+            0.8,
+            ConsentScope::Diagnostics,
+        )),
+        &mut ctx(T0, CUSTOMER),
+        &env,
+    );
+    let cleared = Body::InsightCleared {
+        device: DEVICE.into(),
+        subject: "brew_pressure".into(),
+        failure_mode: Some("scale".into()),
+    };
+    t.handle(dev.next(cleared), &mut ctx(T0 + HOUR_MS, CUSTOMER), &env);
+    let mut c = ctx(T0 + 6 * HOUR_MS, CUSTOMER);
+    t.on_timer(&format!("case:{CUSTOMER}/case-1:remedy"), &mut c, &env);
+    let sent = mail_of(&c);
+    assert_eq!(sent.len(), 1, "{sent:?}");
+    let Body::Notify {
+        question_id: Some(q),
+        text,
+        ..
+    } = &sent[0].body
+    else {
+        panic!("a one-tap approval request, not an order: {sent:?}")
+    };
+    assert!(text.contains("tap to order"), "{text}");
+
+    // The customer taps "Order": now, and only now, the order goes out.
+    let tap = CustomerMsg::Mail(Mail {
+        id: "t1/notifier/1".into(),
+        from: Address::Notifier("t1".into()),
+        to: Address::Customer(CUSTOMER.into()),
+        body: Body::CustomerAnswer {
+            question_id: q.clone(),
+            answer: super::customer::APPROVE.into(),
+        },
+    });
+    let mut c = ctx(T0 + 8 * HOUR_MS, CUSTOMER);
+    assert_eq!(t.handle(tap, &mut c, &env), CustomerReply::Ok);
+    let sent = mail_of(&c);
+    assert!(
+        matches!(&sent[..], [Mail { body: Body::OrderPart { part_number, .. }, .. }] if part_number == "DESC-250"),
+        "{sent:?}"
+    );
+}
+
+#[test]
 fn a_failed_remedy_goes_to_a_person_with_its_context() {
     let env = customer_env();
     let mut t = alice(&env, Preferences::default()); // no standing approval
