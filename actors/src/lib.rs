@@ -34,6 +34,7 @@ pub mod mail;
 pub mod model;
 pub mod policy;
 pub mod reasoning;
+mod rng;
 pub mod rul;
 pub mod services;
 pub mod settings;

@@ -88,23 +88,6 @@ async fn run_once(group: usize, duration: Duration) -> Run {
     }
 }
 
-fn machine() -> String {
-    let cpu = std::fs::read_to_string("/proc/cpuinfo")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("model name"))
-                .and_then(|l| l.split(':').nth(1))
-                .map(|m| m.trim().to_owned())
-        })
-        .unwrap_or_else(|| "unknown CPU".into());
-    let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
-    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease")
-        .map(|s| s.trim().to_owned())
-        .unwrap_or_default();
-    format!("{cpu}, {cores} cores, Linux {kernel}")
-}
-
 fn main() {
     let quick = std::env::args().any(|a| a == "--quick");
     let duration = Duration::from_millis(if quick { 500 } else { 3000 });
@@ -114,7 +97,7 @@ fn main() {
         .build()
         .expect("runtime");
     println!("# group commit, embedded store (fjall) through the Store port");
-    println!("machine: {}", machine());
+    println!("machine: {}", caretwin_tests::machine());
     println!("each configuration: 3 runs of {duration:?}, median run by writes/s\n");
     println!(
         "| writes per fsync (cap) | writers | writes/s | p50 ack | p99 ack | observed writes per fsync |"

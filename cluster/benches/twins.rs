@@ -49,20 +49,6 @@ fn rss_bytes() -> u64 {
     pages * 4096
 }
 
-fn machine() -> String {
-    let cpu = std::fs::read_to_string("/proc/cpuinfo")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("model name"))
-                .and_then(|l| l.split(':').nth(1))
-                .map(|m| m.trim().to_owned())
-        })
-        .unwrap_or_else(|| "unknown CPU".into());
-    let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
-    format!("{cpu}, {cores} cores")
-}
-
 fn arg(name: &str) -> Option<u64> {
     let args: Vec<String> = std::env::args().collect();
     args.iter()
@@ -108,7 +94,7 @@ async fn run(twins: u64, duration: Duration) {
         .expect("system"),
     );
     println!("# device twins: memory and throughput through the host");
-    println!("machine: {}", machine());
+    println!("machine: {}", caretwin_tests::machine());
 
     // Activate: provision every twin (one durable write each), from 512 concurrent callers.
     let before = rss_bytes();

@@ -6,6 +6,7 @@
 //!
 //! # Layout
 //! - [`Process`] — a running binary with its output captured line by line.
+//! - [`machine`] — what benchmarks print about the machine they ran on.
 
 #![forbid(unsafe_code)]
 
@@ -183,4 +184,23 @@ impl Drop for Process {
             let _ = self.child.wait();
         }
     }
+}
+
+/// The machine, as benchmarks print it: CPU model, cores, kernel, load average now.
+pub fn machine() -> String {
+    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let cpu = cpuinfo
+        .lines()
+        .find_map(|l| l.strip_prefix("model name"))
+        .and_then(|rest| rest.split_once(':'))
+        .map_or("unknown CPU", |(_, model)| model.trim());
+    let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
+    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
+    let load: Vec<&str> = load.split_whitespace().take(3).collect();
+    format!(
+        "{cpu}, {cores} cores, Linux {}, load average {}",
+        kernel.trim(),
+        load.join(" ")
+    )
 }

@@ -104,7 +104,7 @@ fn step(sum: f64, run: u32, incr: f64) -> (f64, u32) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::reasoning::testutil::Rng;
+    use crate::rng::Rng;
 
     const DELTA: f64 = 0.5;
     const LAMBDA: f64 = 10.0;

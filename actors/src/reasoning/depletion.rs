@@ -186,7 +186,7 @@ impl Depletion {
 mod tests {
     use super::*;
     use crate::model::{DAY_MS, HOUR_MS};
-    use crate::reasoning::testutil::Rng;
+    use crate::rng::Rng;
 
     const P: DepletionParams = DepletionParams {
         alpha: 0.05,

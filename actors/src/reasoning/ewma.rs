@@ -98,7 +98,7 @@ impl Ewma {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::reasoning::testutil::Rng;
+    use crate::rng::Rng;
 
     #[test]
     fn first_samples_give_the_exact_mean_and_population_variance() {

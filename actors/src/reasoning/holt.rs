@@ -421,7 +421,7 @@ impl Holt {
 mod tests {
     use super::*;
     use crate::model::HOUR_MS;
-    use crate::reasoning::testutil::Rng;
+    use crate::rng::Rng;
 
     fn params(alpha: f64) -> TrendParams {
         TrendParams {

@@ -43,8 +43,6 @@ mod signal;
 
 #[cfg(test)]
 mod tests;
-#[cfg(test)]
-mod testutil;
 
 pub use cusum::{CUSUM_CLIP, Cusum, Shift};
 pub use depletion::{CounterEvent, Depletion, DepletionEta, DepletionParams};

@@ -161,7 +161,7 @@ impl RobustZ {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::reasoning::testutil::Rng;
+    use crate::rng::Rng;
 
     const P: AnomalyParams = AnomalyParams {
         alpha: 0.02,

@@ -1,8 +1,8 @@
 //! Tests of the composite [`SignalReasoner`], in virtual time with deterministic noise.
 
-use super::testutil::Rng;
 use super::*;
 use crate::model::{DAY_MS, Direction, HOUR_MS, InsightKind};
+use crate::rng::Rng;
 
 const T0: u64 = 1_700_000_000_000;
 const MINUTE: u64 = 60_000;

@@ -3,7 +3,7 @@
 use super::features::RulFeatures;
 use super::fit::{FitOptions, TrainingRun, fit};
 use super::model::RulModel;
-use super::rng::Rng;
+use crate::rng::Rng;
 use crate::{Error, Result};
 
 /// Fewest cycles a held-out engine keeps: the shortest engine of test_FD001 has 31.

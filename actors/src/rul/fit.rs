@@ -5,7 +5,7 @@ use super::features::{FEATURE_VERSION, RulFeatures, select};
 use super::gbdt::{BoostOptions, boost};
 use super::linalg::Ridge;
 use super::model::{FAST, FEATURES, RulModel, RulParams, features_into};
-use super::rng::Rng;
+use crate::rng::Rng;
 use crate::{Error, Result};
 use serde::{Deserialize, Serialize};
 

@@ -10,7 +10,7 @@
 //! catalogue's TOML table of numbers nor promise a stable layout, and none grows
 //! oblivious trees.
 
-use super::rng::Rng;
+use crate::rng::Rng;
 
 /// What the booster needs to know.
 #[derive(Debug, Clone)]

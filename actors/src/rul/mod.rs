@@ -28,7 +28,8 @@
 //! - `model` — [`RulModel`], [`RulParams`], prediction.
 //! - `fit` — [`fit`], [`FitOptions`], [`TrainingRun`].
 //! - `eval` — [`cross_validate`], [`rmse`], [`phm08_score`].
-//! - `gbdt`, `linalg`, `rng` — the booster, a ridge solve, a seeded generator (private).
+//! - `gbdt`, `linalg` — the booster and a ridge solve (private); the seeded generator is
+//!   the crate's `rng`.
 
 mod eval;
 mod features;
@@ -36,7 +37,6 @@ mod fit;
 mod gbdt;
 mod linalg;
 mod model;
-mod rng;
 
 pub use eval::{
     HOLDOUT_MIN_CYCLES, HOLDOUT_RUL, Holdout, Validation, cross_validate, phm08_score, predict_run,

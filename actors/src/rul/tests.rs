@@ -1,8 +1,8 @@
 //! Tests of the whole path: synthetic degradation, fitting, prediction, parameters.
 
-use super::rng::Rng;
 use super::*;
 use crate::Error;
+use crate::rng::Rng;
 
 /// Synthetic run-to-failure engines: each has its own life (120..=260 cycles), initial
 /// wear and sensor offsets; every sensor follows an exponential degradation towards

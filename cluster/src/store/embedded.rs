@@ -302,32 +302,22 @@ impl Outcome {
 
     /// Answers the caller; a failed group turns successes into the group's error.
     fn answer(self, group_error: Option<&Error>) {
-        let fail = |ok: bool| -> Option<Error> { if ok { group_error.cloned() } else { None } };
-        // A caller that went away no longer wants the answer; that is not an error here.
         match self {
-            Outcome::Commit(tx, r) => {
-                let r = match fail(r.is_ok()) {
-                    Some(e) => Err(e),
-                    None => r,
-                };
-                let _ = tx.send(r);
-            }
-            Outcome::Lease(tx, r) => {
-                let r = match fail(r.is_ok()) {
-                    Some(e) => Err(e),
-                    None => r,
-                };
-                let _ = tx.send(r);
-            }
-            Outcome::Unit(tx, r) => {
-                let r = match fail(r.is_ok()) {
-                    Some(e) => Err(e),
-                    None => r,
-                };
-                let _ = tx.send(r);
-            }
+            Outcome::Commit(tx, r) => reply(tx, r, group_error),
+            Outcome::Lease(tx, r) => reply(tx, r, group_error),
+            Outcome::Unit(tx, r) => reply(tx, r, group_error),
         }
     }
+}
+
+/// Sends a request's result, or the group's error if the group failed to be written.
+fn reply<T>(tx: oneshot::Sender<Result<T>>, r: Result<T>, group_error: Option<&Error>) {
+    let r = match (r, group_error) {
+        (Ok(_), Some(e)) => Err(e.clone()),
+        (r, _) => r,
+    };
+    // A caller that went away no longer wants the answer; that is not an error here.
+    let _ = tx.send(r);
 }
 
 /// Writes pending in the current group, layered over the database.

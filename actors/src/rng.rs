@@ -1,4 +1,5 @@
-//! A seeded random number generator for training and validation.
+//! The crate's seeded random number generator: RUL training and validation, and the
+//! deterministic noise of tests.
 //!
 //! SplitMix64, written out rather than taken from `rand`: a fitted model must come out
 //! bit-for-bit the same from the same data and seed on every machine and every future
@@ -25,6 +26,19 @@ impl Rng {
     /// Uniform in `[0, 1)`.
     pub(crate) fn next_f64(&mut self) -> f64 {
         (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64
+    }
+
+    /// Uniform in `(0, 1)`: never 0, so its logarithm is finite.
+    #[cfg(test)]
+    pub(crate) fn uniform(&mut self) -> f64 {
+        ((self.next_u64() >> 11) as f64 + 0.5) / (1u64 << 53) as f64
+    }
+
+    /// Standard normal, by the Box–Muller transform.
+    #[cfg(test)]
+    pub(crate) fn gauss(&mut self) -> f64 {
+        let (u1, u2) = (self.uniform(), self.uniform());
+        (-2.0 * u1.ln()).sqrt() * (std::f64::consts::TAU * u2).cos()
     }
 
     /// Uniform in `lo..=hi` (`lo` when `hi < lo`).
