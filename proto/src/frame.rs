@@ -72,7 +72,7 @@ impl FrameDecoder {
 
     /// The next whole frame, if one has arrived. After an error the decoder must not be
     /// used again: the byte stream has lost its framing.
-    pub fn next<M: Message + Default>(&mut self) -> Result<Option<M>, FrameError> {
+    pub fn next_frame<M: Message + Default>(&mut self) -> Result<Option<M>, FrameError> {
         let mut view: &[u8] = &self.buf;
         let len = match prost::encoding::decode_varint(&mut view) {
             Ok(len) => len,
@@ -122,7 +122,7 @@ mod tests {
         let mut got = Vec::new();
         for b in &bytes {
             d.push(std::slice::from_ref(b));
-            while let Some(f) = d.next::<EdgeFrame>().unwrap() {
+            while let Some(f) = d.next_frame::<EdgeFrame>().unwrap() {
                 got.push(f);
             }
         }
@@ -132,7 +132,7 @@ mod tests {
         let mut d = FrameDecoder::new(1024);
         d.push(&bytes);
         let mut n = 0;
-        while d.next::<EdgeFrame>().unwrap().is_some() {
+        while d.next_frame::<EdgeFrame>().unwrap().is_some() {
             n += 1;
         }
         assert_eq!(n, 50);
@@ -148,21 +148,21 @@ mod tests {
         let mut d2 = FrameDecoder::new(16);
         d2.push(&big);
         assert!(matches!(
-            d2.next::<EdgeFrame>(),
+            d2.next_frame::<EdgeFrame>(),
             Err(FrameError::TooLarge { .. })
         ));
         // A length prefix that never ends.
         let mut d3 = FrameDecoder::new(16);
         d3.push(&[0xff; 11]);
         assert!(matches!(
-            d3.next::<EdgeFrame>(),
+            d3.next_frame::<EdgeFrame>(),
             Err(FrameError::Malformed(_))
         ));
         // A body that is not an EdgeFrame.
         let mut d4 = FrameDecoder::new(16);
         d4.push(&[3, 0xff, 0xff, 0xff]);
         assert!(matches!(
-            d4.next::<EdgeFrame>(),
+            d4.next_frame::<EdgeFrame>(),
             Err(FrameError::Malformed(_))
         ));
     }
