@@ -196,8 +196,26 @@ pub enum DeviceMsg {
         /// The catalogue model.
         model: String,
     },
-    /// Readings and events from the device, in sequence order.
+    /// Readings and events from the device, in sequence order (a trusted path: replay,
+    /// tests; sessions use [`DeviceMsg::FromSite`]).
     Apply(Vec<DeviceItem>),
+    /// Readings and events sent by a site's edge: applied only if the device is
+    /// provisioned and belongs to that site.
+    FromSite {
+        /// The site, from its client certificate.
+        site: String,
+        /// The items, in sequence order.
+        items: Vec<DeviceItem>,
+    },
+    /// The edge reports how far a command got (`sent_to_edge`, `delivered_to_device`).
+    CommandStatus {
+        /// The site, from its client certificate.
+        site: String,
+        /// The command.
+        command_id: String,
+        /// Its new state.
+        state: String,
+    },
     /// Mail from another twin (boxed: mail is large next to the other messages).
     Mail(Box<Mail>),
     /// Set a field of the device's desired state (from an integrator or operator). With
@@ -236,6 +254,30 @@ pub struct ReportedField {
 pub const MAX_FIELDS: usize = 64;
 const MAX_FIELD_BYTES: usize = 256;
 
+/// Why an item was refused, in the protocol's terms.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RejectKind {
+    /// NaN, infinite, overflowing, out of order, or otherwise unusable.
+    InvalidValue,
+    /// The device timestamp is too far ahead of the twin's clock.
+    TimestampInFuture,
+    /// The model has no such signal.
+    UnknownSignal,
+    /// The model has no such alarm, code or question.
+    UnknownEvent,
+}
+
+/// An item refused (the high-water mark moved past it), with the reason.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rejection {
+    /// The item's sequence number.
+    pub seq: u64,
+    /// What kind of refusal.
+    pub kind: RejectKind,
+    /// What was wrong, for the device's owner.
+    pub reason: String,
+}
+
 /// What happened to a batch of items.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct ApplyReport {
@@ -244,7 +286,7 @@ pub struct ApplyReport {
     /// Items at or below the high-water mark, ignored.
     pub duplicates: u32,
     /// Items refused (the mark moved past them), with the reason.
-    pub rejected: Vec<(u64, String)>,
+    pub rejected: Vec<Rejection>,
     /// Items dropped for lack of consent (the mark moved past them).
     pub withheld: u32,
     /// The first missing sequence number, when the batch had a gap.
@@ -262,6 +304,10 @@ pub enum DeviceReply {
     Ok,
     /// A desired field now has this version.
     Version(u64),
+    /// The device is not provisioned (unknown to the cluster).
+    UnknownDevice,
+    /// The device belongs to another site.
+    NotOwner,
     /// Refused, with the reason.
     Rejected(String),
 }
@@ -446,6 +492,15 @@ impl DeviceTwin {
         DeviceReply::Version(version)
     }
 
+    /// `Some(refusal)` unless the device is provisioned and belongs to `site`.
+    fn check_site(&self, site: &str) -> Option<DeviceReply> {
+        match self.site.as_deref() {
+            None => Some(DeviceReply::UnknownDevice),
+            Some(own) if own != site => Some(DeviceReply::NotOwner),
+            Some(_) => None,
+        }
+    }
+
     fn send(&mut self, ctx: &mut Ctx, to: Address, body: Body) {
         self.mail_seq += 1;
         let mail = Mail {
@@ -533,7 +588,11 @@ impl DeviceTwin {
                 report.applied -= 1;
                 match why {
                     Refusal::Withheld => report.withheld += 1,
-                    Refusal::Invalid(why) => report.rejected.push((item.seq, why)),
+                    Refusal::Invalid(kind, reason) => report.rejected.push(Rejection {
+                        seq: item.seq,
+                        kind,
+                        reason,
+                    }),
                 }
             }
         }
@@ -558,16 +617,22 @@ impl DeviceTwin {
         ctx: &mut Ctx,
     ) -> Result<(), Refusal> {
         if item.ts_ms > ctx.now().saturating_add(MAX_CLOCK_SKEW_MS) {
-            return Err(Refusal::Invalid(format!(
-                "timestamp {} is more than {MAX_CLOCK_SKEW_MS} ms in the future",
-                item.ts_ms
-            )));
+            return Err(Refusal::Invalid(
+                RejectKind::TimestampInFuture,
+                format!(
+                    "timestamp {} is more than {MAX_CLOCK_SKEW_MS} ms in the future",
+                    item.ts_ms
+                ),
+            ));
         }
         match &item.kind {
             ItemKind::Reading { signal, value } => {
-                let idx = model
-                    .signal_index(signal)
-                    .ok_or_else(|| Refusal::Invalid(format!("unknown signal {signal:?}")))?;
+                let idx = model.signal_index(signal).ok_or_else(|| {
+                    Refusal::Invalid(
+                        RejectKind::UnknownSignal,
+                        format!("unknown signal {signal:?}"),
+                    )
+                })?;
                 let spec = &model.signals()[idx];
                 if !self.consent.allows(spec.scope) {
                     self.withheld += 1;
@@ -575,7 +640,7 @@ impl DeviceTwin {
                 }
                 let a = self.signals[idx]
                     .observe(&rt.params[idx], item.ts_ms, *value)
-                    .map_err(|e| Refusal::Invalid(e.to_string()))?;
+                    .map_err(|e| Refusal::Invalid(RejectKind::InvalidValue, e.to_string()))?;
                 self.reported[idx] = Some(Reported {
                     value: *value,
                     ts_ms: item.ts_ms,
@@ -590,9 +655,12 @@ impl DeviceTwin {
                 Ok(())
             }
             ItemKind::Alarm { kind, local_action } => {
-                let mode = model
-                    .mode_for_alarm(kind)
-                    .ok_or_else(|| Refusal::Invalid(format!("unknown alarm kind {kind:?}")))?;
+                let mode = model.mode_for_alarm(kind).ok_or_else(|| {
+                    Refusal::Invalid(
+                        RejectKind::UnknownEvent,
+                        format!("unknown alarm kind {kind:?}"),
+                    )
+                })?;
                 let insight = Insight {
                     kind: InsightKind::Alarm,
                     subject: match local_action {
@@ -611,17 +679,23 @@ impl DeviceTwin {
                 Ok(())
             }
             ItemKind::Diagnostic { code } => {
-                let d = model
-                    .diagnostic_code(code)
-                    .ok_or_else(|| Refusal::Invalid(format!("unknown diagnostic code {code:?}")))?;
+                let d = model.diagnostic_code(code).ok_or_else(|| {
+                    Refusal::Invalid(
+                        RejectKind::UnknownEvent,
+                        format!("unknown diagnostic code {code:?}"),
+                    )
+                })?;
                 let insight = self.event_insight(code, &d.failure_mode, d.confidence, item.ts_ms);
                 self.raise(insight, model, ctx);
                 Ok(())
             }
             ItemKind::Question { question_id } => {
-                let q = model
-                    .question(question_id)
-                    .ok_or_else(|| Refusal::Invalid(format!("unknown question {question_id:?}")))?;
+                let q = model.question(question_id).ok_or_else(|| {
+                    Refusal::Invalid(
+                        RejectKind::UnknownEvent,
+                        format!("unknown question {question_id:?}"),
+                    )
+                })?;
                 let insight =
                     self.event_insight(question_id, &q.failure_mode, q.confidence, item.ts_ms);
                 self.raise(insight, model, ctx);
@@ -632,16 +706,18 @@ impl DeviceTwin {
                     || field.len() > MAX_FIELD_BYTES
                     || value.len() > MAX_FIELD_BYTES
                 {
-                    return Err(Refusal::Invalid(format!(
-                        "reported field {field:?} is too long or empty"
-                    )));
+                    return Err(Refusal::Invalid(
+                        RejectKind::InvalidValue,
+                        format!("reported field {field:?} is too long or empty"),
+                    ));
                 }
                 if !self.reported_fields.contains_key(field)
                     && self.reported_fields.len() >= MAX_FIELDS
                 {
-                    return Err(Refusal::Invalid(format!(
-                        "at most {MAX_FIELDS} reported fields"
-                    )));
+                    return Err(Refusal::Invalid(
+                        RejectKind::InvalidValue,
+                        format!("at most {MAX_FIELDS} reported fields"),
+                    ));
                 }
                 // Items arrive in sequence order, so this item is the device's latest.
                 self.reported_fields.insert(
@@ -872,7 +948,7 @@ impl DeviceTwin {
 
 enum Refusal {
     Withheld,
-    Invalid(String),
+    Invalid(RejectKind, String),
 }
 
 impl Twin for DeviceTwin {
@@ -932,6 +1008,29 @@ impl Twin for DeviceTwin {
                 r
             }
             DeviceMsg::Apply(items) => self.apply(items, ctx, env),
+            DeviceMsg::FromSite { site, items } => match self.check_site(&site) {
+                Some(refusal) => refusal,
+                None => self.apply(items, ctx, env),
+            },
+            DeviceMsg::CommandStatus {
+                site,
+                command_id,
+                state,
+            } => {
+                if let Some(refusal) = self.check_site(&site) {
+                    return refusal;
+                }
+                match self.commands.iter_mut().find(|c| c.id == command_id) {
+                    // Results are final; a late progress report does not undo them.
+                    Some(c) if c.state != "succeeded" && c.state != "failed" => {
+                        c.state = state;
+                        ctx.changed();
+                        DeviceReply::Ok
+                    }
+                    Some(_) => DeviceReply::Ok,
+                    None => DeviceReply::Rejected(format!("unknown command {command_id:?}")),
+                }
+            }
             DeviceMsg::Mail(mail) => self.handle_mail(*mail, ctx),
             DeviceMsg::SetDesired {
                 field,

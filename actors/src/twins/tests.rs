@@ -2,7 +2,9 @@
 //! step's operations.
 
 use super::customer::{CaseState, CustomerEnv, CustomerMsg, CustomerReply, CustomerTwin, Profile};
-use super::device::{DeviceEnv, DeviceItem, DeviceMsg, DeviceReply, DeviceTwin, ItemKind};
+use super::device::{
+    DeviceEnv, DeviceItem, DeviceMsg, DeviceReply, DeviceTwin, ItemKind, RejectKind,
+};
 use crate::catalogue::Catalogue;
 use crate::host::{Ctx, Twin};
 use crate::mail::{Address, Body, Mail};
@@ -202,7 +204,20 @@ fn bad_items_are_refused_and_change_no_state() {
     let mut c = ctx(now, DEVICE);
     let r = applied(d.handle(DeviceMsg::Apply(bad), &mut c, &env));
     assert_eq!(r.applied, 0);
-    let reasons: Vec<&str> = r.rejected.iter().map(|(_, why)| why.as_str()).collect();
+    let reasons: Vec<&str> = r.rejected.iter().map(|x| x.reason.as_str()).collect();
+    let kinds: Vec<RejectKind> = r.rejected.iter().map(|x| x.kind).collect();
+    use RejectKind::*;
+    assert_eq!(
+        kinds,
+        [
+            InvalidValue,
+            InvalidValue,
+            TimestampInFuture,
+            UnknownSignal,
+            UnknownEvent,
+            UnknownEvent
+        ]
+    );
     assert_eq!(reasons.len(), 6, "{reasons:?}");
     assert!(
         reasons[0].contains("not finite") && reasons[1].contains("not finite"),
@@ -385,6 +400,34 @@ fn another_tenants_customer_cannot_own_a_device() {
         &env,
     );
     assert!(matches!(r, DeviceReply::Rejected(_)));
+}
+
+#[test]
+fn a_site_writes_only_its_own_provisioned_devices() {
+    let env = device_env();
+    let mut d = coffee(&env); // of site t1:home-1
+    let items = vec![reading(1, T0, "brew_pressure", 9.2)];
+    let from = |site: &str| DeviceMsg::FromSite {
+        site: site.into(),
+        items: items.clone(),
+    };
+    let mut c = ctx(T0, DEVICE);
+    assert_eq!(
+        d.handle(from("t1:shop-7"), &mut c, &env),
+        DeviceReply::NotOwner
+    );
+    assert!(c.ops().is_empty() && !c.is_changed());
+    assert_eq!(d.high_water(), 0);
+    let r = applied(d.handle(from("t1:home-1"), &mut ctx(T0, DEVICE), &env));
+    assert_eq!(r.high_water, 1);
+    // A device nobody provisioned cannot be written into existence.
+    let mut stranger = DeviceTwin::create("t1:nobody", &env).unwrap();
+    let mut c = ctx(T0, "t1:nobody");
+    assert_eq!(
+        stranger.handle(from("t1:home-1"), &mut c, &env),
+        DeviceReply::UnknownDevice
+    );
+    assert!(c.ops().is_empty() && !c.is_changed());
 }
 
 #[test]
