@@ -166,12 +166,11 @@ pub enum ItemKind {
         /// The question's id in the catalogue.
         question_id: String,
     },
-    /// A non-numeric field of the device's reported state (firmware version, mode…).
+    /// Non-numeric fields of the device's reported state (firmware version, mode…),
+    /// reported together.
     Reported {
-        /// The field.
-        field: String,
-        /// Its value.
-        value: String,
+        /// (field, value) pairs.
+        fields: Vec<(String, String)>,
     },
     /// The outcome of a remote command.
     CommandResult {
@@ -701,33 +700,36 @@ impl DeviceTwin {
                 self.raise(insight, model, ctx);
                 Ok(())
             }
-            ItemKind::Reported { field, value } => {
-                if field.is_empty()
-                    || field.len() > MAX_FIELD_BYTES
-                    || value.len() > MAX_FIELD_BYTES
-                {
+            ItemKind::Reported { fields } => {
+                let new = fields
+                    .iter()
+                    .filter(|(f, _)| !self.reported_fields.contains_key(f))
+                    .count();
+                if let Some((f, _)) = fields.iter().find(|(f, v)| {
+                    f.is_empty() || f.len() > MAX_FIELD_BYTES || v.len() > MAX_FIELD_BYTES
+                }) {
                     return Err(Refusal::Invalid(
                         RejectKind::InvalidValue,
-                        format!("reported field {field:?} is too long or empty"),
+                        format!("reported field {f:?} is too long or empty"),
                     ));
                 }
-                if !self.reported_fields.contains_key(field)
-                    && self.reported_fields.len() >= MAX_FIELDS
-                {
+                if self.reported_fields.len() + new > MAX_FIELDS {
                     return Err(Refusal::Invalid(
                         RejectKind::InvalidValue,
                         format!("at most {MAX_FIELDS} reported fields"),
                     ));
                 }
-                // Items arrive in sequence order, so this item is the device's latest.
-                self.reported_fields.insert(
-                    field.clone(),
-                    ReportedField {
-                        value: value.clone(),
-                        ts_ms: item.ts_ms,
-                        seq: item.seq,
-                    },
-                );
+                // Items arrive in sequence order, so these are the device's latest.
+                for (field, value) in fields {
+                    self.reported_fields.insert(
+                        field.clone(),
+                        ReportedField {
+                            value: value.clone(),
+                            ts_ms: item.ts_ms,
+                            seq: item.seq,
+                        },
+                    );
+                }
                 Ok(())
             }
             ItemKind::CommandResult {

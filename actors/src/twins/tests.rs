@@ -465,8 +465,7 @@ fn desired_state_versions_and_delta_to_reported() {
         seq,
         ts_ms: T0,
         kind: ItemKind::Reported {
-            field: "brew_temp".into(),
-            value: v.into(),
+            fields: vec![("brew_temp".into(), v.into())],
         },
     };
     applied(d.handle(
