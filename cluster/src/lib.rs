@@ -16,6 +16,7 @@
 
 pub mod config;
 pub mod error;
+pub mod ingest;
 pub mod node;
 pub mod replay;
 pub mod store;
