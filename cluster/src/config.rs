@@ -1,7 +1,11 @@
 //! The cluster node's configuration: a TOML file with `CARETWIN_CLUSTER__…` overrides.
 
 use crate::store::StoreConfig;
+use caretwin_actors::host::registry::HostConfig;
+use caretwin_actors::system::ServicesConfig;
 use serde::{Deserialize, Serialize};
+use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::time::Duration;
 
 /// Prefix of the environment overrides (`CARETWIN_CLUSTER__STORE__EMBEDDED__PATH=/data`).
@@ -23,6 +27,67 @@ pub struct ClusterConfig {
     /// How often the membership lease is renewed; well under `lease_ttl`.
     #[serde(default = "default_renew_every", with = "humantime_serde")]
     pub renew_every: Duration,
+    /// The edge sync endpoint.
+    #[serde(default)]
+    pub sync: SyncConfig,
+    /// Shards and passivation of the twins.
+    #[serde(default)]
+    pub host: HostConfig,
+    /// The service desks (stock, technicians, SLAs), per tenant.
+    #[serde(default)]
+    pub services: ServicesConfig,
+    /// How often due timers fire and outbox mail is delivered.
+    #[serde(default = "default_tick", with = "humantime_serde")]
+    pub tick: Duration,
+    /// A TOML file of devices to provision at start (`[[devices]] id, site, customer,
+    /// model`); idempotent. Until the admin API exists this is how devices are registered.
+    #[serde(default)]
+    pub provision: Option<PathBuf>,
+}
+
+/// The edge sync endpoint: QUIC with mutual TLS.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct SyncConfig {
+    /// UDP address to listen on (port 0: any free port, logged at start).
+    #[serde(default = "default_listen")]
+    pub listen: SocketAddr,
+    /// The CA that signs site certificates (PEM).
+    #[serde(default = "default_ca")]
+    pub ca: PathBuf,
+    /// This node's certificate chain (PEM).
+    #[serde(default = "default_cert")]
+    pub cert: PathBuf,
+    /// This node's private key (PEM).
+    #[serde(default = "default_key")]
+    pub key: PathBuf,
+}
+
+fn default_listen() -> SocketAddr {
+    SocketAddr::from(([0, 0, 0, 0], 7400))
+}
+fn default_ca() -> PathBuf {
+    PathBuf::from("certs/ca.pem")
+}
+fn default_cert() -> PathBuf {
+    PathBuf::from("certs/cluster.pem")
+}
+fn default_key() -> PathBuf {
+    PathBuf::from("certs/cluster.key")
+}
+fn default_tick() -> Duration {
+    Duration::from_millis(200)
+}
+
+impl Default for SyncConfig {
+    fn default() -> Self {
+        Self {
+            listen: default_listen(),
+            ca: default_ca(),
+            cert: default_cert(),
+            key: default_key(),
+        }
+    }
 }
 
 fn default_node_id() -> String {
@@ -42,6 +107,11 @@ impl Default for ClusterConfig {
             store: StoreConfig::default(),
             lease_ttl: default_lease_ttl(),
             renew_every: default_renew_every(),
+            sync: SyncConfig::default(),
+            host: HostConfig::default(),
+            services: ServicesConfig::default(),
+            tick: default_tick(),
+            provision: None,
         }
     }
 }

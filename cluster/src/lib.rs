@@ -10,6 +10,7 @@
 //! - [`node`] — the node's lifecycle: [`node::run`] takes a config and a shutdown future.
 //! - [`replay`] — recorded run data (C-MAPSS) parsed and replayed through twins in virtual time.
 //! - [`store`] — storage backends behind the `Store` port: [`store::embedded`] (fjall).
+//! - [`sync`] — the edge sync's QUIC and mutual TLS glue, and the development PKI.
 //! - [`error`] — the crate's error type.
 
 #![forbid(unsafe_code)]
@@ -20,6 +21,7 @@ pub mod ingest;
 pub mod node;
 pub mod replay;
 pub mod store;
+pub mod sync;
 
 pub use config::ClusterConfig;
 pub use error::{Error, Result};

@@ -4,8 +4,18 @@
 //! the tasks.
 
 use crate::config::ClusterConfig;
+use crate::ingest::{CommandSignals, EdgeGateway, Ingest};
+use crate::sync::server::SyncServer;
 use crate::{Error, Result};
+use caretwin_actors::catalogue::Catalogue;
+use caretwin_actors::host::clock::Clock;
+use caretwin_actors::host::dispatch::{Delivery, Router};
+use caretwin_actors::mail::Mail;
+use caretwin_actors::model::{DAY_MS, TimeMs};
 use caretwin_actors::store::{Key, Lease, Store};
+use caretwin_actors::system::{Components, LocalSupplier, System};
+use caretwin_actors::twins::customer::{CustomerMsg, CustomerReply};
+use caretwin_actors::twins::device::{DeviceMsg, DeviceReply};
 use std::future::Future;
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -22,18 +32,151 @@ pub fn member_key(node_id: &str) -> Key {
     Key::new(format!("member/{node_id}"))
 }
 
+/// Devices to provision at start.
+#[derive(Debug, Clone, Default, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProvisionFile {
+    /// The devices.
+    #[serde(default)]
+    pub devices: Vec<ProvisionDevice>,
+}
+
+/// One device to provision.
+#[derive(Debug, Clone, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProvisionDevice {
+    /// The device id (`tenant:device`).
+    pub id: String,
+    /// Its site (`tenant:site`).
+    pub site: String,
+    /// Its customer (`tenant:customer`).
+    pub customer: String,
+    /// Its catalogue model.
+    pub model: String,
+}
+
+/// Logs what leaves the system for channels this node has no integration for yet
+/// (notifications), and accepts it.
+struct LogOutside;
+
+#[async_trait::async_trait]
+impl Router for LogOutside {
+    async fn deliver(&self, mail: Mail) -> caretwin_actors::Result<Delivery> {
+        tracing::info!(to = ?mail.to, id = %mail.id, body = ?mail.body, "outbound");
+        Ok(Delivery::Delivered)
+    }
+}
+
+/// The wall clock.
+pub struct SystemClock;
+
+impl Clock for SystemClock {
+    fn now_ms(&self) -> TimeMs {
+        now_ms()
+    }
+}
+
 /// Runs a node until `shutdown` resolves: opens its store, takes its membership lease
-/// (refusing to start if another process is live under the same id), renews it, and on
-/// shutdown releases it and closes the store cleanly.
+/// (refusing to start if another process is live under the same id), hosts the twins,
+/// serves the edge sync, fires timers and delivers mail; on shutdown it stops accepting
+/// sites, drains the twins, releases its lease and closes the store cleanly.
 pub async fn run(config: ClusterConfig, shutdown: impl Future<Output = ()>) -> Result<()> {
     config.validate()?;
     let store = crate::store::open(&config.store)?;
     let lease = register(&*store, &config).await?;
     tracing::info!(node = %config.node_id, token = lease.token, "node registered");
-    let lease = serve(&*store, &config, lease, shutdown).await?;
+
+    let signals = Arc::new(CommandSignals::default());
+    let clock: Arc<dyn Clock> = Arc::new(SystemClock);
+    let outside = Arc::new(EdgeGateway::new(
+        store.clone(),
+        signals.clone(),
+        Arc::new(LogOutside),
+    ));
+    let system = Arc::new(
+        System::start(Components {
+            store: store.clone(),
+            clock: clock.clone(),
+            catalogue: Arc::new(Catalogue::builtin()),
+            device_env: None,
+            services: config.services.clone(),
+            host: config.host,
+            outside,
+            local_supplier: Some(Arc::new(LocalSupplier::new(2 * DAY_MS))),
+        })
+        .await?,
+    );
+    if let Some(path) = &config.provision {
+        provision(&system, path).await?;
+    }
+    let server_config = crate::sync::tls::server_config_from_files(
+        &config.sync.ca,
+        &config.sync.cert,
+        &config.sync.key,
+    )
+    .map_err(|e| Error::Config(format!("sync TLS: {e}")))?;
+    let (endpoint, addr) = crate::sync::transport::bind(config.sync.listen, server_config)
+        .map_err(|e| Error::Config(format!("sync endpoint: {e}")))?;
+    tracing::info!(%addr, "sync listening");
+    let ingest = Arc::new(Ingest::new(system.clone(), store.clone(), &config.node_id));
+    let server = SyncServer::new(ingest, signals, clock);
+
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let mut stop_server = stop_rx.clone();
+    let serving = tokio::spawn(server.serve(endpoint, async move {
+        let _ = stop_server.wait_for(|s| *s).await;
+    }));
+    let lease = serve(&*store, &system, &config, lease, shutdown).await;
+    let _ = stop_tx.send(true);
+    let _ = serving.await;
+    let lease = lease?;
+    match Arc::try_unwrap(system) {
+        Ok(system) => system.stop().await,
+        Err(_) => tracing::warn!("twins still referenced at shutdown; dropping them"),
+    }
     store.release_lease(&lease).await?;
     tracing::info!(node = %config.node_id, "node left the cluster");
     drain(store);
+    Ok(())
+}
+
+async fn provision(system: &System, path: &std::path::Path) -> Result<()> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| Error::Config(format!("cannot read {}: {e}", path.display())))?;
+    let file: ProvisionFile =
+        toml::from_str(&text).map_err(|e| Error::Config(format!("{}: {e}", path.display())))?;
+    for d in &file.devices {
+        let add = CustomerMsg::AddDevice {
+            device: d.id.clone(),
+            model: d.model.clone(),
+        };
+        match system.customers().call(&d.customer, add).await? {
+            CustomerReply::Ok => {}
+            CustomerReply::Rejected(why) => {
+                return Err(Error::Config(format!(
+                    "{}: device {}: {why}",
+                    path.display(),
+                    d.id
+                )));
+            }
+        }
+        let prov = DeviceMsg::Provision {
+            customer: d.customer.clone(),
+            site: d.site.clone(),
+            model: d.model.clone(),
+        };
+        match system.devices().call(&d.id, prov).await? {
+            DeviceReply::Ok => {}
+            other => {
+                return Err(Error::Config(format!(
+                    "{}: device {}: {other:?}",
+                    path.display(),
+                    d.id
+                )));
+            }
+        }
+    }
+    tracing::info!(devices = file.devices.len(), "devices provisioned");
     Ok(())
 }
 
@@ -58,6 +201,7 @@ async fn register(store: &dyn Store, config: &ClusterConfig) -> Result<Lease> {
 
 async fn serve(
     store: &dyn Store,
+    system: &System,
     config: &ClusterConfig,
     mut lease: Lease,
     shutdown: impl Future<Output = ()>,
@@ -65,6 +209,8 @@ async fn serve(
     let ttl = config.lease_ttl.as_millis() as u64;
     let mut renew = tokio::time::interval(config.renew_every);
     renew.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut tick = tokio::time::interval(config.tick);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     tokio::pin!(shutdown);
     loop {
         tokio::select! {
@@ -72,6 +218,19 @@ async fn serve(
             _ = renew.tick() => {
                 lease = store.renew_lease(&lease, ttl, now_ms()).await?;
                 tracing::debug!(node = %config.node_id, expires_at_ms = lease.expires_at_ms, "lease renewed");
+            }
+            _ = tick.tick() => {
+                // Timers first (they may write mail), then the mail itself.
+                if let Err(e) = system.tick().await {
+                    tracing::warn!(error = %e, "timers failed this round");
+                }
+                match system.pump().await {
+                    Ok(r) if r.delivered + r.dropped > 0 => {
+                        tracing::debug!(delivered = r.delivered, dropped = r.dropped, stalled = r.stalled, "mail delivered");
+                    }
+                    Ok(_) => {}
+                    Err(e) => tracing::warn!(error = %e, "mail delivery failed this round"),
+                }
             }
         }
     }
@@ -90,8 +249,22 @@ mod tests {
     #[tokio::test]
     async fn node_registers_and_releases_its_lease() {
         let dir = tempfile::tempdir().unwrap();
+        let certs = dir.path().join("certs");
+        crate::sync::dev::generate(&crate::sync::dev::DevPki {
+            out: certs.clone(),
+            cluster_name: "localhost".into(),
+            sites: vec![crate::sync::tls::SiteIdentity::new("t1:home-1").unwrap()],
+            force: false,
+        })
+        .unwrap();
         let config = ClusterConfig {
-            store: StoreConfig::embedded_at(dir.path()),
+            store: StoreConfig::embedded_at(dir.path().join("data")),
+            sync: crate::config::SyncConfig {
+                listen: "127.0.0.1:0".parse().unwrap(),
+                ca: certs.join("ca.pem"),
+                cert: certs.join("cluster.pem"),
+                key: certs.join("cluster.key"),
+            },
             ..ClusterConfig::default()
         };
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();

@@ -7,11 +7,37 @@ const EXE: &str = env!("CARGO_BIN_EXE_caretwin-cluster");
 #[test]
 fn node_runs_refuses_a_twin_process_and_stops_cleanly() -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
-    let path = dir.path().to_str().unwrap();
-    let env = [("CARETWIN_CLUSTER__STORE__EMBEDDED__PATH", path)];
+    let path = dir.path().join("data");
+    let certs = dir.path().join("certs");
+    let mut dev = Process::start(
+        EXE.as_ref(),
+        &[
+            "dev",
+            "--out",
+            certs.to_str().unwrap(),
+            "--site",
+            "t1:home-1",
+        ],
+        &[],
+    )?;
+    assert!(dev.wait()?.success(), "{}", dev.transcript());
+    let file = |f: &str| certs.join(f).to_str().unwrap().to_owned();
+    let (path, ca, cert, key) = (
+        path.to_str().unwrap().to_owned(),
+        file("ca.pem"),
+        file("cluster.pem"),
+        file("cluster.key"),
+    );
+    let env = [
+        ("CARETWIN_CLUSTER__STORE__EMBEDDED__PATH", path.as_str()),
+        ("CARETWIN_CLUSTER__SYNC__LISTEN", "127.0.0.1:0"),
+        ("CARETWIN_CLUSTER__SYNC__CA", ca.as_str()),
+        ("CARETWIN_CLUSTER__SYNC__CERT", cert.as_str()),
+        ("CARETWIN_CLUSTER__SYNC__KEY", key.as_str()),
+    ];
 
     let mut node = Process::start(EXE.as_ref(), &["run"], &env)?;
-    node.wait_for("node registered")?;
+    node.wait_for("sync listening")?;
 
     // A second process on the same store is refused with a clear reason.
     let mut twin = Process::start(EXE.as_ref(), &["run"], &env)?;

@@ -7,9 +7,18 @@
 //!
 //! # Layout
 //! - [`config`] — the edge node's configuration (TOML plus environment overrides).
+//! - [`outbox`] — the durable outbox: per-device logs on disk (fjall, group commit), the
+//!   disk budget by priority, trimming by the cluster's watermarks, stored commands.
+//! - [`sim`] — the built-in device simulator: the catalogue's products with degradation,
+//!   faults, consumables, alarms and questions, reacting to commands (pure, no I/O).
+//! - [`sync`] — the sync's QUIC and mutual TLS glue: client configuration, connecting,
+//!   frames on streams.
 //!
-//! Device adapters, the durable outbox and the sync protocol come with the edge sync work.
+//! Device adapters and the sync protocol come with the edge sync work.
 
 #![forbid(unsafe_code)]
 
 pub mod config;
+pub mod outbox;
+pub mod sim;
+pub mod sync;

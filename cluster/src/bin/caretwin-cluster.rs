@@ -3,6 +3,8 @@
 use anyhow::Context;
 use caretwin_actors::rul::{self, FitOptions, RulModel};
 use caretwin_actors::store::{Key, Op, WriteBatch};
+use caretwin_cluster::sync::dev;
+use caretwin_cluster::sync::tls::SiteIdentity;
 use caretwin_cluster::{ClusterConfig, node, replay};
 use clap::{Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
@@ -78,6 +80,26 @@ enum Command {
         test: PathBuf,
         #[command(flatten)]
         tuning: Tuning,
+    },
+    /// Write a development PKI for the edge sync: a CA (`ca.pem`, `ca.dev-only.key`), the
+    /// cluster's server certificate (`cluster.pem`, `cluster.key`) and one client
+    /// certificate per site (`site-<id>.pem`, `site-<id>.key`, `:` written as `+`).
+    /// Refuses to overwrite files without --force; with an existing CA in the directory,
+    /// issues the new sites with it. For development and tests only.
+    Dev {
+        /// Directory to write to; created if missing.
+        #[arg(long)]
+        out: PathBuf,
+        /// A site to issue a client certificate for, `tenant:site` (repeat for more).
+        #[arg(long = "site", required = true)]
+        sites: Vec<String>,
+        /// Name edges dial the cluster by (a DNS name or IP address); the server
+        /// certificate also covers localhost and 127.0.0.1.
+        #[arg(long, default_value = "localhost")]
+        cluster_name: String,
+        /// Replace existing files, including the CA.
+        #[arg(long)]
+        force: bool,
     },
 }
 
@@ -183,6 +205,33 @@ async fn real_main() -> anyhow::Result<()> {
             )
             .await?
         }
+        Command::Dev {
+            out,
+            sites,
+            cluster_name,
+            force,
+        } => dev(out, &sites, cluster_name, force)?,
+    }
+    Ok(())
+}
+
+fn dev(out: PathBuf, sites: &[String], cluster_name: String, force: bool) -> anyhow::Result<()> {
+    let sites = sites
+        .iter()
+        .map(|s| SiteIdentity::new(s.as_str()))
+        .collect::<Result<Vec<_>, _>>()?;
+    let files = dev::generate(&dev::DevPki {
+        out,
+        cluster_name,
+        sites,
+        force,
+    })?;
+    for file in files {
+        let action = match file.action {
+            dev::FileAction::Written => "wrote",
+            dev::FileAction::Kept => "kept ",
+        };
+        println!("{action} {}: {}", file.path.display(), file.what);
     }
     Ok(())
 }

@@ -1,0 +1,14 @@
+//! The edge sync, edge side: QUIC with mutual TLS to the cluster, one connection per site,
+//! frames of `caretwin_proto::frame` on its streams (see `EdgeFrame` in `sync.proto`).
+//!
+//! Only glue lives here: sockets, TLS and byte streams. The protocol's decisions belong to
+//! the pure state machines it drives.
+//!
+//! # Layout
+//! - [`tls`] — the client TLS configuration (the site's certificate, the cluster's CA)
+//!   and PEM loaders.
+//! - [`transport`] — the client endpoint, transport settings, connecting, and frame
+//!   reading and writing on streams.
+
+pub mod tls;
+pub mod transport;
