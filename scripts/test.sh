@@ -31,6 +31,9 @@ cargo fmt --all --check
 step "cargo clippy (all targets, warnings denied)"
 cargo clippy --workspace --all-targets --locked -- -D warnings
 
+step "build the binaries (end-to-end tests start them)"
+cargo build --workspace --bins --locked
+
 step "tests"
 if cargo nextest --version >/dev/null 2>&1; then
     cargo nextest run --workspace --locked --no-fail-fast

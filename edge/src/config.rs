@@ -24,6 +24,25 @@ pub struct EdgeConfig {
     /// alarms are always kept.
     #[serde(default = "default_outbox_limit_mib")]
     pub outbox_limit_mib: u64,
+    /// The name on the cluster's certificate.
+    #[serde(default = "default_server_name")]
+    pub server_name: String,
+    /// The CA that signs the cluster's certificate (PEM).
+    #[serde(default = "default_ca")]
+    pub ca: PathBuf,
+    /// This site's certificate (PEM); it names the site.
+    #[serde(default = "default_cert")]
+    pub cert: PathBuf,
+    /// This site's private key (PEM).
+    #[serde(default = "default_key")]
+    pub key: PathBuf,
+    /// A device simulator's configuration (TOML), run as this edge's device adapter.
+    #[serde(default)]
+    pub simulator: Option<PathBuf>,
+    /// Stop generating simulated readings after this long (for tests and demos); the edge
+    /// keeps syncing until everything is acknowledged, then says "outbox drained".
+    #[serde(default, with = "humantime_serde")]
+    pub simulate_for: Option<std::time::Duration>,
 }
 
 fn default_site_id() -> String {
@@ -38,6 +57,18 @@ fn default_data_dir() -> PathBuf {
 fn default_outbox_limit_mib() -> u64 {
     1024
 }
+fn default_server_name() -> String {
+    "localhost".into()
+}
+fn default_ca() -> PathBuf {
+    PathBuf::from("certs/ca.pem")
+}
+fn default_cert() -> PathBuf {
+    PathBuf::from("certs/site.pem")
+}
+fn default_key() -> PathBuf {
+    PathBuf::from("certs/site.key")
+}
 
 impl Default for EdgeConfig {
     fn default() -> Self {
@@ -46,6 +77,12 @@ impl Default for EdgeConfig {
             cluster_addr: default_cluster_addr(),
             data_dir: default_data_dir(),
             outbox_limit_mib: default_outbox_limit_mib(),
+            server_name: default_server_name(),
+            ca: default_ca(),
+            cert: default_cert(),
+            key: default_key(),
+            simulator: None,
+            simulate_for: None,
         }
     }
 }

@@ -6,6 +6,7 @@
 //! disk, and deleted only once the cluster acknowledged it as durably applied.
 //!
 //! # Layout
+//! - [`node`] — the edge's lifecycle: outbox, device adapters, local safety actions, sync.
 //! - [`config`] — the edge node's configuration (TOML plus environment overrides).
 //! - [`outbox`] — the durable outbox: per-device logs on disk (fjall, group commit), the
 //!   disk budget by priority, trimming by the cluster's watermarks, stored commands.
@@ -19,6 +20,7 @@
 #![forbid(unsafe_code)]
 
 pub mod config;
+pub mod node;
 pub mod outbox;
 pub mod sim;
 pub mod sync;

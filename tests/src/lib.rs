@@ -7,6 +7,7 @@
 //! # Layout
 //! - [`Process`] — a running binary with its output captured line by line.
 //! - [`machine`] — what benchmarks print about the machine they ran on.
+//! - [`bin`] — the path of a workspace binary, built next to the tests.
 
 #![forbid(unsafe_code)]
 
@@ -203,4 +204,42 @@ pub fn machine() -> String {
         kernel.trim(),
         load.join(" ")
     )
+}
+
+/// The path of workspace binary `name` (`caretwin-cluster`, `caretwin-edge`…), in the
+/// target directory the running test was built in. `scripts/test.sh` builds every binary
+/// before the tests; run `cargo build --workspace --bins` first when running tests alone.
+pub fn bin(name: &str) -> std::path::PathBuf {
+    let exe = std::env::current_exe().expect("the test binary's path");
+    // target/<profile>/deps/<test> → target/<profile>/<name>
+    let dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("tests run from target/<profile>/deps");
+    let path = dir.join(name);
+    assert!(
+        path.exists(),
+        "{} is not built: run `cargo build --workspace --bins` first",
+        path.display()
+    );
+    path
+}
+
+/// `line` without ANSI colour sequences (log lines of a process that coloured them).
+pub fn strip_ansi(line: &str) -> String {
+    let mut out = String::with_capacity(line.len());
+    let mut chars = line.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            // Skip to the end of the escape sequence (a letter).
+            for c in chars.by_ref() {
+                if c.is_ascii_alphabetic() {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
 }

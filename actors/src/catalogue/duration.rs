@@ -1,6 +1,6 @@
 //! Durations as the catalogue writes them: `"90s"`, `"90m"`, `"6h"`, `"3d"`.
 //!
-//! Deliberately small and strict (an integer, then one unit letter, nothing else), because
+//! Deliberately small and strict (an integer, then one unit, nothing else), because
 //! a catalogue is written by hand and a typo such as `"6 h"`, `"1.5h"` or `"6hr"` must be
 //! refused rather than guessed at. `humantime` is not a dependency of this crate, and the
 //! grammar is too small to need it.
@@ -11,8 +11,8 @@ pub enum DurationError {
     /// The text had no leading digits (empty, a sign, a space, a fraction…).
     #[error("duration {0:?} must be a whole number followed by s, m, h or d")]
     Malformed(String),
-    /// The unit after the number was not one of `s`, `m`, `h`, `d`.
-    #[error("duration {0:?} has unknown unit (expected s, m, h or d)")]
+    /// The unit after the number was not one of `ms`, `s`, `m`, `h`, `d`.
+    #[error("duration {0:?} has unknown unit (expected ms, s, m, h or d)")]
     UnknownUnit(String),
     /// The duration was zero.
     #[error("duration {0:?} must be positive")]
@@ -22,7 +22,7 @@ pub enum DurationError {
     Overflow(String),
 }
 
-/// Parses `"<digits><unit>"` with unit `s`, `m`, `h` or `d` into milliseconds.
+/// Parses `"<digits><unit>"` with unit `ms`, `s`, `m`, `h` or `d` into milliseconds.
 ///
 /// Refuses zero, fractions, signs, whitespace, compound forms (`"1h30m"`) and anything that
 /// overflows a `u64` of milliseconds.
@@ -35,6 +35,7 @@ pub fn parse_duration_ms(text: &str) -> Result<u64, DurationError> {
         return Err(DurationError::Malformed(text.to_owned()));
     }
     let unit_ms: u64 = match unit {
+        "ms" => 1,
         "s" => 1_000,
         "m" => 60_000,
         "h" => crate::model::HOUR_MS,
@@ -64,6 +65,7 @@ mod tests {
 
     #[test]
     fn parses_each_unit() {
+        assert_eq!(parse_duration_ms("250ms"), Ok(250));
         assert_eq!(parse_duration_ms("90s"), Ok(90_000));
         assert_eq!(parse_duration_ms("90m"), Ok(90 * 60_000));
         assert_eq!(parse_duration_ms("6h"), Ok(6 * HOUR_MS));
@@ -89,7 +91,7 @@ mod tests {
             parse_duration_ms("5x"),
             Err(DurationError::UnknownUnit("5x".into()))
         );
-        for text in ["6hr", "6H", "5ms", "6sec"] {
+        for text in ["6hr", "6H", "5us", "6sec"] {
             assert!(
                 matches!(parse_duration_ms(text), Err(DurationError::UnknownUnit(_))),
                 "{text}"

@@ -13,8 +13,6 @@ use std::path::PathBuf;
 /// named CARETWIN_EDGE__<FIELD> (e.g. CARETWIN_EDGE__SITE_ID=store-42).
 /// Logs go to stderr; RUST_LOG sets the filter (default: info).
 ///
-/// Status: configuration only. Device adapters, the durable outbox and the QUIC sync
-/// are not built yet, so there is no `run` command.
 #[derive(Parser)]
 #[command(name = "caretwin-edge", version)]
 struct Cli {
@@ -27,26 +25,32 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Run the edge: accept device readings into the durable outbox (from the built-in
+    /// simulator when `simulator` is configured), act locally on safety alarms, and sync
+    /// with the cluster over QUIC with mutual TLS, reconnecting until Ctrl-C or SIGTERM.
+    Run,
     /// Check the configuration and print it as it takes effect (file, then environment
     /// overrides) as TOML. Exits non-zero with the reason if it is invalid.
     Config,
 }
 
-fn main() -> std::process::ExitCode {
+#[tokio::main]
+async fn main() -> std::process::ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "info,fjall=warn,lsm_tree=warn".into()),
         )
         .with_writer(std::io::stderr)
         .init();
-    if let Err(e) = real_main() {
+    if let Err(e) = real_main().await {
         eprintln!("error: {e:#}");
         return std::process::ExitCode::FAILURE;
     }
     std::process::ExitCode::SUCCESS
 }
 
-fn real_main() -> anyhow::Result<()> {
+async fn real_main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     let text = match &cli.config {
         Some(p) => std::fs::read_to_string(p)
@@ -56,6 +60,27 @@ fn real_main() -> anyhow::Result<()> {
     let config = EdgeConfig::load(&text, std::env::vars())?;
     match cli.command {
         Command::Config => print!("{}", toml::to_string(&config)?),
+        Command::Run => caretwin_edge::node::run(config, shutdown_signal()).await?,
     }
     Ok(())
+}
+
+/// Resolves on Ctrl-C or SIGTERM.
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending().await,
+        }
+    };
+    tokio::select! {
+        () = ctrl_c => {},
+        () = term => {},
+    }
+    tracing::info!("shutdown requested");
 }

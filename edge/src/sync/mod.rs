@@ -5,10 +5,13 @@
 //! the pure state machines it drives.
 //!
 //! # Layout
+//! - [`client`] — the session loop: Hello with resume positions, sending the outbox above
+//!   the watermarks, trimming by acks, receiving commands, reconnecting with backoff.
 //! - [`tls`] — the client TLS configuration (the site's certificate, the cluster's CA)
 //!   and PEM loaders.
 //! - [`transport`] — the client endpoint, transport settings, connecting, and frame
 //!   reading and writing on streams.
 
+pub mod client;
 pub mod tls;
 pub mod transport;

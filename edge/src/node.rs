@@ -1,0 +1,212 @@
+//! The edge node's lifecycle: the outbox, the device adapters, the sync client.
+//!
+//! This is the I/O edge of the edge node: it owns the clock, the outbox on disk, the
+//! simulator's pacing and the QUIC endpoint.
+//!
+//! Safety first: an alarm from a device is acted on locally at once (the catalogue's
+//! `local_actions` for that alarm: a siren, closing a water valve) and recorded with the
+//! action taken, whether or not the cluster can be reached; it reaches the cluster when
+//! the link allows.
+
+use crate::config::EdgeConfig;
+use crate::outbox::{FieldValue, Item, ItemKind, Outbox, OutboxConfig};
+use crate::sim::{SimConfig, SimOutput, Simulator};
+use crate::sync::client::{ClientSettings, IncomingCommand, SyncClient};
+use caretwin_actors::catalogue::Catalogue;
+use caretwin_actors::twins::device::ItemKind as DeviceKind;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::{Notify, mpsc};
+
+/// Wall-clock time in Unix milliseconds.
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// How often the simulator is advanced.
+const SIM_STEP: Duration = Duration::from_millis(100);
+
+/// Runs the edge until `shutdown` resolves.
+pub async fn run(
+    config: EdgeConfig,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    let outbox = Arc::new(Outbox::open(&OutboxConfig {
+        limit_bytes: config.outbox_limit_mib * 1024 * 1024,
+        ..OutboxConfig::at(config.data_dir.join("outbox"))
+    })?);
+    let catalogue = Arc::new(Catalogue::builtin());
+    let new_items = Arc::new(Notify::new());
+    let (cmd_tx, cmd_rx) = mpsc::channel::<IncomingCommand>(1024);
+
+    let cluster: SocketAddr = tokio::net::lookup_host(&config.cluster_addr)
+        .await?
+        .next()
+        .ok_or_else(|| {
+            anyhow::anyhow!("cluster_addr {} resolves to nothing", config.cluster_addr)
+        })?;
+    let client_config =
+        crate::sync::tls::client_config_from_files(&config.ca, &config.cert, &config.key)?;
+    let bind: SocketAddr = if cluster.is_ipv4() {
+        "0.0.0.0:0".parse()?
+    } else {
+        "[::]:0".parse()?
+    };
+    let endpoint = crate::sync::transport::client_endpoint(bind, client_config)?;
+    let client = SyncClient::new(
+        ClientSettings {
+            site_id: config.site_id.clone(),
+            cluster,
+            server_name: config.server_name.clone(),
+            max_backoff: Duration::from_secs(5),
+        },
+        endpoint.clone(),
+        outbox.clone(),
+        new_items.clone(),
+        cmd_tx,
+    );
+
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let adapters = match &config.simulator {
+        Some(path) => {
+            let text = std::fs::read_to_string(path).map_err(|e| {
+                anyhow::anyhow!("cannot read simulator config {}: {e}", path.display())
+            })?;
+            let sim_config = SimConfig::from_toml(&text)?;
+            let sim = Simulator::new(&catalogue, &sim_config, now_ms())?;
+            tracing::info!(devices = sim.len(), "simulator started");
+            let task = simulate(
+                sim,
+                catalogue.clone(),
+                outbox.clone(),
+                new_items.clone(),
+                cmd_rx,
+                config.simulate_for,
+                stop_rx.clone(),
+            );
+            Some(tokio::spawn(task))
+        }
+        None => None,
+    };
+    client.run(shutdown).await;
+    let _ = stop_tx.send(true);
+    if let Some(a) = adapters {
+        a.await??;
+    }
+    endpoint.close(quinn::VarInt::from_u32(0), b"edge shutting down");
+    tracing::info!(backlog = outbox.stats().backlog_items, "edge stopped");
+    Ok(())
+}
+
+/// The simulator as a device adapter: readings into the outbox, commands to the devices.
+async fn simulate(
+    mut sim: Simulator,
+    catalogue: Arc<Catalogue>,
+    outbox: Arc<Outbox>,
+    new_items: Arc<Notify>,
+    mut commands: mpsc::Receiver<IncomingCommand>,
+    simulate_for: Option<Duration>,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) -> anyhow::Result<()> {
+    let models: std::collections::HashMap<String, String> = sim
+        .devices()
+        .map(|(d, m)| (d.to_owned(), m.to_owned()))
+        .collect();
+    let started = now_ms();
+    let until = simulate_for.map(|d| started + d.as_millis() as u64);
+    let mut step = tokio::time::interval(SIM_STEP);
+    let mut drained_said = false;
+    loop {
+        tokio::select! {
+            _ = stop.changed() => return Ok(()),
+            Some(cmd) = commands.recv() => {
+                let now = now_ms();
+                if let Some(out) = sim.command(&cmd.device, &cmd.command_id, &cmd.name, now) {
+                    accept(&outbox, &catalogue, &models, vec![out]).await?;
+                    new_items.notify_waiters();
+                }
+            }
+            _ = step.tick() => {
+                let now = now_ms();
+                if until.is_none_or(|u| now < u) {
+                    let out = sim.advance(until.map_or(now, |u| now.min(u)));
+                    if !out.is_empty() {
+                        accept(&outbox, &catalogue, &models, out).await?;
+                        new_items.notify_waiters();
+                    }
+                } else if !drained_said && outbox.stats().backlog_items == 0 {
+                    // Everything generated is in the cluster: tests and demos wait for this.
+                    tracing::info!("outbox drained");
+                    drained_said = true;
+                }
+            }
+        }
+    }
+}
+
+/// Turns device output into outbox items, acting on alarms locally first.
+async fn accept(
+    outbox: &Outbox,
+    catalogue: &Catalogue,
+    models: &std::collections::HashMap<String, String>,
+    outputs: Vec<SimOutput>,
+) -> anyhow::Result<()> {
+    let items = outputs
+        .into_iter()
+        .map(|o| {
+            let kind = match o.kind {
+                DeviceKind::Reading { signal, value } => ItemKind::Reading { signal, value },
+                DeviceKind::Alarm { kind, .. } => {
+                    let actions = models
+                        .get(&o.device)
+                        .and_then(|m| catalogue.model(m))
+                        .and_then(|m| m.alarm(&kind))
+                        .map(|a| a.local_actions.join(","))
+                        .unwrap_or_default();
+                    // The local rule: act now, whatever the link.
+                    tracing::warn!(device = %o.device, alarm = %kind, local_action = %actions, "SAFETY ALARM: acting locally");
+                    ItemKind::Alarm {
+                        kind,
+                        local_action: (!actions.is_empty()).then_some(actions),
+                    }
+                }
+                DeviceKind::Diagnostic { code } => ItemKind::Diagnostic {
+                    code,
+                    text: String::new(),
+                },
+                DeviceKind::Question { question_id } => ItemKind::Question { question_id },
+                DeviceKind::CommandResult {
+                    command_id,
+                    succeeded,
+                    detail,
+                } => ItemKind::CommandResult {
+                    command_id,
+                    succeeded,
+                    detail,
+                },
+                DeviceKind::Reported { fields } => {
+                    let (field, value) = fields.into_iter().next().unwrap_or_default();
+                    ItemKind::Reported {
+                        field,
+                        value: FieldValue::Text(value),
+                    }
+                }
+            };
+            Item::new(o.device, o.ts_ms, kind)
+        })
+        .collect();
+    match outbox.accept(items).await {
+        Ok(_) => Ok(()),
+        // The outbox is full: the device is told (here, the log says so) and the readings
+        // are not taken; nothing accepted earlier is lost.
+        Err(crate::outbox::OutboxError::Full { used, limit }) => {
+            tracing::warn!(used, limit, "outbox full: readings refused");
+            Ok(())
+        }
+        Err(e) => Err(e.into()),
+    }
+}

@@ -1,0 +1,510 @@
+//! The edge's side of the sync: one session at a time with the cluster, reconnecting
+//! with backoff, sending everything in the outbox above the cluster's watermarks and
+//! trimming what the cluster acknowledged.
+//!
+//! Nothing is deleted from the outbox except on the cluster's word (a watermark in a
+//! `Welcome` or an `Ack`), so a crash of either side, a lost connection or a lost ack
+//! means items are sent again — and the cluster skips what it already has.
+
+use super::transport::{FrameReader, connect, send_frame};
+use crate::outbox::{
+    CommandState, FieldValue, ItemKind, Outbox, Priority, Sequenced, StoredCommand,
+};
+use caretwin_proto::v1::{
+    self, ClusterFrame, DeviceEvent, DeviceResume, EdgeFrame, ErrorCode, Hello, Reading,
+    ReadingBatch, ReportedState, cluster_frame, device_event, edge_frame,
+};
+use prost::Message as _;
+use quinn::{Endpoint, SendStream};
+use std::collections::{BTreeMap, HashMap};
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::{Mutex, Notify, mpsc};
+
+/// A command received from the cluster, for the device adapters.
+#[derive(Debug, Clone, PartialEq)]
+pub struct IncomingCommand {
+    /// The command.
+    pub command_id: String,
+    /// The device.
+    pub device: String,
+    /// The remedy's name.
+    pub name: String,
+    /// Its arguments.
+    pub args: BTreeMap<String, String>,
+    /// When it expires, Unix ms.
+    pub expires_at_ms: i64,
+}
+
+/// Where and how to reach the cluster.
+#[derive(Debug, Clone)]
+pub struct ClientSettings {
+    /// The site (for logs; the cluster reads it from the certificate).
+    pub site_id: String,
+    /// The cluster's sync address.
+    pub cluster: SocketAddr,
+    /// The name on the cluster's certificate.
+    pub server_name: String,
+    /// Longest wait between reconnection attempts.
+    pub max_backoff: Duration,
+}
+
+/// Counters of the client, for logs and tests.
+#[derive(Debug, Default)]
+pub struct ClientStats {
+    /// Sessions opened.
+    pub sessions: std::sync::atomic::AtomicU64,
+    /// Items acknowledged by the cluster.
+    pub acknowledged: std::sync::atomic::AtomicU64,
+}
+
+/// The sync client.
+pub struct SyncClient {
+    settings: ClientSettings,
+    endpoint: Endpoint,
+    outbox: Arc<Outbox>,
+    /// Signalled when the outbox has new items to send.
+    new_items: Arc<Notify>,
+    commands: mpsc::Sender<IncomingCommand>,
+    stats: Arc<ClientStats>,
+    instance: String,
+}
+
+/// Frames sent per round on the data stream before waiting for their acks.
+const WINDOW: usize = 8;
+/// Items read from the outbox per device per round.
+const PER_DEVICE: usize = 512;
+
+impl SyncClient {
+    /// A client that sends `outbox`'s items and passes commands to `commands`.
+    pub fn new(
+        settings: ClientSettings,
+        endpoint: Endpoint,
+        outbox: Arc<Outbox>,
+        new_items: Arc<Notify>,
+        commands: mpsc::Sender<IncomingCommand>,
+    ) -> Self {
+        let instance = format!(
+            "{:x}",
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_nanos())
+        );
+        Self {
+            settings,
+            endpoint,
+            outbox,
+            new_items,
+            commands,
+            stats: Arc::new(ClientStats::default()),
+            instance,
+        }
+    }
+
+    /// The client's counters.
+    pub fn stats(&self) -> Arc<ClientStats> {
+        self.stats.clone()
+    }
+
+    /// Keeps a session with the cluster until `shutdown` resolves, reconnecting with
+    /// exponential backoff after every failure.
+    pub async fn run(&self, shutdown: impl Future<Output = ()>) {
+        tokio::pin!(shutdown);
+        let mut backoff = Duration::from_millis(100);
+        loop {
+            let outcome = tokio::select! {
+                () = &mut shutdown => return,
+                r = self.session() => r,
+            };
+            match outcome {
+                Ok(()) => backoff = Duration::from_millis(100),
+                Err(e) => {
+                    tracing::warn!(site = %self.settings.site_id, error = %e, retry_in = ?backoff, "sync session ended");
+                }
+            }
+            tokio::select! {
+                () = &mut shutdown => return,
+                () = tokio::time::sleep(backoff) => {}
+            }
+            backoff = (backoff * 2).min(self.settings.max_backoff);
+        }
+    }
+
+    async fn session(&self) -> anyhow::Result<()> {
+        let conn = connect(
+            &self.endpoint,
+            self.settings.cluster,
+            &self.settings.server_name,
+        )
+        .await?;
+        let (mut csend, crecv) = conn.open_bi().await?;
+        let devices = self.outbox.devices().await?;
+        let hello = Hello {
+            protocol_version: v1::SyncProtocolVersion::V1 as u32,
+            site_id: self.settings.site_id.clone(),
+            edge_software_version: env!("CARGO_PKG_VERSION").into(),
+            edge_instance_id: self.instance.clone(),
+            devices: devices
+                .iter()
+                .map(|d| DeviceResume {
+                    device_id: d.device.clone(),
+                    last_seq: d.last_seq,
+                })
+                .collect(),
+            last_command_position: self.outbox.last_command_position().await?.0,
+            ..Default::default()
+        };
+        send_frame(
+            &mut csend,
+            &EdgeFrame {
+                body: Some(edge_frame::Body::Hello(hello)),
+            },
+        )
+        .await?;
+        let mut creader = FrameReader::new(crecv, 1 << 20);
+        let welcome = match creader.next::<ClusterFrame>().await? {
+            Some(ClusterFrame {
+                body: Some(cluster_frame::Body::Welcome(w)),
+            }) => w,
+            Some(ClusterFrame {
+                body: Some(cluster_frame::Body::Error(e)),
+            }) => anyhow::bail!("cluster refused the session: {}", e.message),
+            other => anyhow::bail!("expected Welcome, got {other:?}"),
+        };
+        self.stats
+            .sessions
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let limits = welcome.limits.unwrap_or_default();
+        // What the cluster already has: trim it, and send from just above it.
+        let mut sent: HashMap<String, u64> = HashMap::new();
+        for w in &welcome.watermarks {
+            self.outbox
+                .acknowledge(&w.device_id, w.persisted_seq)
+                .await?;
+            sent.insert(w.device_id.clone(), w.persisted_seq);
+        }
+        tracing::info!(site = %welcome.site_id, session = %welcome.session_id, devices = devices.len(), "sync session open");
+        let control = Arc::new(Mutex::new(csend));
+        let max_batch = limits.max_batch_readings.max(1) as usize;
+        tokio::select! {
+            r = self.control(control.clone(), creader) => r,
+            r = self.heartbeats(control, limits.heartbeat_interval_ms.max(100) as u64) => r,
+            r = self.data(&conn, sent, max_batch) => r,
+        }
+    }
+
+    /// Receives commands: stores each durably, confirms it, hands it to the devices.
+    async fn control(
+        &self,
+        control: Arc<Mutex<SendStream>>,
+        mut reader: FrameReader,
+    ) -> anyhow::Result<()> {
+        while let Some(frame) = reader.next::<ClusterFrame>().await? {
+            match frame.body {
+                Some(cluster_frame::Body::Command(c)) => {
+                    let payload = c.payload.clone().unwrap_or_default();
+                    let Some(v1::command_payload::Kind::RemoteRemedy(r)) = payload.kind.clone()
+                    else {
+                        continue;
+                    };
+                    let stored = StoredCommand {
+                        command_id: c.command_id.clone(),
+                        position: c.position,
+                        device: c.device_id.clone(),
+                        priority: Priority::Normal,
+                        issued_at_ms: u64::try_from(c.issued_at_ms).unwrap_or(0),
+                        expires_at_ms: u64::try_from(c.expires_at_ms).unwrap_or(0),
+                        payload: payload.encode_to_vec(),
+                        state: CommandState::SentToEdge,
+                    };
+                    // Stored durably before it is confirmed; confirmed even when already
+                    // known, since the cluster resends until it hears back.
+                    let new = self.outbox.store_command(stored).await?;
+                    let status = EdgeFrame {
+                        body: Some(edge_frame::Body::CommandStatus(v1::CommandStatus {
+                            command_id: c.command_id.clone(),
+                            position: c.position,
+                            state: v1::CommandState::SentToEdge as i32,
+                            at_ms: now_ms() as i64,
+                            detail: String::new(),
+                        })),
+                    };
+                    send_frame(&mut *control.lock().await, &status).await?;
+                    if new {
+                        let cmd = IncomingCommand {
+                            command_id: c.command_id,
+                            device: c.device_id,
+                            name: r.name,
+                            args: r.args,
+                            expires_at_ms: c.expires_at_ms,
+                        };
+                        // The adapters went away: the edge is shutting down.
+                        if self.commands.send(cmd).await.is_err() {
+                            return Ok(());
+                        }
+                    }
+                }
+                Some(cluster_frame::Body::Error(e)) => {
+                    anyhow::bail!("cluster error on the control stream: {}", e.message)
+                }
+                _ => {}
+            }
+        }
+        Ok(())
+    }
+
+    async fn heartbeats(
+        &self,
+        control: Arc<Mutex<SendStream>>,
+        every_ms: u64,
+    ) -> anyhow::Result<()> {
+        let mut tick = tokio::time::interval(Duration::from_millis(every_ms));
+        loop {
+            tick.tick().await;
+            let stats = self.outbox.stats();
+            let hb = EdgeFrame {
+                body: Some(edge_frame::Body::Heartbeat(v1::Heartbeat {
+                    sent_at_ms: now_ms() as i64,
+                    backlog_items: stats.backlog_items,
+                    outbox_bytes_used: stats.bytes_used,
+                    outbox_bytes_limit: stats.bytes_limit,
+                    ..Default::default()
+                })),
+            };
+            send_frame(&mut *control.lock().await, &hb).await?;
+        }
+    }
+
+    /// Sends the outbox above `sent` on one data stream, a window of frames at a time,
+    /// and trims the outbox by the watermarks of the acks.
+    async fn data(
+        &self,
+        conn: &quinn::Connection,
+        mut sent: HashMap<String, u64>,
+        max_batch: usize,
+    ) -> anyhow::Result<()> {
+        let (mut send, recv) = conn.open_bi().await?;
+        let mut reader = FrameReader::new(recv, 1 << 20);
+        let mut batch_id = 0u64;
+        loop {
+            // Register before looking, so items accepted meanwhile wake us.
+            let notified = self.new_items.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            let frames = self
+                .next_frames(&mut sent, max_batch, &mut batch_id)
+                .await?;
+            if frames.is_empty() {
+                tokio::select! {
+                    () = &mut notified => {}
+                    () = tokio::time::sleep(Duration::from_secs(1)) => {}
+                }
+                continue;
+            }
+            for f in &frames {
+                send_frame(&mut send, f).await?;
+            }
+            for _ in 0..frames.len() {
+                let Some(reply) = reader.next::<ClusterFrame>().await? else {
+                    anyhow::bail!("cluster closed the data stream");
+                };
+                match reply.body {
+                    Some(cluster_frame::Body::Ack(ack)) => {
+                        for w in &ack.watermarks {
+                            let trimmed = self
+                                .outbox
+                                .acknowledge(&w.device_id, w.persisted_seq)
+                                .await?;
+                            self.stats
+                                .acknowledged
+                                .fetch_add(trimmed, std::sync::atomic::Ordering::Relaxed);
+                        }
+                        for r in &ack.rejections {
+                            let code =
+                                ErrorCode::try_from(r.code).unwrap_or(ErrorCode::Unspecified);
+                            if code == ErrorCode::SequenceGap
+                                && let (Some(d), Some(seq)) = (&r.device_id, r.seq)
+                            {
+                                // Resend from where the cluster stands.
+                                sent.insert(d.clone(), seq.saturating_sub(1));
+                            } else if code != ErrorCode::Duplicate {
+                                tracing::warn!(device = ?r.device_id, seq = ?r.seq, code = ?code, message = %r.message, "item refused by the cluster");
+                            }
+                        }
+                        if let Some(e) = ack.frame_error {
+                            // Nothing of the frame was kept: resend from the watermarks.
+                            tracing::warn!(message = %e.message, "frame refused; resending");
+                            let wait = e.retry_after_ms.unwrap_or(500).clamp(10, 10_000) as u64;
+                            tokio::time::sleep(Duration::from_millis(wait)).await;
+                            anyhow::bail!("frame refused: {}", e.message);
+                        }
+                    }
+                    Some(cluster_frame::Body::Error(e)) => {
+                        anyhow::bail!("data stream refused: {}", e.message)
+                    }
+                    other => anyhow::bail!("unexpected frame on a data stream: {other:?}"),
+                }
+            }
+        }
+    }
+
+    /// Up to [`WINDOW`] frames of pending items, each device's in sequence order.
+    async fn next_frames(
+        &self,
+        sent: &mut HashMap<String, u64>,
+        max_batch: usize,
+        batch_id: &mut u64,
+    ) -> anyhow::Result<Vec<EdgeFrame>> {
+        let mut frames = Vec::new();
+        let mut readings: Vec<Reading> = Vec::new();
+        for d in self.outbox.devices().await? {
+            if frames.len() >= WINDOW {
+                break;
+            }
+            let after = *sent.get(&d.device).unwrap_or(&0);
+            let after = after.max(d.first_pending_seq.saturating_sub(1));
+            let items = self
+                .outbox
+                .pending(&d.device, after, PER_DEVICE.min(max_batch))
+                .await?;
+            for item in items {
+                if frames.len() >= WINDOW {
+                    break;
+                }
+                sent.insert(d.device.clone(), item.seq);
+                debug_assert!(item.seq > after);
+                match to_frame(&d.device, item) {
+                    Piece::Reading(r) => {
+                        readings.push(r);
+                        if readings.len() >= max_batch {
+                            *batch_id += 1;
+                            frames.push(batch_frame(*batch_id, std::mem::take(&mut readings)));
+                        }
+                    }
+                    Piece::Frame(f) => {
+                        // Keep the device's order: its readings so far go first.
+                        if !readings.is_empty() {
+                            *batch_id += 1;
+                            frames.push(batch_frame(*batch_id, std::mem::take(&mut readings)));
+                        }
+                        frames.push(f);
+                    }
+                }
+            }
+        }
+        if !readings.is_empty() {
+            *batch_id += 1;
+            frames.push(batch_frame(*batch_id, readings));
+        }
+        Ok(frames)
+    }
+}
+
+enum Piece {
+    Reading(Reading),
+    Frame(EdgeFrame),
+}
+
+fn batch_frame(id: u64, readings: Vec<Reading>) -> EdgeFrame {
+    EdgeFrame {
+        body: Some(edge_frame::Body::Batch(ReadingBatch {
+            batch_id: id,
+            readings,
+        })),
+    }
+}
+
+fn to_frame(device: &str, s: Sequenced) -> Piece {
+    let item = s.item;
+    let seq = s.seq;
+    let ts = item.ts_ms as i64;
+    let event = |kind| {
+        Piece::Frame(EdgeFrame {
+            body: Some(edge_frame::Body::Event(DeviceEvent {
+                device_id: device.to_owned(),
+                seq,
+                device_time_ms: ts,
+                kind: Some(kind),
+            })),
+        })
+    };
+    match item.kind {
+        ItemKind::Reading { signal, value } => Piece::Reading(Reading {
+            device_id: device.to_owned(),
+            signal,
+            value,
+            device_time_ms: ts,
+            seq,
+            unit: None,
+        }),
+        ItemKind::Alarm { kind, local_action } => event(device_event::Kind::Alarm(v1::Alarm {
+            alarm_id: format!("{device}/{seq}"),
+            kind: alarm_kind(&kind) as i32,
+            local_action_taken: local_action.unwrap_or_default(),
+            ..Default::default()
+        })),
+        ItemKind::Diagnostic { code, text } => {
+            event(device_event::Kind::Diagnostic(v1::DiagnosticReport {
+                code,
+                text,
+                ..Default::default()
+            }))
+        }
+        ItemKind::Question { question_id } => {
+            event(device_event::Kind::Question(v1::ProductQuestion {
+                question_id,
+                ..Default::default()
+            }))
+        }
+        ItemKind::CommandResult {
+            command_id,
+            succeeded,
+            detail,
+        } => event(device_event::Kind::CommandResult(v1::CommandResult {
+            command_id,
+            outcome: if succeeded {
+                v1::CommandOutcome::Succeeded
+            } else {
+                v1::CommandOutcome::Failed
+            } as i32,
+            detail,
+            finished_at_ms: ts,
+        })),
+        ItemKind::Reported { field, value } => Piece::Frame(EdgeFrame {
+            body: Some(edge_frame::Body::ReportedState(ReportedState {
+                device_id: device.to_owned(),
+                seq,
+                device_time_ms: ts,
+                fields: [(
+                    field,
+                    v1::ReportedField {
+                        value: Some(v1::SignalValue {
+                            value: Some(match value {
+                                FieldValue::Number(n) => v1::signal_value::Value::Number(n),
+                                FieldValue::Integer(i) => v1::signal_value::Value::Integer(i),
+                                FieldValue::Flag(b) => v1::signal_value::Value::Flag(b),
+                                FieldValue::Text(t) => v1::signal_value::Value::Text(t),
+                            }),
+                        }),
+                        applied_version: None,
+                    },
+                )]
+                .into_iter()
+                .collect(),
+            })),
+        }),
+    }
+}
+
+fn alarm_kind(kind: &str) -> v1::AlarmKind {
+    v1::AlarmKind::from_str_name(&format!("ALARM_KIND_{}", kind.to_ascii_uppercase()))
+        .unwrap_or(v1::AlarmKind::Other)
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}

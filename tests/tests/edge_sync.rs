@@ -1,0 +1,175 @@
+//! Guarantee 1 across real processes: a reading the edge accepted reaches its twin once,
+//! whatever is killed in between.
+//!
+//! A cluster node and an edge with simulated devices run as separate processes over QUIC
+//! with mutual TLS. The edge is killed with SIGKILL mid-stream and restarted; the cluster is
+//! killed with SIGKILL and restarted on the same address. When the edge reports its outbox
+//! drained, both stop, and for every device the twin's applied high-water mark must equal
+//! the last sequence number the edge assigned — every accepted reading applied, none twice
+//! (the mark only moves by compare-and-set in the same write as the reading's effect).
+
+use caretwin_actors::store::{Key, Store};
+use caretwin_cluster::store::{EmbeddedConfig, EmbeddedStore};
+use caretwin_edge::outbox::{Outbox, OutboxConfig};
+use caretwin_tests::{Process, bin, strip_ansi};
+use std::path::Path;
+
+const SITE: &str = "t1:home-1";
+const DEVICES: usize = 40;
+
+fn device(i: usize) -> String {
+    format!("t1:coffee-{i}")
+}
+
+fn write(path: &Path, text: &str) {
+    std::fs::write(path, text).unwrap();
+}
+
+/// Starts the cluster on `listen`; returns it and the address it bound.
+fn start_cluster(dir: &Path, listen: &str) -> (Process, String) {
+    let config = dir.join("cluster.toml");
+    let certs = dir.join("certs");
+    write(
+        &config,
+        &format!(
+            r#"
+tick = "50ms"
+provision = "{provision}"
+[store.embedded]
+path = "{store}"
+[sync]
+listen = "{listen}"
+ca = "{ca}"
+cert = "{cert}"
+key = "{key}"
+"#,
+            provision = dir.join("devices.toml").display(),
+            store = dir.join("cluster-data").display(),
+            ca = certs.join("ca.pem").display(),
+            cert = certs.join("cluster.pem").display(),
+            key = certs.join("cluster.key").display(),
+        ),
+    );
+    let mut p = Process::start(
+        &bin("caretwin-cluster"),
+        &["--config", config.to_str().unwrap(), "run"],
+        &[],
+    )
+    .unwrap();
+    let line = strip_ansi(&p.wait_for("sync listening").unwrap());
+    let addr = line
+        .split_whitespace()
+        .find_map(|w| w.strip_prefix("addr="))
+        .expect("the bound address is logged")
+        .to_owned();
+    (p, addr)
+}
+
+fn start_edge(dir: &Path, cluster: &str) -> Process {
+    let config = dir.join("edge.toml");
+    let certs = dir.join("certs");
+    write(
+        &config,
+        &format!(
+            r#"
+site_id = "{SITE}"
+cluster_addr = "{cluster}"
+server_name = "localhost"
+data_dir = "{data}"
+ca = "{ca}"
+cert = "{cert}"
+key = "{key}"
+simulator = "{sim}"
+simulate_for = "3s"
+"#,
+            data = dir.join("edge-data").display(),
+            ca = certs.join("ca.pem").display(),
+            cert = certs.join("site-t1+home-1.pem").display(),
+            key = certs.join("site-t1+home-1.key").display(),
+            sim = dir.join("sim.toml").display(),
+        ),
+    );
+    Process::start(
+        &bin("caretwin-edge"),
+        &["--config", config.to_str().unwrap(), "run"],
+        &[],
+    )
+    .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_accepted_reading_is_applied_once_across_sigkills() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let mut dev = Process::start(
+        &bin("caretwin-cluster"),
+        &[
+            "dev",
+            "--out",
+            d.join("certs").to_str().unwrap(),
+            "--site",
+            SITE,
+        ],
+        &[],
+    )
+    .unwrap();
+    assert!(dev.wait().unwrap().success(), "{}", dev.transcript());
+
+    let mut provision = String::new();
+    let mut sim = String::from("seed = 7\n");
+    for i in 0..DEVICES {
+        provision.push_str(&format!(
+            "[[devices]]\nid = \"{}\"\nsite = \"{SITE}\"\ncustomer = \"t1:alice\"\nmodel = \"coffee.barista-200\"\n",
+            device(i)
+        ));
+        sim.push_str(&format!(
+            "[[devices]]\nid = \"{}\"\nmodel = \"coffee.barista-200\"\nreading_interval = \"100ms\"\n",
+            device(i)
+        ));
+    }
+    write(&d.join("devices.toml"), &provision);
+    write(&d.join("sim.toml"), &sim);
+
+    let (mut cluster, addr) = start_cluster(d, "127.0.0.1:0");
+    let mut edge = start_edge(d, &addr);
+    edge.wait_for("sync session open").unwrap();
+
+    // The edge dies mid-stream, without a chance to flush or say goodbye.
+    edge.kill().unwrap();
+    edge.wait().unwrap();
+    let mut edge = start_edge(d, &addr);
+    edge.wait_for("sync session open").unwrap();
+
+    // Then the cluster dies; the edge keeps accepting readings while it is away.
+    cluster.kill().unwrap();
+    cluster.wait().unwrap();
+    let (mut cluster, again) = start_cluster(d, &addr);
+    assert_eq!(again, addr);
+
+    // The edge reconnects by itself and catches up.
+    edge.wait_for("outbox drained").unwrap();
+    edge.terminate().unwrap();
+    assert!(edge.wait().unwrap().success(), "{}", edge.transcript());
+    cluster.terminate().unwrap();
+    assert!(
+        cluster.wait().unwrap().success(),
+        "{}",
+        cluster.transcript()
+    );
+
+    let outbox = Outbox::open(&OutboxConfig::at(d.join("edge-data").join("outbox"))).unwrap();
+    let store = EmbeddedStore::open(&EmbeddedConfig::at(d.join("cluster-data"))).unwrap();
+    let mut total = 0;
+    for i in 0..DEVICES {
+        let last = outbox.last_seq(&device(i)).await;
+        let applied = store.high_water(&Key::new(device(i))).await.unwrap();
+        assert!(last > 0, "device {i} produced nothing");
+        assert_eq!(
+            applied, last,
+            "device {i}: the edge accepted {last}, the twin applied {applied}"
+        );
+        total += last;
+    }
+    assert_eq!(outbox.stats().backlog_items, 0);
+    assert!(total > 1000, "only {total} readings went through");
+}
