@@ -61,6 +61,10 @@ pub struct SyncConfig {
     /// This node's private key (PEM).
     #[serde(default = "default_key")]
     pub key: PathBuf,
+    /// How often edges send heartbeats; either side drops a session after three
+    /// intervals without a frame on its control stream.
+    #[serde(default = "default_heartbeat", with = "humantime_serde")]
+    pub heartbeat: Duration,
 }
 
 fn default_listen() -> SocketAddr {
@@ -75,6 +79,9 @@ fn default_cert() -> PathBuf {
 fn default_key() -> PathBuf {
     PathBuf::from("certs/cluster.key")
 }
+fn default_heartbeat() -> Duration {
+    Duration::from_secs(2)
+}
 fn default_tick() -> Duration {
     Duration::from_millis(200)
 }
@@ -86,6 +93,7 @@ impl Default for SyncConfig {
             ca: default_ca(),
             cert: default_cert(),
             key: default_key(),
+            heartbeat: default_heartbeat(),
         }
     }
 }

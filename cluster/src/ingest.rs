@@ -48,7 +48,7 @@ pub fn default_limits() -> SessionLimits {
     SessionLimits {
         max_batch_readings: 4096,
         max_frame_bytes: 1 << 20,
-        heartbeat_interval_ms: 5_000,
+        heartbeat_interval_ms: 2_000,
         max_data_streams: 4,
         max_in_flight_frames: 8,
         max_clock_skew_ms: caretwin_actors::twins::device::MAX_CLOCK_SKEW_MS as i64,
@@ -195,6 +195,12 @@ impl Ingest {
             node_id: node_id.to_owned(),
             limits: default_limits(),
         }
+    }
+
+    /// Sets the heartbeat interval edges are asked to keep.
+    pub fn with_heartbeat(mut self, every: std::time::Duration) -> Self {
+        self.limits.heartbeat_interval_ms = every.as_millis().max(1) as i64;
+        self
     }
 
     /// The session limits.

@@ -118,7 +118,10 @@ pub async fn run(config: ClusterConfig, shutdown: impl Future<Output = ()>) -> R
     let (endpoint, addr) = crate::sync::transport::bind(config.sync.listen, server_config)
         .map_err(|e| Error::Config(format!("sync endpoint: {e}")))?;
     tracing::info!(%addr, "sync listening");
-    let ingest = Arc::new(Ingest::new(system.clone(), store.clone(), &config.node_id));
+    let ingest = Arc::new(
+        Ingest::new(system.clone(), store.clone(), &config.node_id)
+            .with_heartbeat(config.sync.heartbeat),
+    );
     let server = SyncServer::new(ingest, signals, clock);
 
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
@@ -145,14 +148,20 @@ async fn provision(system: &System, path: &std::path::Path) -> Result<()> {
         .map_err(|e| Error::Config(format!("cannot read {}: {e}", path.display())))?;
     let file: ProvisionFile =
         toml::from_str(&text).map_err(|e| Error::Config(format!("{}: {e}", path.display())))?;
+    // Devices of different customers go in parallel; one customer's, one at a time (they
+    // all write that customer's twin anyway).
+    let mut by_customer: std::collections::BTreeMap<&str, Vec<&ProvisionDevice>> =
+        Default::default();
     for d in &file.devices {
-        let add = CustomerMsg::AddDevice {
-            device: d.id.clone(),
-            model: d.model.clone(),
-        };
-        match system.customers().call(&d.customer, add).await? {
-            CustomerReply::Ok => {}
-            CustomerReply::Rejected(why) => {
+        by_customer.entry(d.customer.as_str()).or_default().push(d);
+    }
+    for (customer, devices) in by_customer {
+        for d in &devices {
+            let add = CustomerMsg::AddDevice {
+                device: d.id.clone(),
+                model: d.model.clone(),
+            };
+            if let CustomerReply::Rejected(why) = system.customers().call(customer, add).await? {
                 return Err(Error::Config(format!(
                     "{}: device {}: {why}",
                     path.display(),
@@ -160,19 +169,25 @@ async fn provision(system: &System, path: &std::path::Path) -> Result<()> {
                 )));
             }
         }
-        let prov = DeviceMsg::Provision {
-            customer: d.customer.clone(),
-            site: d.site.clone(),
-            model: d.model.clone(),
-        };
-        match system.devices().call(&d.id, prov).await? {
-            DeviceReply::Ok => {}
-            other => {
-                return Err(Error::Config(format!(
-                    "{}: device {}: {other:?}",
-                    path.display(),
-                    d.id
-                )));
+        for chunk in devices.chunks(64) {
+            let calls = chunk.iter().map(|d| async move {
+                let prov = DeviceMsg::Provision {
+                    customer: d.customer.clone(),
+                    site: d.site.clone(),
+                    model: d.model.clone(),
+                };
+                (system.devices().call(&d.id, prov).await, d.id.as_str())
+            });
+            for (reply, id) in futures::future::join_all(calls).await {
+                match reply? {
+                    DeviceReply::Ok => {}
+                    other => {
+                        return Err(Error::Config(format!(
+                            "{}: device {id}: {other:?}",
+                            path.display()
+                        )));
+                    }
+                }
             }
         }
     }
@@ -264,6 +279,7 @@ mod tests {
                 ca: certs.join("ca.pem"),
                 cert: certs.join("cluster.pem"),
                 key: certs.join("cluster.key"),
+                ..crate::config::SyncConfig::default()
             },
             ..ClusterConfig::default()
         };

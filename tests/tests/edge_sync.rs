@@ -15,7 +15,7 @@ use caretwin_tests::{Process, bin, strip_ansi};
 use std::path::Path;
 
 const SITE: &str = "t1:home-1";
-const DEVICES: usize = 40;
+const DEVICES: usize = 1000;
 
 fn device(i: usize) -> String {
     format!("t1:coffee-{i}")
@@ -38,6 +38,7 @@ provision = "{provision}"
 [store.embedded]
 path = "{store}"
 [sync]
+heartbeat = "1s"
 listen = "{listen}"
 ca = "{ca}"
 cert = "{cert}"
@@ -123,7 +124,7 @@ async fn every_accepted_reading_is_applied_once_across_sigkills() {
             device(i)
         ));
         sim.push_str(&format!(
-            "[[devices]]\nid = \"{}\"\nmodel = \"coffee.barista-200\"\nreading_interval = \"100ms\"\n",
+            "[[devices]]\nid = \"{}\"\nmodel = \"coffee.barista-200\"\nreading_interval = \"1s\"\n",
             device(i)
         ));
     }
@@ -148,6 +149,13 @@ async fn every_accepted_reading_is_applied_once_across_sigkills() {
 
     // The edge reconnects by itself and catches up.
     edge.wait_for("outbox drained").unwrap();
+    if std::env::var_os("CARETWIN_TEST_VERBOSE").is_some() {
+        eprintln!(
+            "--- edge\n{}\n--- cluster\n{}",
+            edge.transcript(),
+            cluster.transcript()
+        );
+    }
     edge.terminate().unwrap();
     assert!(edge.wait().unwrap().success(), "{}", edge.transcript());
     cluster.terminate().unwrap();

@@ -964,9 +964,18 @@ impl Twin for CustomerTwin {
                 if env.catalogue.model(&model).is_none() {
                     return CustomerReply::Rejected(format!("unknown device model {model:?}"));
                 }
-                self.devices.insert(device, model);
+                if self.devices.get(&device) == Some(&model) {
+                    return CustomerReply::Ok; // already known: nothing to write or send
+                }
+                self.devices.insert(device.clone(), model);
                 ctx.changed();
-                self.tell_devices_consent(ctx);
+                // Only the new device needs to learn the consent; the others know it.
+                let allowed = self.allowed_scopes();
+                self.send(
+                    ctx,
+                    Address::Device(device),
+                    Body::ConsentChanged { allowed },
+                );
                 CustomerReply::Ok
             }
             CustomerMsg::SetConsent { grant, withdraw } => {
@@ -1031,8 +1040,8 @@ impl Twin for CustomerTwin {
 }
 
 impl CustomerTwin {
-    fn tell_devices_consent(&mut self, ctx: &mut Ctx) {
-        let allowed: Vec<ConsentScope> = [
+    fn allowed_scopes(&self) -> Vec<ConsentScope> {
+        [
             ConsentScope::Diagnostics,
             ConsentScope::UsageAnalytics,
             ConsentScope::Marketing,
@@ -1040,7 +1049,11 @@ impl CustomerTwin {
         ]
         .into_iter()
         .filter(|s| self.profile.consent.allows(*s))
-        .collect();
+        .collect()
+    }
+
+    fn tell_devices_consent(&mut self, ctx: &mut Ctx) {
+        let allowed = self.allowed_scopes();
         let devices: Vec<String> = self.devices.keys().cloned().collect();
         for d in devices {
             self.send(

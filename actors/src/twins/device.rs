@@ -1003,6 +1003,12 @@ impl Twin for DeviceTwin {
                 let Some(m) = env.catalogue.model(&model) else {
                     return DeviceReply::Rejected(format!("unknown device model {model:?}"));
                 };
+                let unchanged = self.model.as_deref() == Some(m.id())
+                    && self.customer.as_deref() == Some(customer.as_str())
+                    && self.site.as_deref() == Some(site.as_str());
+                if unchanged {
+                    return DeviceReply::Ok; // provisioning again is harmless and free
+                }
                 let r = self.provision(customer, site, m, env);
                 if r == DeviceReply::Ok {
                     ctx.changed();

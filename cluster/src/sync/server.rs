@@ -234,7 +234,16 @@ impl SyncServer {
         mut reader: FrameReader,
         site: &SiteId,
     ) -> anyhow::Result<()> {
-        while let Some(frame) = reader.next::<EdgeFrame>().await? {
+        // Three heartbeat intervals of silence: the edge is gone (its process died, or the
+        // path did), whatever QUIC's own idle timer says.
+        let silence = std::time::Duration::from_millis(
+            3 * self.ingest.limits().heartbeat_interval_ms.max(1) as u64,
+        );
+        loop {
+            let Ok(next) = tokio::time::timeout(silence, reader.next::<EdgeFrame>()).await else {
+                anyhow::bail!("no frame from the edge for {silence:?}");
+            };
+            let Some(frame) = next? else { return Ok(()) };
             if let Some(reply) = self
                 .ingest
                 .control_frame(site, frame, self.clock.now_ms())
@@ -243,7 +252,6 @@ impl SyncServer {
                 send_frame(&mut *control.lock().await, &reply).await?;
             }
         }
-        Ok(())
     }
 
     /// Serves every data stream the edge opens; returns when the connection ends.

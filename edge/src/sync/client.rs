@@ -72,6 +72,8 @@ pub struct SyncClient {
     instance: String,
 }
 
+/// Longest wait for the cluster to answer a connection attempt.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
 /// Frames sent per round on the data stream before waiting for their acks.
 const WINDOW: usize = 8;
 /// Items read from the outbox per device per round.
@@ -133,12 +135,22 @@ impl SyncClient {
     }
 
     async fn session(&self) -> anyhow::Result<()> {
-        let conn = connect(
-            &self.endpoint,
-            self.settings.cluster,
-            &self.settings.server_name,
+        // A cluster that is not listening never answers; do not wait out QUIC's idle timer.
+        let conn = tokio::time::timeout(
+            CONNECT_TIMEOUT,
+            connect(
+                &self.endpoint,
+                self.settings.cluster,
+                &self.settings.server_name,
+            ),
         )
-        .await?;
+        .await
+        .map_err(|_| {
+            anyhow::anyhow!(
+                "no answer from {} in {CONNECT_TIMEOUT:?}",
+                self.settings.cluster
+            )
+        })??;
         let (mut csend, crecv) = conn.open_bi().await?;
         let devices = self.outbox.devices().await?;
         let hello = Hello {
@@ -188,10 +200,11 @@ impl SyncClient {
         tracing::info!(site = %welcome.site_id, session = %welcome.session_id, devices = devices.len(), "sync session open");
         let control = Arc::new(Mutex::new(csend));
         let max_batch = limits.max_batch_readings.max(1) as usize;
+        let heard = Arc::new(std::sync::atomic::AtomicU64::new(now_ms()));
         tokio::select! {
-            r = self.control(control.clone(), creader) => r,
-            r = self.heartbeats(control, limits.heartbeat_interval_ms.max(100) as u64) => r,
-            r = self.data(&conn, sent, max_batch) => r,
+            r = self.control(control.clone(), creader, heard.clone()) => r,
+            r = self.heartbeats(control, limits.heartbeat_interval_ms.max(100) as u64, heard.clone()) => r,
+            r = self.data(&conn, sent, max_batch, heard) => r,
         }
     }
 
@@ -200,8 +213,10 @@ impl SyncClient {
         &self,
         control: Arc<Mutex<SendStream>>,
         mut reader: FrameReader,
+        heard: Arc<std::sync::atomic::AtomicU64>,
     ) -> anyhow::Result<()> {
         while let Some(frame) = reader.next::<ClusterFrame>().await? {
+            heard.store(now_ms(), std::sync::atomic::Ordering::Relaxed);
             match frame.body {
                 Some(cluster_frame::Body::Command(c)) => {
                     let payload = c.payload.clone().unwrap_or_default();
@@ -255,14 +270,22 @@ impl SyncClient {
         Ok(())
     }
 
+    /// Sends a heartbeat every interval, and ends the session when the cluster has been
+    /// silent for three (the protocol's liveness rule: a restarted cluster cannot reset the
+    /// old connection, and QUIC's idle timer is much longer).
     async fn heartbeats(
         &self,
         control: Arc<Mutex<SendStream>>,
         every_ms: u64,
+        heard: Arc<std::sync::atomic::AtomicU64>,
     ) -> anyhow::Result<()> {
         let mut tick = tokio::time::interval(Duration::from_millis(every_ms));
         loop {
             tick.tick().await;
+            let silent = now_ms().saturating_sub(heard.load(std::sync::atomic::Ordering::Relaxed));
+            if silent > 3 * every_ms {
+                anyhow::bail!("cluster silent for {silent} ms");
+            }
             let stats = self.outbox.stats();
             let hb = EdgeFrame {
                 body: Some(edge_frame::Body::Heartbeat(v1::Heartbeat {
@@ -284,6 +307,7 @@ impl SyncClient {
         conn: &quinn::Connection,
         mut sent: HashMap<String, u64>,
         max_batch: usize,
+        heard: Arc<std::sync::atomic::AtomicU64>,
     ) -> anyhow::Result<()> {
         let (mut send, recv) = conn.open_bi().await?;
         let mut reader = FrameReader::new(recv, 1 << 20);
@@ -310,6 +334,8 @@ impl SyncClient {
                 let Some(reply) = reader.next::<ClusterFrame>().await? else {
                     anyhow::bail!("cluster closed the data stream");
                 };
+                // An ack is as good a sign of life as a heartbeat ack.
+                heard.store(now_ms(), std::sync::atomic::Ordering::Relaxed);
                 match reply.body {
                     Some(cluster_frame::Body::Ack(ack)) => {
                         for w in &ack.watermarks {
