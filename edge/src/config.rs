@@ -36,6 +36,10 @@ pub struct EdgeConfig {
     /// This site's private key (PEM).
     #[serde(default = "default_key")]
     pub key: PathBuf,
+    /// Where devices on the LAN post readings over HTTP/JSON (`POST /v1/readings`); off
+    /// when absent.
+    #[serde(default)]
+    pub http_listen: Option<std::net::SocketAddr>,
     /// A device simulator's configuration (TOML), run as this edge's device adapter.
     #[serde(default)]
     pub simulator: Option<PathBuf>,
@@ -81,6 +85,7 @@ impl Default for EdgeConfig {
             ca: default_ca(),
             cert: default_cert(),
             key: default_key(),
+            http_listen: None,
             simulator: None,
             simulate_for: None,
         }

@@ -6,6 +6,7 @@
 //! disk, and deleted only once the cluster acknowledged it as durably applied.
 //!
 //! # Layout
+//! - [`http`] — HTTP/JSON ingest for devices on the site's LAN.
 //! - [`node`] — the edge's lifecycle: outbox, device adapters, local safety actions, sync.
 //! - [`config`] — the edge node's configuration (TOML plus environment overrides).
 //! - [`outbox`] — the durable outbox: per-device logs on disk (fjall, group commit), the
@@ -20,6 +21,7 @@
 #![forbid(unsafe_code)]
 
 pub mod config;
+pub mod http;
 pub mod node;
 pub mod outbox;
 pub mod sim;

@@ -71,6 +71,22 @@ pub async fn run(
     );
 
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let http = match config.http_listen {
+        Some(addr) => {
+            let listener = tokio::net::TcpListener::bind(addr).await?;
+            tracing::info!(addr = %listener.local_addr()?, "HTTP ingest listening");
+            let app = crate::http::router(outbox.clone(), new_items.clone());
+            let mut stop = stop_rx.clone();
+            Some(tokio::spawn(async move {
+                axum::serve(listener, app)
+                    .with_graceful_shutdown(async move {
+                        let _ = stop.changed().await;
+                    })
+                    .await
+            }))
+        }
+        None => None,
+    };
     let adapters = match &config.simulator {
         Some(path) => {
             let text = std::fs::read_to_string(path).map_err(|e| {
@@ -96,6 +112,9 @@ pub async fn run(
     let _ = stop_tx.send(true);
     if let Some(a) = adapters {
         a.await??;
+    }
+    if let Some(h) = http {
+        h.await??;
     }
     endpoint.close(quinn::VarInt::from_u32(0), b"edge shutting down");
     tracing::info!(backlog = outbox.stats().backlog_items, "edge stopped");
