@@ -296,4 +296,13 @@ mod tests {
         assert_eq!(lease.expires_at_ms, 0, "released on shutdown");
         assert_eq!(lease.token, 1);
     }
+
+    #[test]
+    fn shipped_provisioning_example_parses() {
+        let text = include_str!("../../deploy/config/devices.toml");
+        let file: ProvisionFile = toml::from_str(text).unwrap();
+        assert_eq!(file.devices.len(), 3);
+        let catalogue = Catalogue::builtin();
+        assert!(file.devices.iter().all(|d| catalogue.model(&d.model).is_some()));
+    }
 }

@@ -156,4 +156,13 @@ mod tests {
         let text = include_str!("../../deploy/config/edge.toml");
         assert_eq!(EdgeConfig::load(text, []).unwrap(), EdgeConfig::default());
     }
+
+    #[test]
+    fn shipped_simulator_example_runs() {
+        let text = include_str!("../../deploy/config/sim.toml");
+        let c = crate::sim::SimConfig::from_toml(text).unwrap();
+        let catalogue = caretwin_actors::catalogue::Catalogue::builtin();
+        let sim = crate::sim::Simulator::new(&catalogue, &c, 0).unwrap();
+        assert_eq!(sim.len(), 3);
+    }
 }
