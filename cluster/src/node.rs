@@ -109,6 +109,7 @@ pub async fn run(config: ClusterConfig, shutdown: impl Future<Output = ()>) -> R
     if let Some(path) = &config.provision {
         provision(&system, path).await?;
     }
+    ensure_dev_pki(&config.sync)?;
     let server_config = crate::sync::tls::server_config_from_files(
         &config.sync.ca,
         &config.sync.cert,
@@ -140,6 +141,39 @@ pub async fn run(config: ClusterConfig, shutdown: impl Future<Output = ()>) -> R
     store.release_lease(&lease).await?;
     tracing::info!(node = %config.node_id, "node left the cluster");
     drain(store);
+    Ok(())
+}
+
+/// On a fresh checkout, `run` must work with no manual step: when the sync certificates
+/// are the defaults and none exists, a development PKI is created for them (with a warning
+/// saying so). Certificates configured elsewhere are never invented: missing ones are an
+/// error, reported when they are loaded.
+fn ensure_dev_pki(sync: &crate::config::SyncConfig) -> Result<()> {
+    let defaults = crate::config::SyncConfig::default();
+    let is_default =
+        sync.ca == defaults.ca && sync.cert == defaults.cert && sync.key == defaults.key;
+    let none_exists = !sync.ca.exists() && !sync.cert.exists() && !sync.key.exists();
+    if !(is_default && none_exists) {
+        return Ok(());
+    }
+    let out = sync
+        .ca
+        .parent()
+        .map(std::path::Path::to_path_buf)
+        .unwrap_or_default();
+    crate::sync::dev::generate(&crate::sync::dev::DevPki {
+        out: out.clone(),
+        cluster_name: "localhost".into(),
+        sites: Vec::new(),
+        force: false,
+    })
+    .map_err(|e| Error::Config(format!("creating development certificates: {e}")))?;
+    tracing::warn!(
+        dir = %out.display(),
+        "DEVELOPMENT certificates created for the sync endpoint; never use them in production \
+         (issue site certificates with `caretwin-cluster dev --out {} --site <tenant:site>`)",
+        out.display()
+    );
     Ok(())
 }
 
@@ -303,6 +337,10 @@ mod tests {
         let file: ProvisionFile = toml::from_str(text).unwrap();
         assert_eq!(file.devices.len(), 3);
         let catalogue = Catalogue::builtin();
-        assert!(file.devices.iter().all(|d| catalogue.model(&d.model).is_some()));
+        assert!(
+            file.devices
+                .iter()
+                .all(|d| catalogue.model(&d.model).is_some())
+        );
     }
 }

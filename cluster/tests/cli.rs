@@ -90,3 +90,32 @@ fn bad_configuration_is_refused_with_its_reason() -> anyhow::Result<()> {
     );
     Ok(())
 }
+
+#[test]
+fn a_fresh_directory_runs_with_development_certificates() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let env = [("CARETWIN_CLUSTER__SYNC__LISTEN", "127.0.0.1:0")];
+    let mut node = Process::start_in(Some(dir.path()), EXE.as_ref(), &["run"], &env)?;
+    node.wait_for("DEVELOPMENT certificates created")?;
+    node.wait_for("sync listening")?;
+    node.terminate()?;
+    assert!(node.wait()?.success(), "{}", node.transcript());
+    for f in ["certs/ca.pem", "certs/cluster.pem", "certs/cluster.key"] {
+        assert!(dir.path().join(f).exists(), "{f} created");
+    }
+    // Certificates configured elsewhere are never invented.
+    let env = [
+        ("CARETWIN_CLUSTER__SYNC__LISTEN", "127.0.0.1:0"),
+        ("CARETWIN_CLUSTER__SYNC__CA", "/nonexistent/ca.pem"),
+    ];
+    let mut node = Process::start_in(Some(dir.path()), EXE.as_ref(), &["run"], &env)?;
+    assert!(!node.wait()?.success());
+    assert!(
+        node.output(Stream::Stderr)
+            .join("\n")
+            .contains("/nonexistent/ca.pem"),
+        "{}",
+        node.transcript()
+    );
+    Ok(())
+}

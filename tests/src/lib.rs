@@ -40,7 +40,20 @@ pub struct Process {
 impl Process {
     /// Starts `exe` with `args` and extra environment `env` (no colours in logs).
     pub fn start(exe: &Path, args: &[&str], env: &[(&str, &str)]) -> anyhow::Result<Self> {
+        Self::start_in(None, exe, args, env)
+    }
+
+    /// Like [`Process::start`], in working directory `dir` when given.
+    pub fn start_in(
+        dir: Option<&Path>,
+        exe: &Path,
+        args: &[&str],
+        env: &[(&str, &str)],
+    ) -> anyhow::Result<Self> {
         let mut cmd = Command::new(exe);
+        if let Some(dir) = dir {
+            cmd.current_dir(dir);
+        }
         cmd.args(args)
             .env("NO_COLOR", "1")
             .env_remove("RUST_LOG")
