@@ -281,11 +281,19 @@ impl SyncServer {
                             return;
                         }
                         Err(e) => {
+                            use super::transport::TransportError;
                             let code = match &e {
-                                super::transport::TransportError::Frame(
+                                TransportError::Frame(
                                     caretwin_proto::frame::FrameError::TooLarge { .. },
                                 ) => ErrorCode::FrameTooLarge,
-                                _ => ErrorCode::MalformedFrame,
+                                TransportError::Frame(_) | TransportError::Truncated { .. } => {
+                                    ErrorCode::MalformedFrame
+                                }
+                                // The connection went away: nothing to answer.
+                                _ => {
+                                    tracing::debug!(error = %e, "data stream ended");
+                                    return;
+                                }
                             };
                             let _ = send_frame(&mut send, &error_frame(code, &e.to_string())).await;
                             let _ = send.finish();
