@@ -40,6 +40,11 @@ pub struct EdgeConfig {
     /// when absent.
     #[serde(default)]
     pub http_listen: Option<std::net::SocketAddr>,
+    /// Where devices on the LAN connect over MQTT 3.1.1 and publish to
+    /// `caretwin/<device-id>/readings` and `…/alarms` (refusals come back on `…/errors`);
+    /// off when absent.
+    #[serde(default)]
+    pub mqtt_listen: Option<std::net::SocketAddr>,
     /// A device simulator's configuration (TOML), run as this edge's device adapter.
     #[serde(default)]
     pub simulator: Option<PathBuf>,
@@ -86,6 +91,7 @@ impl Default for EdgeConfig {
             cert: default_cert(),
             key: default_key(),
             http_listen: None,
+            mqtt_listen: None,
             simulator: None,
             simulate_for: None,
         }

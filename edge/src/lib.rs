@@ -7,6 +7,7 @@
 //!
 //! # Layout
 //! - [`http`] — HTTP/JSON ingest for devices on the site's LAN.
+//! - [`mqtt`] — MQTT 3.1.1 ingest for devices on the site's LAN (a small embedded server).
 //! - [`node`] — the edge's lifecycle: outbox, device adapters, local safety actions, sync.
 //! - [`config`] — the edge node's configuration (TOML plus environment overrides).
 //! - [`outbox`] — the durable outbox: per-device logs on disk (fjall, group commit), the
@@ -22,6 +23,7 @@
 
 pub mod config;
 pub mod http;
+pub mod mqtt;
 pub mod node;
 pub mod outbox;
 pub mod sim;

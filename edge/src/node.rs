@@ -87,6 +87,22 @@ pub async fn run(
         }
         None => None,
     };
+    let mqtt = match config.mqtt_listen {
+        Some(addr) => {
+            let listener = tokio::net::TcpListener::bind(addr).await?;
+            tracing::info!(addr = %listener.local_addr()?, "MQTT ingest listening");
+            let mut stop = stop_rx.clone();
+            Some(tokio::spawn(crate::mqtt::serve(
+                listener,
+                outbox.clone(),
+                new_items.clone(),
+                async move {
+                    let _ = stop.changed().await;
+                },
+            )))
+        }
+        None => None,
+    };
     let adapters = match &config.simulator {
         Some(path) => {
             let text = std::fs::read_to_string(path).map_err(|e| {
@@ -116,7 +132,12 @@ pub async fn run(
     if let Some(h) = http {
         h.await??;
     }
+    if let Some(m) = mqtt {
+        m.await?;
+    }
     endpoint.close(quinn::VarInt::from_u32(0), b"edge shutting down");
+    // Flush the close, so the cluster ends the session now rather than after its timeout.
+    let _ = tokio::time::timeout(Duration::from_secs(1), endpoint.wait_idle()).await;
     tracing::info!(backlog = outbox.stats().backlog_items, "edge stopped");
     Ok(())
 }

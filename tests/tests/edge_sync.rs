@@ -67,6 +67,10 @@ key = "{key}"
 }
 
 fn start_edge(dir: &Path, cluster: &str) -> Process {
+    start_edge_with(dir, cluster, "sim.toml", "3s")
+}
+
+fn start_edge_with(dir: &Path, cluster: &str, sim: &str, simulate_for: &str) -> Process {
     let config = dir.join("edge.toml");
     let certs = dir.join("certs");
     write(
@@ -81,13 +85,13 @@ ca = "{ca}"
 cert = "{cert}"
 key = "{key}"
 simulator = "{sim}"
-simulate_for = "3s"
+simulate_for = "{simulate_for}"
 "#,
             data = dir.join("edge-data").display(),
             ca = certs.join("ca.pem").display(),
             cert = certs.join("site-t1+home-1.pem").display(),
             key = certs.join("site-t1+home-1.key").display(),
-            sim = dir.join("sim.toml").display(),
+            sim = dir.join(sim).display(),
         ),
     );
     Process::start(
@@ -180,4 +184,84 @@ async fn every_accepted_reading_is_applied_once_across_sigkills() {
     }
     assert_eq!(outbox.stats().backlog_items, 0);
     assert!(total > 1000, "only {total} readings went through");
+}
+
+/// Guarantee 4 and story 3: smoke while the site is offline. The edge acts locally at
+/// once; when the link returns, the alarm reaches the cluster and a person gets the case at
+/// safety priority.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn smoke_while_offline_is_acted_on_locally_then_reaches_a_person() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let mut dev = Process::start(
+        &bin("caretwin-cluster"),
+        &[
+            "dev",
+            "--out",
+            d.join("certs").to_str().unwrap(),
+            "--site",
+            SITE,
+        ],
+        &[],
+    )
+    .unwrap();
+    assert!(dev.wait().unwrap().success(), "{}", dev.transcript());
+    write(
+        &d.join("devices.toml"),
+        &format!(
+            "[[devices]]\nid = \"t1:hub-1\"\nsite = \"{SITE}\"\ncustomer = \"t1:alice\"\nmodel = \"hub.guardian-1\"\n"
+        ),
+    );
+    write(
+        &d.join("hub.toml"),
+        "[[devices]]\nid = \"t1:hub-1\"\nmodel = \"hub.guardian-1\"\nreading_interval = \"1s\"\n\n[[events]]\ndevice = \"t1:hub-1\"\nat = \"1s\"\nevent = \"smoke\"\n",
+    );
+    // The cluster is not there: reserve an address for it, then start the edge alone.
+    let (mut cluster, addr) = start_cluster(d, "127.0.0.1:0");
+    cluster.terminate().unwrap();
+    assert!(cluster.wait().unwrap().success());
+    let mut edge = start_edge_with(d, &addr, "hub.toml", "2s");
+    let local = edge.wait_for("SAFETY ALARM: acting locally").unwrap();
+    assert!(strip_ansi(&local).contains("siren"), "{local}");
+
+    // The link returns: the alarm goes up, and the case is handed to a person.
+    let (mut cluster, _) = start_cluster(d, &addr);
+    edge.wait_for("outbox drained").unwrap();
+    cluster.wait_for("Safety").unwrap(); // the safety notification goes out
+    if std::env::var_os("CARETWIN_TEST_VERBOSE").is_some() {
+        eprintln!(
+            "--- edge\n{}\n--- cluster\n{}",
+            edge.transcript(),
+            cluster.transcript()
+        );
+    }
+    edge.terminate().unwrap();
+    edge.wait().unwrap();
+    cluster.terminate().unwrap();
+    assert!(
+        cluster.wait().unwrap().success(),
+        "{}",
+        cluster.transcript()
+    );
+
+    let store = EmbeddedStore::open(&EmbeddedConfig::at(d.join("cluster-data"))).unwrap();
+    let log = store
+        .read_log(&caretwin_actors::services::handoff::cases_log("t1"), 1, 100)
+        .await
+        .unwrap();
+    let events: Vec<serde_json::Value> = log
+        .iter()
+        .map(|e| serde_json::from_slice(&e.value).unwrap())
+        .collect();
+    let handed: Vec<_> = events
+        .iter()
+        .filter(|e| e["event"] == "handed_off")
+        .collect();
+    assert_eq!(handed.len(), 1, "{events:?}");
+    assert_eq!(handed[0]["priority"], "safety");
+    let insights = handed[0]["context"]["insights"].to_string();
+    assert!(
+        insights.contains("siren"),
+        "the local action travels with the case: {insights}"
+    );
 }

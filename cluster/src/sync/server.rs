@@ -89,7 +89,9 @@ impl SyncServer {
         }
         endpoint.close(VarInt::from_u32(0), b"node shutting down");
         while tasks.join_next().await.is_some() {}
-        endpoint.wait_idle().await;
+        // Let the close frames go out; a peer that vanished without a word would otherwise
+        // hold the drain for its whole idle timeout.
+        let _ = tokio::time::timeout(std::time::Duration::from_secs(2), endpoint.wait_idle()).await;
     }
 
     async fn connection(self: Arc<Self>, incoming: quinn::Incoming) {
