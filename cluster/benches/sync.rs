@@ -39,7 +39,7 @@ use caretwin_cluster::sync::dev::{DevPki, generate, site_file_stem};
 use caretwin_cluster::sync::server::SyncServer;
 use caretwin_cluster::sync::tls::{SiteIdentity, server_config_from_files};
 use caretwin_edge::outbox::{Item, Outbox, OutboxConfig};
-use caretwin_edge::sync::client::{ClientSettings, IncomingCommand, SyncClient};
+use caretwin_edge::sync::client::{ClientSettings, Downlink, SyncClient};
 use caretwin_edge::sync::tls::client_config_from_files;
 use caretwin_edge::sync::transport::client_endpoint;
 use futures::StreamExt;
@@ -274,7 +274,7 @@ struct Edge {
     new_items: Arc<Notify>,
     client: Arc<SyncClient>,
     running: Option<(oneshot::Sender<()>, JoinHandle<()>)>,
-    _commands: mpsc::Receiver<IncomingCommand>,
+    _commands: mpsc::Receiver<Downlink>,
     _dir: tempfile::TempDir,
 }
 
@@ -355,14 +355,24 @@ fn reading(devices: &[String], i: u64, t0: u64) -> Item {
     )
 }
 
-/// Accepts readings `0..count` of `devices` into `outbox`, [`READINGS_PER_CALL`] per call,
-/// one call at a time (so each device's readings get their `seq` in time order).
-async fn fill(outbox: &Outbox, devices: &[String], count: u64, t0: u64) {
-    let mut i = 0;
-    while i < count {
-        let end = (i + READINGS_PER_CALL).min(count);
+/// Accepts readings `range` of `devices` (see [`reading`]) into `outbox`,
+/// [`READINGS_PER_CALL`] per call, one call at a time (so each device's readings get their
+/// `seq` in time order), waking the sync client after each call if `wake` is given.
+async fn fill(
+    outbox: &Outbox,
+    devices: &[String],
+    range: std::ops::Range<u64>,
+    t0: u64,
+    wake: Option<&Notify>,
+) {
+    let mut i = range.start;
+    while i < range.end {
+        let end = (i + READINGS_PER_CALL).min(range.end);
         let items = (i..end).map(|k| reading(devices, k, t0)).collect();
         outbox.accept(items).await.expect("accept");
+        if let Some(w) = wake {
+            w.notify_waiters();
+        }
         i = end;
     }
 }
@@ -415,6 +425,22 @@ fn cpu() -> (f64, BTreeMap<&'static str, f64>) {
     (total, by_kind)
 }
 
+/// `RcvbufErrors` of `/proc/net/snmp`: UDP datagrams dropped because a socket's receive
+/// buffer was full, counted for the whole machine.
+fn udp_receive_drops() -> u64 {
+    let snmp = std::fs::read_to_string("/proc/net/snmp").unwrap_or_default();
+    let mut udp = snmp.lines().filter(|l| l.starts_with("Udp:"));
+    let (Some(names), Some(values)) = (udp.next(), udp.next()) else {
+        return 0;
+    };
+    names
+        .split_whitespace()
+        .zip(values.split_whitespace())
+        .find(|(n, _)| *n == "RcvbufErrors")
+        .and_then(|(_, v)| v.parse().ok())
+        .unwrap_or(0)
+}
+
 /// Cores busy between two `cpu()` readings over `wall` seconds, per kind of thread.
 fn cores(
     before: &(f64, BTreeMap<&'static str, f64>),
@@ -434,6 +460,10 @@ struct Drain {
     total: Duration,
     /// Per site, until its outbox was empty.
     per_site: Vec<Duration>,
+    /// Per site, until its first session was open (handshake, Hello, Welcome).
+    to_session: Vec<Duration>,
+    /// UDP datagrams the kernel dropped for a full receive buffer (all sockets).
+    udp_drops: u64,
     /// Readings trimmed in each whole second.
     per_second: Vec<u64>,
     /// Cores busy, in all and per kind of thread.
@@ -450,10 +480,25 @@ struct Drain {
     sessions: u64,
 }
 
-/// Connects every edge at once and waits until every outbox is empty.
-async fn drain(cluster: &Cluster, edges: &mut [Edge]) -> Drain {
-    let backlog =
-        |edges: &[Edge]| -> u64 { edges.iter().map(|e| e.outbox.stats().backlog_items).sum() };
+/// How a measured phase starts.
+#[derive(Clone, Copy)]
+enum Start {
+    /// Every site, its readings already in its outbox, connects now: a reconnect storm.
+    Cold,
+    /// Every site is connected and idle; each accepts readings `from..to` of its devices
+    /// now, as fast as its outbox takes them, waking its client after every call.
+    Warm { from: u64, to: u64, t0: u64 },
+}
+
+/// Starts the phase and waits until every site has accepted everything and its outbox is
+/// empty again.
+async fn measure(cluster: &Cluster, edges: &mut [Edge], start: Start) -> Drain {
+    let acknowledged = |edges: &[Edge]| -> u64 {
+        edges
+            .iter()
+            .map(|e| e.client.stats().acknowledged.load(Ordering::Relaxed))
+            .sum()
+    };
     let edge_counts = |edges: &[Edge]| -> (u64, u64) {
         edges.iter().fold((0, 0), |(r, g), e| {
             let s = e.outbox.stats();
@@ -463,27 +508,48 @@ async fn drain(cluster: &Cluster, edges: &mut [Edge]) -> Drain {
     let (steps0, groups0) = cluster.store_counts();
     let (req0, eg0) = edge_counts(edges);
     let mail0 = cluster.mail.load(Ordering::Relaxed);
+    let drops0 = udp_receive_drops();
     let cpu0 = cpu();
     let started = Instant::now();
-    for e in edges.iter_mut() {
-        e.connect();
-    }
+    let feeds: Vec<Option<JoinHandle<()>>> = match start {
+        Start::Cold => {
+            for e in edges.iter_mut() {
+                e.connect();
+            }
+            edges.iter().map(|_| None).collect()
+        }
+        Start::Warm { from, to, t0 } => edges
+            .iter()
+            .map(|e| {
+                let (outbox, devices, wake) =
+                    (e.outbox.clone(), e.site.devices.clone(), e.new_items.clone());
+                Some(tokio::spawn(async move {
+                    fill(&outbox, &devices, from..to, t0, Some(&wake)).await;
+                }))
+            })
+            .collect(),
+    };
     let mut per_site = vec![None; edges.len()];
+    let mut to_session = vec![None; edges.len()];
     let mut per_second = Vec::new();
-    let mut last = (backlog(edges), 1u64);
+    let mut last = (acknowledged(edges), 1u64);
     loop {
         let now = started.elapsed();
         for (i, e) in edges.iter().enumerate() {
-            if per_site[i].is_none() && e.outbox.stats().backlog_items == 0 {
+            let fed = feeds[i].as_ref().is_none_or(JoinHandle::is_finished);
+            if per_site[i].is_none() && fed && e.outbox.stats().backlog_items == 0 {
                 per_site[i] = Some(now);
+            }
+            if to_session[i].is_none() && e.client.stats().sessions.load(Ordering::Relaxed) > 0 {
+                to_session[i] = Some(now);
             }
         }
         if now.as_secs() >= last.1 {
-            let b = backlog(edges);
-            per_second.push(last.0 - b);
-            last = (b, last.1 + 1);
+            let a = acknowledged(edges);
+            per_second.push(a - last.0);
+            last = (a, last.1 + 1);
         }
-        if per_site.iter().all(Option::is_some) {
+        if per_site.iter().chain(&to_session).all(Option::is_some) {
             break;
         }
         assert!(now < DEADLINE, "outboxes not drained in {DEADLINE:?}");
@@ -491,11 +557,16 @@ async fn drain(cluster: &Cluster, edges: &mut [Edge]) -> Drain {
     }
     let total = started.elapsed();
     let cores = cores(&cpu0, &cpu(), total.as_secs_f64());
+    for f in feeds.into_iter().flatten() {
+        f.await.expect("adapter");
+    }
     let (steps1, groups1) = cluster.store_counts();
     let (req1, eg1) = edge_counts(edges);
     Drain {
         total,
         per_site: per_site.into_iter().map(Option::unwrap).collect(),
+        to_session: to_session.into_iter().map(Option::unwrap).collect(),
+        udp_drops: udp_receive_drops() - drops0,
         per_second,
         cores,
         cluster_steps: steps1 - steps0,
@@ -594,9 +665,11 @@ fn cpu_line(cores: &(f64, Vec<(&'static str, f64)>)) -> String {
 
 struct ThroughputRow {
     sites: usize,
+    /// Readings per phase, all sites together.
     readings: u64,
     fill: Duration,
-    drain: Drain,
+    cold: Drain,
+    warm: Drain,
     probe: Histogram<u64>,
 }
 
@@ -607,18 +680,25 @@ async fn throughput(opts: &Options, certs: &Path, sites: usize) -> ThroughputRow
         .iter()
         .map(|s| Edge::open(certs, s, cluster.addr, &opts.edge_dir))
         .collect();
-    // Whole cycles per device, the same at every site.
+    // Whole cycles per device, the same at every site; the warm phase continues where the
+    // cold one ended, in device time too.
     let cycle = (DEVICES_PER_SITE * SIGNALS.len()) as u64;
     let per_site = opts.readings / sites.len() as u64 / cycle * cycle;
-    let t0 = start_time(per_site / cycle);
+    let t0 = start_time(2 * per_site / cycle);
     let started = Instant::now();
     futures::stream::iter(edges.iter())
-        .map(|e| fill(&e.outbox, &e.site.devices, per_site, t0))
+        .map(|e| fill(&e.outbox, &e.site.devices, 0..per_site, t0, None))
         .buffer_unordered(16)
         .collect::<Vec<()>>()
         .await;
     let fill = started.elapsed();
-    let drain = drain(&cluster, &mut edges).await;
+    let cold = measure(&cluster, &mut edges, Start::Cold).await;
+    let warm = Start::Warm {
+        from: per_site,
+        to: 2 * per_site,
+        t0,
+    };
+    let warm = measure(&cluster, &mut edges, warm).await;
     let probe = probe(&edges, opts.probe_for).await;
     for e in &mut edges {
         e.disconnect().await;
@@ -629,7 +709,8 @@ async fn throughput(opts: &Options, certs: &Path, sites: usize) -> ThroughputRow
         sites: sites.len(),
         readings: per_site * sites.len() as u64,
         fill,
-        drain,
+        cold,
+        warm,
         probe,
     }
 }
@@ -655,14 +736,14 @@ async fn catch_up(opts: &Options, certs: &Path) -> CatchUp {
     let adapters = site.devices.chunks(owned).map(|devices| {
         let outbox = edge.outbox.clone();
         let devices = devices.to_vec();
-        tokio::spawn(async move { fill(&outbox, &devices, per_adapter, t0).await })
+        tokio::spawn(async move { fill(&outbox, &devices, 0..per_adapter, t0, None).await })
     });
     for a in futures::future::join_all(adapters).await {
         a.expect("adapter");
     }
     let fill = started.elapsed();
     let fill_groups = edge.outbox.stats().fsync_groups - groups0;
-    let drain = drain(&cluster, std::slice::from_mut(&mut edge)).await;
+    let drain = measure(&cluster, std::slice::from_mut(&mut edge), Start::Cold).await;
     edge.disconnect().await;
     drop(edge);
     cluster.stop().await;
@@ -855,26 +936,33 @@ async fn run(opts: Options) {
 fn print_details(what: &str, d: &Drain, readings: u64, fill: Duration) {
     let mut per_site = d.per_site.clone();
     per_site.sort();
+    let mut to_session = d.to_session.clone();
+    to_session.sort();
     println!(
         "\n{what}: {} readings accepted offline in {:.2} s ({} /s); drained in {:.2} s \
-         (per site p50 {:.2} s, max {:.2} s); readings trimmed per whole second: {:?}",
+         (per site p50 {:.2} s, max {:.2} s; session open after p50 {:.2} s, max {:.2} s); \
+         readings trimmed per whole second: {:?}",
         readings,
         fill.as_secs_f64(),
         thousands(readings as f64 / fill.as_secs_f64()),
         d.total.as_secs_f64(),
         percentile(&per_site, 0.5).as_secs_f64(),
         percentile(&per_site, 1.0).as_secs_f64(),
+        percentile(&to_session, 0.5).as_secs_f64(),
+        percentile(&to_session, 1.0).as_secs_f64(),
         d.per_second
     );
     println!(
         "  cluster: {} store commits in {} fsyncs ({:.0} readings per commit); edges: {} \
-         writes (acks) in {} fsyncs; sessions {}; mail delivered {}; {}",
+         writes (acks) in {} fsyncs; sessions {}; UDP receive-buffer drops {}; mail \
+         delivered {}; {}",
         d.cluster_steps,
         d.cluster_groups,
         readings as f64 / d.cluster_steps.max(1) as f64,
         d.edge_requests,
         d.edge_groups,
         d.sessions,
+        d.udp_drops,
         d.mail,
         cpu_line(&d.cores)
     );

@@ -7,7 +7,7 @@
 //! through the host (each reply comes after the twin's write is durable), and turns the
 //! outcome into an `Ack` with per-device watermarks and protocol error codes.
 //!
-//! Commands for a site's devices are appended to the site's durable command log
+//! Commands and desired state for a site's devices are appended to the site's durable log
 //! (`edge/<site>`), whose index is the protocol's command `position`: a session sends what
 //! lies after the edge's `last_command_position`, so a command sent while the site is
 //! offline goes down when it reconnects.
@@ -64,6 +64,25 @@ pub struct LoggedCommand {
     pub command: caretwin_actors::mail::DeviceCommand,
 }
 
+/// A device's desired state as kept in a site's command log: (field, value, version).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LoggedDesired {
+    /// The device.
+    pub device: String,
+    /// Every desired field with its version (a complete snapshot).
+    pub desired: Vec<(String, String, u64)>,
+}
+
+/// What a site's log holds, in the order it must reach the edge.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum SiteLogEntry {
+    /// A command.
+    Command(LoggedCommand),
+    /// A desired state.
+    Desired(LoggedDesired),
+}
+
 /// The key of a site's command log.
 pub fn command_log(site: &str) -> Key {
     Key::new(format!("edge/{site}"))
@@ -111,19 +130,23 @@ impl Router for EdgeGateway {
         let caretwin_actors::mail::Address::Edge(site) = &mail.to else {
             return self.rest.deliver(mail).await;
         };
-        let Body::Command(command) = &mail.body else {
-            // Desired state reaches the edge with the session (issue 4 follow-up); dropping
-            // it here is visible in the dispatcher's counts.
-            return Ok(Delivery::Rejected(format!(
-                "edge mail {} is not a command",
-                mail.id
-            )));
+        let entry = match &mail.body {
+            Body::Command(command) => SiteLogEntry::Command(LoggedCommand {
+                device: command.device.clone(),
+                command: command.clone(),
+            }),
+            Body::DesiredState { device, fields } => SiteLogEntry::Desired(LoggedDesired {
+                device: device.clone(),
+                desired: fields.clone(),
+            }),
+            _ => {
+                return Ok(Delivery::Rejected(format!(
+                    "edge mail {} is neither a command nor desired state",
+                    mail.id
+                )));
+            }
         };
-        let entry = LoggedCommand {
-            device: command.device.clone(),
-            command: command.clone(),
-        };
-        let value = serde_json::to_vec(&entry).expect("a command is plain data");
+        let value = serde_json::to_vec(&entry).expect("a log entry is plain data");
         self.store
             .commit(WriteBatch::new().with(Op::Append {
                 log: command_log(site),
@@ -504,7 +527,11 @@ impl Ingest {
         Ok(entries
             .first()
             .filter(|e| e.index == position)
-            .and_then(|e| serde_json::from_slice(&e.value).ok()))
+            .and_then(|e| serde_json::from_slice::<SiteLogEntry>(&e.value).ok())
+            .and_then(|e| match e {
+                SiteLogEntry::Command(c) => Some(c),
+                SiteLogEntry::Desired(_) => None,
+            }))
     }
 
     /// The site's commands after `position`, not yet expired at `now`, as frames.
@@ -524,8 +551,32 @@ impl Ingest {
             let n = page.len();
             for e in page {
                 last = e.index;
-                let Ok(c) = serde_json::from_slice::<LoggedCommand>(&e.value) else {
-                    continue;
+                let c = match serde_json::from_slice::<SiteLogEntry>(&e.value) {
+                    Ok(SiteLogEntry::Command(c)) => c,
+                    Ok(SiteLogEntry::Desired(d)) => {
+                        frames.push(ClusterFrame {
+                            body: Some(cluster_frame::Body::DesiredState(v1::DesiredState {
+                                device_id: d.device,
+                                fields: d
+                                    .desired
+                                    .into_iter()
+                                    .map(|(f, value, version)| {
+                                        let value = v1::DesiredValue {
+                                            value: Some(v1::SignalValue {
+                                                value: Some(v1::signal_value::Value::Text(value)),
+                                            }),
+                                            version,
+                                            set_at_ms: 0,
+                                        };
+                                        (f, value)
+                                    })
+                                    .collect(),
+                                snapshot: true,
+                            })),
+                        });
+                        continue;
+                    }
+                    Err(_) => continue,
                 };
                 if c.command.expires_at_ms <= now {
                     continue;

@@ -16,7 +16,7 @@ use caretwin_cluster::sync::dev::{DevPki, generate};
 use caretwin_cluster::sync::server::SyncServer;
 use caretwin_cluster::sync::tls::{SiteIdentity, server_config_from_files};
 use caretwin_edge::outbox::{Item, ItemKind, Outbox, OutboxConfig};
-use caretwin_edge::sync::client::{ClientSettings, SyncClient};
+use caretwin_edge::sync::client::{ClientSettings, Downlink, SyncClient};
 use caretwin_edge::sync::tls::client_config_from_files;
 use caretwin_edge::sync::transport::{FrameReader, client_endpoint, connect, send_frame};
 use caretwin_proto::v1::{
@@ -255,6 +255,125 @@ async fn eventually<F: std::future::Future<Output = bool>>(
     }
 }
 
+/// An edge for site t1:home-1: its outbox, the downlink it hands to devices, and a stop.
+struct Edge {
+    outbox: Arc<Outbox>,
+    new_items: Arc<tokio::sync::Notify>,
+    downlink: tokio::sync::mpsc::Receiver<Downlink>,
+    stop: tokio::sync::oneshot::Sender<()>,
+    running: tokio::task::JoinHandle<()>,
+}
+
+fn start_edge(c: &Cluster) -> Edge {
+    let outbox =
+        Arc::new(Outbox::open(&OutboxConfig::at(c.dir.path().join("edge/outbox"))).unwrap());
+    let (cert, key) = site_files(&c.certs(), "t1:home-1");
+    let config = client_config_from_files(&c.certs().join("ca.pem"), &cert, &key).unwrap();
+    let endpoint = client_endpoint("127.0.0.1:0".parse().unwrap(), config).unwrap();
+    let new_items = Arc::new(tokio::sync::Notify::new());
+    let (tx, downlink) = tokio::sync::mpsc::channel(16);
+    let client = SyncClient::new(
+        ClientSettings {
+            site_id: "t1:home-1".into(),
+            cluster: c.addr,
+            server_name: "localhost".into(),
+            max_backoff: Duration::from_millis(500),
+        },
+        endpoint,
+        outbox.clone(),
+        new_items.clone(),
+        tx,
+    );
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let running = tokio::spawn(async move {
+        client
+            .run(async move {
+                let _ = stopped.await;
+            })
+            .await
+    });
+    Edge {
+        outbox,
+        new_items,
+        downlink,
+        stop,
+        running,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn desired_state_set_while_offline_reaches_the_device_and_the_delta_closes() {
+    let c = cluster().await;
+    let set = |value: &str, expected| DeviceMsg::SetDesired {
+        field: "brew_temp".into(),
+        value: value.into(),
+        expected_version: expected,
+    };
+    assert_eq!(
+        c.system
+            .devices()
+            .call(DEVICE, set("93", None))
+            .await
+            .unwrap(),
+        DeviceReply::Version(1)
+    );
+    assert_eq!(
+        c.system
+            .devices()
+            .call(DEVICE, set("94", Some(1)))
+            .await
+            .unwrap(),
+        DeviceReply::Version(2)
+    );
+    c.system.settle(5).await.unwrap();
+
+    let mut edge = start_edge(&c);
+    // Both snapshots arrive, in order; the device keeps the newest version.
+    let mut newest = (String::new(), 0);
+    while newest.1 < 2 {
+        let down = tokio::time::timeout(DEADLINE, edge.downlink.recv())
+            .await
+            .unwrap()
+            .unwrap();
+        let Downlink::Desired { device, fields } = down else {
+            panic!("expected desired state, got {down:?}")
+        };
+        assert_eq!(device, DEVICE);
+        let (f, v, version) = fields.into_iter().next().unwrap();
+        assert_eq!(f, "brew_temp");
+        assert!(version > newest.1, "versions only move forward");
+        newest = (v, version);
+    }
+    assert_eq!(newest.0, "94", "the cloud's latest version wins");
+
+    // The device applies it and reports it; the reported state flows up and the delta closes.
+    let delta = || {
+        let sys = c.system.clone();
+        async move {
+            sys.devices()
+                .inspect(DEVICE, |t| t.unwrap().delta().len())
+                .await
+                .unwrap()
+        }
+    };
+    assert_eq!(delta().await, 1);
+    edge.outbox
+        .accept(vec![Item::new(
+            DEVICE,
+            1_795_392_000_000,
+            ItemKind::Reported {
+                field: "brew_temp".into(),
+                value: caretwin_edge::outbox::FieldValue::Text("94".into()),
+            },
+        )])
+        .await
+        .unwrap();
+    edge.new_items.notify_waiters();
+    eventually("the delta to close", || async { delta().await == 0 }).await;
+    let _ = edge.stop.send(());
+    edge.running.await.unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_command_sent_while_the_edge_is_offline_arrives_after_it_connects() {
     let c = cluster().await;
@@ -295,40 +414,15 @@ async fn a_command_sent_while_the_edge_is_offline_arrives_after_it_connects() {
     );
 
     // The edge comes online.
-    let edge_dir = c.dir.path().join("edge");
-    let outbox = Arc::new(Outbox::open(&OutboxConfig::at(edge_dir.join("outbox"))).unwrap());
-    let (cert, key) = site_files(&c.certs(), "t1:home-1");
-    let config = client_config_from_files(&c.certs().join("ca.pem"), &cert, &key).unwrap();
-    let endpoint = client_endpoint("127.0.0.1:0".parse().unwrap(), config).unwrap();
-    let new_items = Arc::new(tokio::sync::Notify::new());
-    let (tx, mut commands) = tokio::sync::mpsc::channel(16);
-    let client = Arc::new(SyncClient::new(
-        ClientSettings {
-            site_id: "t1:home-1".into(),
-            cluster: c.addr,
-            server_name: "localhost".into(),
-            max_backoff: Duration::from_millis(500),
-        },
-        endpoint,
-        outbox.clone(),
-        new_items.clone(),
-        tx,
-    ));
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let running = {
-        let client = client.clone();
-        tokio::spawn(async move {
-            client
-                .run(async move {
-                    let _ = stopped.await;
-                })
-                .await
-        })
-    };
-    let got = tokio::time::timeout(DEADLINE, commands.recv())
+    let mut edge = start_edge(&c);
+    let outbox = edge.outbox.clone();
+    let down = tokio::time::timeout(DEADLINE, edge.downlink.recv())
         .await
         .unwrap()
         .unwrap();
+    let Downlink::Command(got) = down else {
+        panic!("expected the command, got {down:?}")
+    };
     assert_eq!(
         (got.device.as_str(), got.name.as_str()),
         (DEVICE, "descale")
@@ -353,12 +447,12 @@ async fn a_command_sent_while_the_edge_is_offline_arrives_after_it_connects() {
         )])
         .await
         .unwrap();
-    new_items.notify_waiters();
+    edge.new_items.notify_waiters();
     eventually("succeeded", || async { state().await == "succeeded" }).await;
     eventually("the result trimmed from the outbox", || async {
         outbox.stats().backlog_items == 0
     })
     .await;
-    let _ = stop.send(());
-    running.await.unwrap();
+    let _ = edge.stop.send(());
+    edge.running.await.unwrap();
 }

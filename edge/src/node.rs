@@ -11,7 +11,7 @@
 use crate::config::EdgeConfig;
 use crate::outbox::{FieldValue, Item, ItemKind, Outbox, OutboxConfig};
 use crate::sim::{SimConfig, SimOutput, Simulator};
-use crate::sync::client::{ClientSettings, IncomingCommand, SyncClient};
+use crate::sync::client::{ClientSettings, Downlink, SyncClient};
 use caretwin_actors::catalogue::Catalogue;
 use caretwin_actors::twins::device::ItemKind as DeviceKind;
 use std::future::Future;
@@ -41,7 +41,7 @@ pub async fn run(
     })?);
     let catalogue = Arc::new(Catalogue::builtin());
     let new_items = Arc::new(Notify::new());
-    let (cmd_tx, cmd_rx) = mpsc::channel::<IncomingCommand>(1024);
+    let (cmd_tx, cmd_rx) = mpsc::channel::<Downlink>(1024);
 
     let cluster: SocketAddr = tokio::net::lookup_host(&config.cluster_addr)
         .await?
@@ -148,7 +148,7 @@ async fn simulate(
     catalogue: Arc<Catalogue>,
     outbox: Arc<Outbox>,
     new_items: Arc<Notify>,
-    mut commands: mpsc::Receiver<IncomingCommand>,
+    mut commands: mpsc::Receiver<Downlink>,
     simulate_for: Option<Duration>,
     mut stop: tokio::sync::watch::Receiver<bool>,
 ) -> anyhow::Result<()> {
@@ -160,14 +160,38 @@ async fn simulate(
     let until = simulate_for.map(|d| started + d.as_millis() as u64);
     let mut step = tokio::time::interval(SIM_STEP);
     let mut drained_said = false;
+    // Desired versions each simulated device holds.
+    let mut applied: std::collections::HashMap<String, std::collections::HashMap<String, u64>> =
+        std::collections::HashMap::new();
     loop {
         tokio::select! {
             _ = stop.changed() => return Ok(()),
-            Some(cmd) = commands.recv() => {
+            Some(down) = commands.recv() => {
                 let now = now_ms();
-                if let Some(out) = sim.command(&cmd.device, &cmd.command_id, &cmd.name, now) {
-                    accept(&outbox, &catalogue, &models, vec![out]).await?;
-                    new_items.notify_waiters();
+                match down {
+                    Downlink::Command(cmd) => {
+                        if let Some(out) = sim.command(&cmd.device, &cmd.command_id, &cmd.name, now) {
+                            accept(&outbox, &catalogue, &models, vec![out]).await?;
+                            new_items.notify_waiters();
+                        }
+                    }
+                    Downlink::Desired { device, fields } => {
+                        // Simulated devices take any configuration at once and report it.
+                        let held = applied.entry(device.clone()).or_default();
+                        let mut items: Vec<Item> = Vec::new();
+                        for (field, value, version) in fields {
+                            if held.get(&field).is_some_and(|h| version <= *h) {
+                                continue;
+                            }
+                            held.insert(field.clone(), version);
+                            let kind = ItemKind::Reported { field, value: FieldValue::Text(value) };
+                            items.push(Item::new(device.clone(), now, kind));
+                        }
+                        if !items.is_empty() && models.contains_key(&device) {
+                            outbox.accept(items).await?;
+                            new_items.notify_waiters();
+                        }
+                    }
                 }
             }
             _ = step.tick() => {

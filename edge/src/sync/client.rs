@@ -38,6 +38,21 @@ pub struct IncomingCommand {
     pub expires_at_ms: i64,
 }
 
+/// What the cluster sends down for the devices.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Downlink {
+    /// A command, stored durably at the edge before it was confirmed.
+    Command(IncomingCommand),
+    /// A device's complete desired state: (field, value, version). The adapter applies a
+    /// field only if its version is newer than the one the device holds.
+    Desired {
+        /// The device.
+        device: String,
+        /// Every desired field.
+        fields: Vec<(String, String, u64)>,
+    },
+}
+
 /// Where and how to reach the cluster.
 #[derive(Debug, Clone)]
 pub struct ClientSettings {
@@ -67,7 +82,7 @@ pub struct SyncClient {
     outbox: Arc<Outbox>,
     /// Signalled when the outbox has new items to send.
     new_items: Arc<Notify>,
-    commands: mpsc::Sender<IncomingCommand>,
+    commands: mpsc::Sender<Downlink>,
     stats: Arc<ClientStats>,
     instance: String,
 }
@@ -86,7 +101,7 @@ impl SyncClient {
         endpoint: Endpoint,
         outbox: Arc<Outbox>,
         new_items: Arc<Notify>,
-        commands: mpsc::Sender<IncomingCommand>,
+        commands: mpsc::Sender<Downlink>,
     ) -> Self {
         let instance = format!(
             "{:x}",
@@ -256,9 +271,32 @@ impl SyncClient {
                             expires_at_ms: c.expires_at_ms,
                         };
                         // The adapters went away: the edge is shutting down.
-                        if self.commands.send(cmd).await.is_err() {
+                        if self.commands.send(Downlink::Command(cmd)).await.is_err() {
                             return Ok(());
                         }
+                    }
+                }
+                Some(cluster_frame::Body::DesiredState(d)) => {
+                    let fields = d
+                        .fields
+                        .into_iter()
+                        .map(|(f, v)| {
+                            let text = match v.value.and_then(|v| v.value) {
+                                Some(v1::signal_value::Value::Text(t)) => t,
+                                Some(v1::signal_value::Value::Number(n)) => n.to_string(),
+                                Some(v1::signal_value::Value::Integer(i)) => i.to_string(),
+                                Some(v1::signal_value::Value::Flag(b)) => b.to_string(),
+                                None => String::new(),
+                            };
+                            (f, text, v.version)
+                        })
+                        .collect();
+                    let down = Downlink::Desired {
+                        device: d.device_id,
+                        fields,
+                    };
+                    if self.commands.send(down).await.is_err() {
+                        return Ok(());
                     }
                 }
                 Some(cluster_frame::Body::Error(e)) => {
