@@ -133,8 +133,12 @@ fn site_files(certs: &Path, site: &str) -> (PathBuf, PathBuf) {
     )
 }
 
-/// A raw QUIC session as `site`: control stream open, Hello sent, Welcome read.
-async fn raw_session(c: &Cluster, site: &str) -> quinn::Connection {
+/// A raw QUIC session as `site`: control stream open, Hello sent, Welcome read. The
+/// control stream is returned with the connection: dropping it would end the session.
+async fn raw_session(
+    c: &Cluster,
+    site: &str,
+) -> (quinn::Connection, quinn::SendStream, FrameReader) {
     let (cert, key) = site_files(&c.certs(), site);
     let config = client_config_from_files(&c.certs().join("ca.pem"), &cert, &key).unwrap();
     let endpoint = client_endpoint("127.0.0.1:0".parse().unwrap(), config).unwrap();
@@ -153,9 +157,7 @@ async fn raw_session(c: &Cluster, site: &str) -> quinn::Connection {
         welcome.body,
         Some(cluster_frame::Body::Welcome(_))
     ));
-    // Keep the control stream alive for the test's length.
-    std::mem::forget((send, reader));
-    conn
+    (conn, send, reader)
 }
 
 /// Sends raw bytes on a new data stream and reads the one frame that answers.
@@ -202,12 +204,12 @@ fn code(frame: &ClusterFrame) -> Vec<ErrorCode> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_site_cannot_write_another_sites_device_over_quic() {
     let c = cluster().await;
-    let shop = raw_session(&c, "t1:shop-7").await;
+    let (shop, _control, _reader) = raw_session(&c, "t1:shop-7").await;
     let reply = exchange(&shop, &caretwin_proto::frame::encode(&batch(DEVICE, 1))).await;
     assert_eq!(code(&reply), [ErrorCode::NotOwner]);
     assert_eq!(c.store.high_water(&Key::new(DEVICE)).await.unwrap(), 0);
     // The owner can.
-    let home = raw_session(&c, "t1:home-1").await;
+    let (home, _control, _reader) = raw_session(&c, "t1:home-1").await;
     let reply = exchange(&home, &caretwin_proto::frame::encode(&batch(DEVICE, 1))).await;
     assert!(code(&reply).is_empty(), "{reply:?}");
     assert_eq!(c.store.high_water(&Key::new(DEVICE)).await.unwrap(), 1);
@@ -216,7 +218,7 @@ async fn a_site_cannot_write_another_sites_device_over_quic() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_frames_get_their_codes_and_the_node_keeps_serving() {
     let c = cluster().await;
-    let home = raw_session(&c, "t1:home-1").await;
+    let (home, _control, _reader) = raw_session(&c, "t1:home-1").await;
     // Not protobuf.
     let reply = exchange(&home, &[5, 0xff, 0xff, 0xff, 0xff, 0xff]).await;
     assert_eq!(code(&reply), [ErrorCode::MalformedFrame]);
