@@ -236,7 +236,7 @@ async fn bad_frames_get_their_codes_and_the_node_keeps_serving() {
     // The same session, and another site, are still served.
     let reply = exchange(&home, &caretwin_proto::frame::encode(&batch(DEVICE, 1))).await;
     assert!(code(&reply).is_empty(), "{reply:?}");
-    let shop = raw_session(&c, "t1:shop-7").await;
+    let (shop, _shop_control, _shop_reader) = raw_session(&c, "t1:shop-7").await;
     let reply = exchange(
         &shop,
         &caretwin_proto::frame::encode(&batch("t1:nobody", 1)),
