@@ -4,23 +4,33 @@
 //! applies them, makes them durable and acknowledges them; the edges then trim them.
 //!
 //! Two measurements:
-//! 1. **Throughput with 1, 10 and 100 sites** of [`DEVICES_PER_SITE`] coffee machines. The
-//!    same number of readings in all is accepted into the outboxes while every site is
-//!    offline; then every site connects at once and the clock runs until every outbox is
-//!    empty (accepted at the edge → applied by the twins, durable → acknowledged →
-//!    trimmed). With every site still connected, each then accepts one reading per device
-//!    every [`PROBE_EVERY`] and times, from outside the client, how long it takes from
-//!    `Outbox::accept` returning to the outbox being empty again: the latency of one live
-//!    frame and its acknowledgement (polled every millisecond, so ±1–2 ms).
+//! 1. **Throughput with 1, 10 and 100 sites** of [`DEVICES_PER_SITE`] coffee machines, the
+//!    same number of readings in all for each row, every reading accepted at the edge →
+//!    applied by the twins, durable → acknowledged → trimmed:
+//!    - *cold*: the readings are accepted while every site is offline, then every site
+//!      connects at once (a reconnect storm) and the clock runs until every outbox is empty;
+//!    - *warm*: with every site connected and idle, each accepts as many readings again
+//!      (1,000 per call, waking its client after each) until every outbox is empty: the
+//!      edges' own intake runs in this process too;
+//!    - *live frames*: each site then accepts one reading per device every [`PROBE_EVERY`]
+//!      and times, from outside the client, `Outbox::accept` returning → its outbox empty
+//!      again: one frame, its twin steps, the ack and the trim (polled every millisecond, so
+//!      ±1–2 ms). `SyncClient` has no hook for ack latency, so this is what is measured.
 //! 2. **Catch-up**: one site of [`CATCH_UP_DEVICES`] machines accepts 1,000,000 readings
-//!    while offline (four adapters, 1,000 readings per call: the edge's own durable intake
-//!    rate), then connects; readings/s until its outbox is empty.
+//!    while offline ([`CATCH_UP_ADAPTERS`] adapters, 1,000 readings per call: the edge's
+//!    own durable intake rate), then connects; readings/s until its outbox is empty.
 //!
 //! The cluster, the edges and the bench share one process and one 2-worker tokio runtime;
 //! every store is a directory under `CARGO_TARGET_TMPDIR` (the real disk: an fsync costs
-//! what it costs). CPU time per thread (from `/proc/self/task`) says who used the cores.
+//! what it costs), so 100 edges share one disk that in a deployment would be 100 disks.
+//! CPU time per thread (from `/proc/self/task`) says who used the cores; UDP datagrams
+//! dropped for a full receive buffer (from `/proc/net`) say whether QUIC had to recover.
+//! Warnings of the node and the clients go to stderr.
 //!
-//! Run: `cargo bench -p caretwin-cluster --bench sync` (`-- --quick` for a short run).
+//! Run: `cargo bench -p caretwin-cluster --bench sync`; `-- --quick` for a short run,
+//! `-- --only throughput` or `-- --only catch-up` for one of them (profiling), `-- --edge-dir
+//! /dev/shm` to put the outboxes where an fsync is free (a diagnostic: what the shared disk
+//! costs).
 
 use caretwin_actors::catalogue::Catalogue;
 use caretwin_actors::host::clock::Clock;
@@ -441,6 +451,22 @@ fn udp_receive_drops() -> u64 {
         .unwrap_or(0)
 }
 
+/// Datagrams dropped so far at the UDP socket bound to 127.0.0.1:`port` (the `drops`
+/// column of `/proc/net/udp`).
+fn socket_drops(port: u16) -> u64 {
+    let local = format!("0100007F:{port:04X}");
+    std::fs::read_to_string("/proc/net/udp")
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            (f.get(1) == Some(&local.as_str()))
+                .then(|| f.last()?.parse::<u64>().ok())
+                .flatten()
+        })
+        .sum()
+}
+
 /// Cores busy between two `cpu()` readings over `wall` seconds, per kind of thread.
 fn cores(
     before: &(f64, BTreeMap<&'static str, f64>),
@@ -462,8 +488,10 @@ struct Drain {
     per_site: Vec<Duration>,
     /// Per site, until its first session was open (handshake, Hello, Welcome).
     to_session: Vec<Duration>,
-    /// UDP datagrams the kernel dropped for a full receive buffer (all sockets).
+    /// UDP datagrams the kernel dropped for a full receive buffer: on the machine, and at
+    /// the cluster's socket.
     udp_drops: u64,
+    cluster_socket_drops: u64,
     /// Readings trimmed in each whole second.
     per_second: Vec<u64>,
     /// Cores busy, in all and per kind of thread.
@@ -509,6 +537,7 @@ async fn measure(cluster: &Cluster, edges: &mut [Edge], start: Start) -> Drain {
     let (req0, eg0) = edge_counts(edges);
     let mail0 = cluster.mail.load(Ordering::Relaxed);
     let drops0 = udp_receive_drops();
+    let cluster_drops0 = socket_drops(cluster.addr.port());
     let cpu0 = cpu();
     let started = Instant::now();
     let feeds: Vec<Option<JoinHandle<()>>> = match start {
@@ -521,8 +550,11 @@ async fn measure(cluster: &Cluster, edges: &mut [Edge], start: Start) -> Drain {
         Start::Warm { from, to, t0 } => edges
             .iter()
             .map(|e| {
-                let (outbox, devices, wake) =
-                    (e.outbox.clone(), e.site.devices.clone(), e.new_items.clone());
+                let (outbox, devices, wake) = (
+                    e.outbox.clone(),
+                    e.site.devices.clone(),
+                    e.new_items.clone(),
+                );
                 Some(tokio::spawn(async move {
                     fill(&outbox, &devices, from..to, t0, Some(&wake)).await;
                 }))
@@ -567,6 +599,7 @@ async fn measure(cluster: &Cluster, edges: &mut [Edge], start: Start) -> Drain {
         per_site: per_site.into_iter().map(Option::unwrap).collect(),
         to_session: to_session.into_iter().map(Option::unwrap).collect(),
         udp_drops: udp_receive_drops() - drops0,
+        cluster_socket_drops: socket_drops(cluster.addr.port()) - cluster_drops0,
         per_second,
         cores,
         cluster_steps: steps1 - steps0,
@@ -844,73 +877,77 @@ async fn run(opts: Options) {
     if opts.runs("throughput") {
         for n in [1, 10, 100] {
             let row = throughput(&opts, &certs, n).await;
-            print_details(
-                &format!("{n} site(s) × {DEVICES_PER_SITE} devices"),
-                &row.drain,
+            let what = format!("{n} site(s) × {DEVICES_PER_SITE} devices");
+            println!(
+                "\n{what}: {} readings accepted offline in {:.2} s ({} /s)",
                 row.readings,
-                row.fill,
+                row.fill.as_secs_f64(),
+                thousands(row.readings as f64 / row.fill.as_secs_f64())
             );
+            print_details("cold (every site connects)", &row.cold, row.readings);
+            print_details("warm (connected; accepted now)", &row.warm, row.readings);
             rows.push(row);
         }
     }
     let caught = if opts.runs("catch-up") {
         let c = catch_up(&opts, &certs).await;
-        print_details(
-            &format!(
-                "catch-up, 1 site × {CATCH_UP_DEVICES} devices ({CATCH_UP_ADAPTERS} adapters \
-                 filling, {} fsyncs)",
-                c.fill_groups
-            ),
-            &c.drain,
+        println!(
+            "\ncatch-up, 1 site × {CATCH_UP_DEVICES} devices: {} readings accepted offline in \
+             {:.2} s ({} /s; {CATCH_UP_ADAPTERS} adapters, {READINGS_PER_CALL} per call, {} \
+             fsyncs)",
             c.readings,
-            c.fill,
+            c.fill.as_secs_f64(),
+            thousands(c.readings as f64 / c.fill.as_secs_f64()),
+            c.fill_groups
         );
+        print_details("cold (the site connects)", &c.drain, c.readings);
         Some(c)
     } else {
         None
     };
 
     if !rows.is_empty() {
-        println!("\n## Throughput: readings accepted offline, then every site connects\n");
+        println!("\n## Throughput, {DEVICES_PER_SITE} devices per site\n");
         println!(
-            "| sites × devices | readings | readings/s until all empty | drain per site p50 / \
-             max | live frame, accept → trimmed p50 / p99 / max (frames) | readings per \
-             cluster commit | cores busy |"
+            "| sites | readings | cold: sessions open p50 / max | cold: readings/s | warm: \
+             readings/s | live frame, accept → trimmed p50 / p99 / max (frames) | readings \
+             per cluster commit (warm) | cores busy cold / warm |"
         );
-        println!("|---|---|---|---|---|---|---|");
+        println!("|---|---|---|---|---|---|---|---|");
         for r in &rows {
-            let mut per_site = r.drain.per_site.clone();
-            per_site.sort();
+            let mut to_session = r.cold.to_session.clone();
+            to_session.sort();
+            let rate = |d: &Drain| thousands(r.readings as f64 / d.total.as_secs_f64());
             println!(
-                "| {} × {DEVICES_PER_SITE} | {} | {} | {:.2} s / {:.2} s | {} / {} / {} ({}) | \
-                 {:.0} | {:.2} |",
+                "| {} | {} | {:.2} s / {:.2} s | {} | {} | {} / {} / {} ({}) | {:.0} | {:.2} / \
+                 {:.2} |",
                 r.sites,
                 thousands(r.readings as f64),
-                thousands(r.readings as f64 / r.drain.total.as_secs_f64()),
-                percentile(&per_site, 0.5).as_secs_f64(),
-                percentile(&per_site, 1.0).as_secs_f64(),
+                percentile(&to_session, 0.5).as_secs_f64(),
+                percentile(&to_session, 1.0).as_secs_f64(),
+                rate(&r.cold),
+                rate(&r.warm),
                 ms(r.probe.value_at_quantile(0.5)),
                 ms(r.probe.value_at_quantile(0.99)),
                 ms(r.probe.max()),
                 r.probe.len(),
-                r.readings as f64 / r.drain.cluster_steps.max(1) as f64,
-                r.drain.cores.0
+                r.readings as f64 / r.warm.cluster_steps.max(1) as f64,
+                r.cold.cores.0,
+                r.warm.cores.0
             );
         }
     }
     if let Some(c) = caught {
         let d = &c.drain;
         let rate = c.readings as f64 / d.total.as_secs_f64();
-        // The first second includes the handshake; the last partial one is not counted.
-        let steady: Vec<u64> = d.per_second.iter().skip(1).copied().collect();
         println!(
             "\n## Catch-up after {} buffered readings (one site, {CATCH_UP_DEVICES} devices)\n",
             thousands(c.readings as f64)
         );
         println!(
-            "| edge intake (accept) readings/s | catch-up time | catch-up readings/s | slowest / \
-             fastest whole second after the first | readings per cluster commit | cores busy | \
-             of the ≥ 200,000/s aim |"
+            "| edge intake (accept) readings/s | catch-up time | catch-up readings/s | \
+             slowest / fastest whole second | readings per cluster commit | cores busy | of the \
+             ≥ 200,000/s aim |"
         );
         println!("|---|---|---|---|---|---|---|");
         println!(
@@ -918,11 +955,11 @@ async fn run(opts: Options) {
             thousands(c.readings as f64 / c.fill.as_secs_f64()),
             d.total.as_secs_f64(),
             thousands(rate),
-            steady
+            d.per_second
                 .iter()
                 .min()
                 .map_or("-".into(), |x| thousands(*x as f64)),
-            steady
+            d.per_second
                 .iter()
                 .max()
                 .map_or("-".into(), |x| thousands(*x as f64)),
@@ -933,18 +970,16 @@ async fn run(opts: Options) {
     }
 }
 
-fn print_details(what: &str, d: &Drain, readings: u64, fill: Duration) {
+fn print_details(what: &str, d: &Drain, readings: u64) {
     let mut per_site = d.per_site.clone();
     per_site.sort();
     let mut to_session = d.to_session.clone();
     to_session.sort();
     println!(
-        "\n{what}: {} readings accepted offline in {:.2} s ({} /s); drained in {:.2} s \
-         (per site p50 {:.2} s, max {:.2} s; session open after p50 {:.2} s, max {:.2} s); \
-         readings trimmed per whole second: {:?}",
-        readings,
-        fill.as_secs_f64(),
-        thousands(readings as f64 / fill.as_secs_f64()),
+        "  {what}: {} readings/s, all empty after {:.2} s (per site p50 {:.2} s, max {:.2} s; \
+         session open after p50 {:.2} s, max {:.2} s); readings acknowledged per whole \
+         second: {:?}",
+        thousands(readings as f64 / d.total.as_secs_f64()),
         d.total.as_secs_f64(),
         percentile(&per_site, 0.5).as_secs_f64(),
         percentile(&per_site, 1.0).as_secs_f64(),
@@ -953,8 +988,8 @@ fn print_details(what: &str, d: &Drain, readings: u64, fill: Duration) {
         d.per_second
     );
     println!(
-        "  cluster: {} store commits in {} fsyncs ({:.0} readings per commit); edges: {} \
-         writes (acks) in {} fsyncs; sessions {}; UDP receive-buffer drops {}; mail \
+        "    cluster: {} store commits in {} fsyncs ({:.0} readings per commit); edges: {} \
+         writes in {} fsyncs; sessions {}; UDP receive-buffer drops {} (at the cluster's socket {}); mail \
          delivered {}; {}",
         d.cluster_steps,
         d.cluster_groups,
@@ -963,6 +998,7 @@ fn print_details(what: &str, d: &Drain, readings: u64, fill: Duration) {
         d.edge_groups,
         d.sessions,
         d.udp_drops,
+        d.cluster_socket_drops,
         d.mail,
         cpu_line(&d.cores)
     );
