@@ -324,8 +324,22 @@ impl Ingest {
                 },
             });
         }
-        for (device, items) in runs {
-            self.apply(site, &device, items, &mut ack).await;
+        // Devices live in different twins (often different shards): apply them together, so
+        // their writes share the store's group commits instead of waiting for each other.
+        let parts = futures::future::join_all(runs.into_iter().map(|(device, items)| async move {
+            let mut part = Ack::default();
+            self.apply(site, &device, items, &mut part).await;
+            part
+        }))
+        .await;
+        for part in parts {
+            ack.watermarks.extend(part.watermarks);
+            ack.rejections.extend(part.rejections);
+            ack.accepted_count += part.accepted_count;
+            ack.duplicate_count += part.duplicate_count;
+            if part.frame_error.is_some() {
+                ack.frame_error = part.frame_error;
+            }
         }
         cluster_frame::Body::Ack(ack)
     }
