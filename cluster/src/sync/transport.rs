@@ -90,11 +90,31 @@ pub fn server_transport_config() -> quinn::TransportConfig {
     t
 }
 
+/// Receive buffer asked of the kernel for the sync socket. Many sites handshaking at once
+/// overflow the default (~208 KiB on Linux) and QUIC then waits out its retry timers; the
+/// kernel caps the request at `net.core.rmem_max`, which operators should raise to match.
+pub const RECV_BUFFER_BYTES: usize = 8 * 1024 * 1024;
+
 /// Binds the sync endpoint on `addr` (port 0 picks a free port) and returns it with the
 /// address it is bound to.
 pub fn bind(addr: SocketAddr, config: quinn::ServerConfig) -> Result<(Endpoint, SocketAddr)> {
     let bind_err = |source| TransportError::Bind { addr, source };
-    let endpoint = Endpoint::server(config, addr).map_err(bind_err)?;
+    let domain = socket2::Domain::for_address(addr);
+    let socket = socket2::Socket::new(domain, socket2::Type::DGRAM, Some(socket2::Protocol::UDP))
+        .map_err(bind_err)?;
+    if let Err(e) = socket.set_recv_buffer_size(RECV_BUFFER_BYTES) {
+        tracing::warn!(error = %e, "could not enlarge the sync socket's receive buffer");
+    }
+    socket.bind(&addr.into()).map_err(bind_err)?;
+    let runtime = quinn::default_runtime()
+        .ok_or_else(|| bind_err(std::io::Error::other("no async runtime for quinn")))?;
+    let endpoint = Endpoint::new(
+        quinn::EndpointConfig::default(),
+        Some(config),
+        socket.into(),
+        runtime,
+    )
+    .map_err(bind_err)?;
     let local = endpoint.local_addr().map_err(bind_err)?;
     Ok((endpoint, local))
 }

@@ -141,9 +141,12 @@ impl SyncClient {
                     tracing::warn!(site = %self.settings.site_id, error = %e, retry_in = ?backoff, "sync session ended");
                 }
             }
+            // Jitter (up to half the backoff) spreads the reconnects of many sites that lost
+            // the same cluster at the same moment.
+            let jitter = backoff.mul_f64(0.5 * unit_noise(&self.instance, backoff));
             tokio::select! {
                 () = &mut shutdown => return,
-                () = tokio::time::sleep(backoff) => {}
+                () = tokio::time::sleep(backoff + jitter) => {}
             }
             backoff = (backoff * 2).min(self.settings.max_backoff);
         }
@@ -565,6 +568,17 @@ fn to_frame(device: &str, s: Sequenced) -> Piece {
 fn alarm_kind(kind: &str) -> v1::AlarmKind {
     v1::AlarmKind::from_str_name(&format!("ALARM_KIND_{}", kind.to_ascii_uppercase()))
         .unwrap_or(v1::AlarmKind::Other)
+}
+
+/// A number in `[0, 1)` that differs between edges and between attempts: the edge's
+/// instance id and the clock, hashed.
+fn unit_noise(instance: &str, salt: Duration) -> f64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write(instance.as_bytes());
+    h.write_u128(salt.as_nanos());
+    h.write_u64(now_ms());
+    (h.finish() >> 11) as f64 / (1u64 << 53) as f64
 }
 
 fn now_ms() -> u64 {
