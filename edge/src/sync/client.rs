@@ -379,14 +379,15 @@ impl SyncClient {
                 heard.store(now_ms(), std::sync::atomic::Ordering::Relaxed);
                 match reply.body {
                     Some(cluster_frame::Body::Ack(ack)) => {
-                        for w in &ack.watermarks {
-                            let trimmed = self
-                                .outbox
-                                .acknowledge(&w.device_id, w.persisted_seq)
-                                .await?;
+                        // All of an ack's trims at once: the outbox writes them with one fsync.
+                        let trims = ack
+                            .watermarks
+                            .iter()
+                            .map(|w| self.outbox.acknowledge(&w.device_id, w.persisted_seq));
+                        for trimmed in futures::future::join_all(trims).await {
                             self.stats
                                 .acknowledged
-                                .fetch_add(trimmed, std::sync::atomic::Ordering::Relaxed);
+                                .fetch_add(trimmed?, std::sync::atomic::Ordering::Relaxed);
                         }
                         for r in &ack.rejections {
                             let code =
