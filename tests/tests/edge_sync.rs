@@ -102,23 +102,20 @@ simulate_for = "{simulate_for}"
     .unwrap()
 }
 
+/// A working directory with a development PKI for [`SITE`], made by the real binary.
+fn dev_certs() -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("certs");
+    let args = ["dev", "--out", out.to_str().unwrap(), "--site", SITE];
+    let mut dev = Process::start(&bin("caretwin-cluster"), &args, &[]).unwrap();
+    assert!(dev.wait().unwrap().success(), "{}", dev.transcript());
+    dir
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_accepted_reading_is_applied_once_across_sigkills() {
-    let dir = tempfile::tempdir().unwrap();
+    let dir = dev_certs();
     let d = dir.path();
-    let mut dev = Process::start(
-        &bin("caretwin-cluster"),
-        &[
-            "dev",
-            "--out",
-            d.join("certs").to_str().unwrap(),
-            "--site",
-            SITE,
-        ],
-        &[],
-    )
-    .unwrap();
-    assert!(dev.wait().unwrap().success(), "{}", dev.transcript());
 
     let mut provision = String::new();
     let mut sim = String::from("seed = 7\n");
@@ -191,21 +188,8 @@ async fn every_accepted_reading_is_applied_once_across_sigkills() {
 /// safety priority.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn smoke_while_offline_is_acted_on_locally_then_reaches_a_person() {
-    let dir = tempfile::tempdir().unwrap();
+    let dir = dev_certs();
     let d = dir.path();
-    let mut dev = Process::start(
-        &bin("caretwin-cluster"),
-        &[
-            "dev",
-            "--out",
-            d.join("certs").to_str().unwrap(),
-            "--site",
-            SITE,
-        ],
-        &[],
-    )
-    .unwrap();
-    assert!(dev.wait().unwrap().success(), "{}", dev.transcript());
     write(
         &d.join("devices.toml"),
         &format!(
