@@ -259,6 +259,7 @@ async fn eventually<F: std::future::Future<Output = bool>>(
 
 /// An edge for site t1:home-1: its outbox, the downlink it hands to devices, and a stop.
 struct Edge {
+    stats: Arc<caretwin_edge::sync::client::ClientStats>,
     outbox: Arc<Outbox>,
     new_items: Arc<tokio::sync::Notify>,
     downlink: tokio::sync::mpsc::Receiver<Downlink>,
@@ -286,6 +287,7 @@ fn start_edge(c: &Cluster) -> Edge {
         new_items.clone(),
         tx,
     );
+    let stats = client.stats();
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let running = tokio::spawn(async move {
         client
@@ -295,6 +297,7 @@ fn start_edge(c: &Cluster) -> Edge {
             .await
     });
     Edge {
+        stats,
         outbox,
         new_items,
         downlink,
@@ -372,6 +375,11 @@ async fn desired_state_set_while_offline_reaches_the_device_and_the_delta_closes
         .unwrap();
     edge.new_items.notify_waiters();
     eventually("the delta to close", || async { delta().await == 0 }).await;
+    let (frames, p50, p99) = edge
+        .stats
+        .ack_latency()
+        .expect("the report's ack was timed");
+    assert!(frames >= 1 && p50 <= p99, "{frames} {p50:?} {p99:?}");
     let _ = edge.stop.send(());
     edge.running.await.unwrap();
 }

@@ -73,6 +73,31 @@ pub struct ClientStats {
     pub sessions: std::sync::atomic::AtomicU64,
     /// Items acknowledged by the cluster.
     pub acknowledged: std::sync::atomic::AtomicU64,
+    /// Microseconds from sending a frame to reading its ack.
+    ack_latency_us: std::sync::Mutex<Option<hdrhistogram::Histogram<u64>>>,
+}
+
+impl ClientStats {
+    fn record_ack(&self, latency: Duration) {
+        let mut h = self.ack_latency_us.lock().expect("stats lock");
+        let h = h.get_or_insert_with(|| {
+            hdrhistogram::Histogram::new_with_bounds(1, 600_000_000, 3).expect("valid bounds")
+        });
+        // Saturates rather than fails on an absurd value: a statistic must not stop a sync.
+        h.saturating_record(latency.as_micros().min(u128::from(u64::MAX)) as u64);
+    }
+
+    /// Acknowledgement latency so far: (frames, p50, p99), or `None` before the first ack.
+    pub fn ack_latency(&self) -> Option<(u64, Duration, Duration)> {
+        let h = self.ack_latency_us.lock().expect("stats lock");
+        h.as_ref().filter(|h| !h.is_empty()).map(|h| {
+            (
+                h.len(),
+                Duration::from_micros(h.value_at_quantile(0.5)),
+                Duration::from_micros(h.value_at_quantile(0.99)),
+            )
+        })
+    }
 }
 
 /// The sync client.
@@ -368,13 +393,19 @@ impl SyncClient {
                 }
                 continue;
             }
+            let mut sent_at = std::collections::VecDeque::with_capacity(frames.len());
             for f in &frames {
                 send_frame(&mut send, f).await?;
+                sent_at.push_back(std::time::Instant::now());
             }
             for _ in 0..frames.len() {
                 let Some(reply) = reader.next::<ClusterFrame>().await? else {
                     anyhow::bail!("cluster closed the data stream");
                 };
+                // Acks come in the order the frames went out.
+                if let Some(t) = sent_at.pop_front() {
+                    self.stats.record_ack(t.elapsed());
+                }
                 // An ack is as good a sign of life as a heartbeat ack.
                 heard.store(now_ms(), std::sync::atomic::Ordering::Relaxed);
                 match reply.body {
