@@ -166,6 +166,14 @@ impl Ctx {
     }
 }
 
+/// Decodes a twin's JSON snapshot, naming the twin when it cannot.
+pub fn decode_snapshot<T: serde::de::DeserializeOwned>(id: &str, bytes: &[u8]) -> crate::Result<T> {
+    serde_json::from_slice(bytes).map_err(|e| crate::Error::Twin {
+        id: id.to_owned(),
+        reason: format!("unreadable snapshot: {e}"),
+    })
+}
+
 /// A timer's item in the schedule: the twin id, a NUL, the tag.
 pub(crate) fn timer_item(id: &str, tag: &str) -> Vec<u8> {
     let mut v = Vec::with_capacity(id.len() + 1 + tag.len());

@@ -230,13 +230,7 @@ pub(crate) fn tenant_id(kind: &str, id: &str) -> Result<String> {
     Ok(id.to_owned())
 }
 
-/// Decodes a desk's snapshot.
-pub(crate) fn decode_snapshot<T: serde::de::DeserializeOwned>(id: &str, bytes: &[u8]) -> Result<T> {
-    serde_json::from_slice(bytes).map_err(|e| Error::Twin {
-        id: id.to_owned(),
-        reason: format!("unreadable snapshot: {e}"),
-    })
-}
+pub(crate) use crate::host::decode_snapshot;
 
 /// Refuses mail that is not for `me` or comes from another tenant.
 pub(crate) fn admit(me: &Address, mail: &Mail) -> std::result::Result<(), String> {

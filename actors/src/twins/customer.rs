@@ -933,10 +933,7 @@ impl Twin for CustomerTwin {
     }
 
     fn restore(id: &str, snapshot: &[u8], _env: &CustomerEnv) -> crate::Result<Self> {
-        serde_json::from_slice(snapshot).map_err(|e| crate::Error::Twin {
-            id: id.to_owned(),
-            reason: format!("unreadable snapshot: {e}"),
-        })
+        crate::host::decode_snapshot(id, snapshot)
     }
 
     fn snapshot(&self) -> Vec<u8> {

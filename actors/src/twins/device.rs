@@ -538,7 +538,7 @@ impl DeviceTwin {
             self.signals = rt.params.iter().map(SignalState::new).collect();
             self.concern = vec![Debounce::default(); rt.params.len()];
             self.reported = vec![None; rt.params.len()];
-            self.health = Vec::new();
+            self.health = vec![1.0; rt.params.len()];
             self.rul = model.rul().map(|_| {
                 Box::new(RulState {
                     features: RulFeatures::new(),
@@ -645,9 +645,6 @@ impl DeviceTwin {
                     ts_ms: item.ts_ms,
                     seq: item.seq,
                 });
-                if self.health.len() != self.signals.len() {
-                    self.health = vec![1.0; self.signals.len()];
-                }
                 self.health[idx] = a.health;
                 self.conclude(idx, spec, *value, &a, model, rt, ctx);
                 self.feed_rul(idx, item.ts_ms, *value, model, rt, ctx);
@@ -983,10 +980,7 @@ impl Twin for DeviceTwin {
     }
 
     fn restore(id: &str, snapshot: &[u8], _env: &DeviceEnv) -> crate::Result<Self> {
-        serde_json::from_slice(snapshot).map_err(|e| crate::Error::Twin {
-            id: id.to_owned(),
-            reason: format!("unreadable snapshot: {e}"),
-        })
+        crate::host::decode_snapshot(id, snapshot)
     }
 
     fn snapshot(&self) -> Vec<u8> {
