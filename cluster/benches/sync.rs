@@ -309,6 +309,7 @@ impl Edge {
                 cluster,
                 server_name: "localhost".into(),
                 max_backoff: Duration::from_secs(5),
+                compress: true,
             },
             endpoint,
             outbox.clone(),

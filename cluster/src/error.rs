@@ -6,6 +6,12 @@ pub enum Error {
     /// The storage port or a backend failed.
     #[error(transparent)]
     Store(#[from] caretwin_actors::Error),
+    /// A sync connection or stream failed.
+    #[error(transparent)]
+    Transport(#[from] crate::sync::transport::TransportError),
+    /// A sync session ended: the edge broke the protocol or went silent.
+    #[error("sync session: {0}")]
+    Session(String),
     /// The configuration is invalid.
     #[error("invalid configuration: {0}")]
     Config(String),

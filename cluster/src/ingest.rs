@@ -164,6 +164,8 @@ pub struct Ingest {
     store: Arc<dyn Store>,
     node_id: String,
     limits: SessionLimits,
+    /// Agree on zstd when the edge offers it.
+    compression: bool,
 }
 
 fn error(code: ErrorCode, message: impl Into<String>) -> SyncError {
@@ -217,12 +219,26 @@ impl Ingest {
             store,
             node_id: node_id.to_owned(),
             limits: default_limits(),
+            compression: true,
         }
     }
 
     /// Sets the heartbeat interval edges are asked to keep.
     pub fn with_heartbeat(mut self, every: std::time::Duration) -> Self {
         self.limits.heartbeat_interval_ms = every.as_millis().max(1) as i64;
+        self
+    }
+
+    /// Sets every session limit (tests use small windows to see back-pressure).
+    pub fn with_limits(mut self, limits: SessionLimits) -> Self {
+        self.limits = limits;
+        self
+    }
+
+    /// Whether sessions may agree on zstd compression when the edge offers it (default:
+    /// yes).
+    pub fn with_compression(mut self, allow: bool) -> Self {
+        self.compression = allow;
         self
     }
 
@@ -275,7 +291,13 @@ impl Ingest {
             tenant_id: site.tenant().to_owned(),
             watermarks,
             limits: Some(self.limits),
-            compression: v1::Compression::None as i32,
+            compression: if self.compression
+                && hello.compression.contains(&(v1::Compression::Zstd as i32))
+            {
+                v1::Compression::Zstd
+            } else {
+                v1::Compression::None
+            } as i32,
             server_time_ms: now as i64,
         })
     }

@@ -281,6 +281,7 @@ fn start_edge(c: &Cluster) -> Edge {
             cluster: c.addr,
             server_name: "localhost".into(),
             max_backoff: Duration::from_millis(500),
+            compress: true,
         },
         endpoint,
         outbox.clone(),

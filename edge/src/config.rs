@@ -52,6 +52,14 @@ pub struct EdgeConfig {
     /// keeps syncing until everything is acknowledged, then says "outbox drained".
     #[serde(default, with = "humantime_serde")]
     pub simulate_for: Option<std::time::Duration>,
+    /// Offer zstd compression of sync frames to the cluster (used when it agrees). Worth it
+    /// on slow or metered links; on a fast LAN it costs a little CPU for nothing.
+    #[serde(default = "default_compress")]
+    pub compress: bool,
+}
+
+fn default_compress() -> bool {
+    true
 }
 
 fn default_site_id() -> String {
@@ -94,6 +102,7 @@ impl Default for EdgeConfig {
             mqtt_listen: None,
             simulator: None,
             simulate_for: None,
+            compress: default_compress(),
         }
     }
 }

@@ -6,6 +6,7 @@
 //! disk, and deleted only once the cluster acknowledged it as durably applied.
 //!
 //! # Layout
+//! - [`error`] — the crate's [`Error`] and [`Result`].
 //! - [`http`] — HTTP/JSON ingest for devices on the site's LAN.
 //! - [`mqtt`] — MQTT 3.1.1 ingest for devices on the site's LAN (a small embedded server).
 //! - [`node`] — the edge's lifecycle: outbox, device adapters, local safety actions, sync.
@@ -16,15 +17,16 @@
 //!   faults, consumables, alarms and questions, reacting to commands (pure, no I/O).
 //! - [`sync`] — the sync's QUIC and mutual TLS glue: client configuration, connecting,
 //!   frames on streams.
-//!
-//! Device adapters and the sync protocol come with the edge sync work.
 
 #![forbid(unsafe_code)]
 
 pub mod config;
+pub mod error;
 pub mod http;
 pub mod mqtt;
 pub mod node;
 pub mod outbox;
 pub mod sim;
 pub mod sync;
+
+pub use error::{Error, Result};

@@ -9,6 +9,7 @@
 //! the link allows.
 
 use crate::config::EdgeConfig;
+use crate::error::{Error, Result};
 use crate::outbox::{FieldValue, Item, ItemKind, Outbox, OutboxConfig};
 use crate::sim::{SimConfig, SimOutput, Simulator};
 use crate::sync::client::{ClientSettings, Downlink, SyncClient};
@@ -34,7 +35,7 @@ const SIM_STEP: Duration = Duration::from_millis(100);
 pub async fn run(
     config: EdgeConfig,
     shutdown: impl Future<Output = ()> + Send + 'static,
-) -> anyhow::Result<()> {
+) -> Result<()> {
     let outbox = Arc::new(Outbox::open(&OutboxConfig {
         limit_bytes: config.outbox_limit_mib * 1024 * 1024,
         ..OutboxConfig::at(config.data_dir.join("outbox"))
@@ -44,17 +45,21 @@ pub async fn run(
     let (cmd_tx, cmd_rx) = mpsc::channel::<Downlink>(1024);
 
     let cluster: SocketAddr = tokio::net::lookup_host(&config.cluster_addr)
-        .await?
+        .await
+        .map_err(|e| Error::io(format!("cannot resolve {}", config.cluster_addr), e))?
         .next()
         .ok_or_else(|| {
-            anyhow::anyhow!("cluster_addr {} resolves to nothing", config.cluster_addr)
+            Error::Config(format!(
+                "cluster_addr {} resolves to nothing",
+                config.cluster_addr
+            ))
         })?;
     let client_config =
         crate::sync::tls::client_config_from_files(&config.ca, &config.cert, &config.key)?;
-    let bind: SocketAddr = if cluster.is_ipv4() {
-        "0.0.0.0:0".parse()?
+    let bind = if cluster.is_ipv4() {
+        SocketAddr::from(([0, 0, 0, 0], 0))
     } else {
-        "[::]:0".parse()?
+        SocketAddr::from((std::net::Ipv6Addr::UNSPECIFIED, 0))
     };
     let endpoint = crate::sync::transport::client_endpoint(bind, client_config)?;
     let client = SyncClient::new(
@@ -63,6 +68,7 @@ pub async fn run(
             cluster,
             server_name: config.server_name.clone(),
             max_backoff: Duration::from_secs(5),
+            compress: config.compress,
         },
         endpoint.clone(),
         outbox.clone(),
@@ -73,8 +79,13 @@ pub async fn run(
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let http = match config.http_listen {
         Some(addr) => {
-            let listener = tokio::net::TcpListener::bind(addr).await?;
-            tracing::info!(addr = %listener.local_addr()?, "HTTP ingest listening");
+            let listener = tokio::net::TcpListener::bind(addr)
+                .await
+                .map_err(|e| Error::io(format!("cannot listen for HTTP on {addr}"), e))?;
+            let bound = listener
+                .local_addr()
+                .map_err(|e| Error::io("no local address", e))?;
+            tracing::info!(addr = %bound, "HTTP ingest listening");
             let app = crate::http::router(outbox.clone(), new_items.clone());
             let mut stop = stop_rx.clone();
             Some(tokio::spawn(async move {
@@ -89,8 +100,13 @@ pub async fn run(
     };
     let mqtt = match config.mqtt_listen {
         Some(addr) => {
-            let listener = tokio::net::TcpListener::bind(addr).await?;
-            tracing::info!(addr = %listener.local_addr()?, "MQTT ingest listening");
+            let listener = tokio::net::TcpListener::bind(addr)
+                .await
+                .map_err(|e| Error::io(format!("cannot listen for MQTT on {addr}"), e))?;
+            let bound = listener
+                .local_addr()
+                .map_err(|e| Error::io("no local address", e))?;
+            tracing::info!(addr = %bound, "MQTT ingest listening");
             let mut stop = stop_rx.clone();
             Some(tokio::spawn(crate::mqtt::serve(
                 listener,
@@ -106,7 +122,10 @@ pub async fn run(
     let adapters = match &config.simulator {
         Some(path) => {
             let text = std::fs::read_to_string(path).map_err(|e| {
-                anyhow::anyhow!("cannot read simulator config {}: {e}", path.display())
+                Error::io(
+                    format!("cannot read simulator config {}", path.display()),
+                    e,
+                )
             })?;
             let sim_config = SimConfig::from_toml(&text)?;
             let sim = Simulator::new(&catalogue, &sim_config, now_ms())?;
@@ -130,7 +149,7 @@ pub async fn run(
         a.await??;
     }
     if let Some(h) = http {
-        h.await??;
+        h.await?.map_err(|e| Error::io("HTTP ingest failed", e))?;
     }
     if let Some(m) = mqtt {
         m.await?;
@@ -151,7 +170,7 @@ async fn simulate(
     mut commands: mpsc::Receiver<Downlink>,
     simulate_for: Option<Duration>,
     mut stop: tokio::sync::watch::Receiver<bool>,
-) -> anyhow::Result<()> {
+) -> Result<()> {
     let models: std::collections::HashMap<String, String> = sim
         .devices()
         .map(|(d, m)| (d.to_owned(), m.to_owned()))
@@ -218,7 +237,7 @@ async fn accept(
     catalogue: &Catalogue,
     models: &std::collections::HashMap<String, String>,
     outputs: Vec<SimOutput>,
-) -> anyhow::Result<()> {
+) -> Result<()> {
     let items = outputs
         .into_iter()
         .map(|o| {

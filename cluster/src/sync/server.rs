@@ -7,11 +7,13 @@
 //! one `Ack` each, after the twins' writes are durable. A second connection of the same
 //! site supersedes the first (which is closed with `SESSION_SUPERSEDED`).
 
-use super::transport::{FrameReader, accept_site, send_frame};
+use super::transport::{FrameReader, TransportError, accept_site};
+use crate::error::{Error, Result};
 use crate::ingest::{CommandSignals, Ingest, SiteId};
 use caretwin_actors::host::clock::Clock;
+use caretwin_proto::frame::Codec;
 use caretwin_proto::v1::{
-    ClusterFrame, EdgeFrame, ErrorCode, SyncError, cluster_frame, edge_frame,
+    ClusterFrame, Compression, EdgeFrame, ErrorCode, SyncError, cluster_frame, edge_frame,
 };
 use quinn::{Connection, Endpoint, SendStream, VarInt};
 use std::collections::HashMap;
@@ -147,16 +149,12 @@ impl SyncServer {
         }
     }
 
-    async fn run_session(
-        &self,
-        conn: &Connection,
-        site: &SiteId,
-        session: &str,
-    ) -> anyhow::Result<()> {
+    async fn run_session(&self, conn: &Connection, site: &SiteId, session: &str) -> Result<()> {
         let max = self.ingest.limits().max_frame_bytes as usize;
-        let (send, recv) = conn.accept_bi().await?;
-        let control = Arc::new(tokio::sync::Mutex::new(send));
+        let (send, recv) = conn.accept_bi().await.map_err(TransportError::from)?;
         let mut reader = FrameReader::new(recv, max);
+        // Until the Welcome is out nothing is agreed: the first frames go uncompressed.
+        let control = tokio::sync::Mutex::new((send, Codec::new(Compression::None, max)));
         let hello = match reader.next::<EdgeFrame>().await? {
             Some(EdgeFrame {
                 body: Some(edge_frame::Body::Hello(h)),
@@ -166,9 +164,9 @@ impl SyncServer {
                     ErrorCode::ProtocolViolation,
                     "the first frame must be Hello",
                 );
-                send_frame(&mut *control.lock().await, &e).await?;
+                send_control(&control, &e).await?;
                 conn.close(close_code(ErrorCode::ProtocolViolation), b"no hello");
-                anyhow::bail!("no Hello");
+                return Err(Error::Session("no Hello".into()));
             }
         };
         let now = self.clock.now_ms();
@@ -176,24 +174,26 @@ impl SyncServer {
             Ok(w) => w,
             Err(e) => {
                 let code = ErrorCode::try_from(e.code).unwrap_or(ErrorCode::Internal);
+                let message = e.message.clone();
                 let frame = ClusterFrame {
                     body: Some(cluster_frame::Body::Error(e)),
                 };
-                send_frame(&mut *control.lock().await, &frame).await?;
+                send_control(&control, &frame).await?;
                 conn.close(close_code(code), b"hello refused");
-                anyhow::bail!("hello refused");
+                return Err(Error::Session(format!("hello refused: {message}")));
             }
         };
+        let agreed = Compression::try_from(welcome.compression).unwrap_or(Compression::None);
         let welcome = ClusterFrame {
             body: Some(cluster_frame::Body::Welcome(welcome)),
         };
-        send_frame(&mut *control.lock().await, &welcome).await?;
-        tracing::info!(devices = hello.devices.len(), "session open");
+        send_control(&control, &welcome).await?;
+        control.lock().await.1 = Codec::new(agreed, max);
+        tracing::info!(devices = hello.devices.len(), compression = ?agreed, "session open");
 
-        let commands =
-            self.push_commands(control.clone(), site.clone(), hello.last_command_position);
-        let control_loop = self.control_loop(control.clone(), reader, site);
-        let data = self.data_streams(conn, site, max);
+        let commands = self.push_commands(&control, site.clone(), hello.last_command_position);
+        let control_loop = self.control_loop(&control, reader, site, Codec::new(agreed, max));
+        let data = self.data_streams(conn, site, max, agreed);
         tokio::select! {
             r = commands => r,
             r = control_loop => r,
@@ -204,10 +204,10 @@ impl SyncServer {
     /// Sends the site's commands after `position`, then each new one as it is logged.
     async fn push_commands(
         &self,
-        control: Arc<tokio::sync::Mutex<SendStream>>,
+        control: &tokio::sync::Mutex<(SendStream, Codec)>,
         site: SiteId,
         mut position: u64,
-    ) -> anyhow::Result<()> {
+    ) -> Result<()> {
         let signal = self.signals.of(&site.site);
         loop {
             // Register for the wake-up before reading, so an append in between is not missed.
@@ -219,9 +219,12 @@ impl SyncServer {
                 .commands_after(&site, position, self.clock.now_ms())
                 .await?;
             if !frames.is_empty() {
-                let mut send = control.lock().await;
+                let mut guard = control.lock().await;
+                let (send, codec) = &mut *guard;
                 for f in &frames {
-                    send_frame(&mut send, f).await?;
+                    send.write_all(&codec.encode(f))
+                        .await
+                        .map_err(TransportError::from)?;
                 }
                 tracing::debug!(count = frames.len(), "commands sent");
             }
@@ -232,10 +235,11 @@ impl SyncServer {
 
     async fn control_loop(
         &self,
-        control: Arc<tokio::sync::Mutex<SendStream>>,
+        control: &tokio::sync::Mutex<(SendStream, Codec)>,
         mut reader: FrameReader,
         site: &SiteId,
-    ) -> anyhow::Result<()> {
+        mut codec: Codec,
+    ) -> Result<()> {
         // Three heartbeat intervals of silence: the edge is gone (its process died, or the
         // path did), whatever QUIC's own idle timer says.
         let silence = std::time::Duration::from_millis(
@@ -243,15 +247,24 @@ impl SyncServer {
         );
         loop {
             let Ok(next) = tokio::time::timeout(silence, reader.next::<EdgeFrame>()).await else {
-                anyhow::bail!("no frame from the edge for {silence:?}");
+                return Err(Error::Session(format!(
+                    "no frame from the edge for {silence:?}"
+                )));
             };
             let Some(frame) = next? else { return Ok(()) };
+            let frame = match codec.expand(frame) {
+                Ok(f) => f,
+                Err(e) => {
+                    send_control(control, &error_frame(e.code(), &e.to_string())).await?;
+                    return Err(Error::Session(e.to_string()));
+                }
+            };
             if let Some(reply) = self
                 .ingest
                 .control_frame(site, frame, self.clock.now_ms())
                 .await
             {
-                send_frame(&mut *control.lock().await, &reply).await?;
+                send_control(control, &reply).await?;
             }
         }
     }
@@ -262,50 +275,107 @@ impl SyncServer {
         conn: &Connection,
         site: &SiteId,
         max: usize,
-    ) -> anyhow::Result<()> {
+        agreed: Compression,
+    ) -> Result<()> {
+        let window = self.ingest.limits().max_in_flight_frames.clamp(1, 64) as usize;
         let mut streams = tokio::task::JoinSet::new();
         loop {
-            let (mut send, recv) = conn.accept_bi().await?;
-            let ingest = self.ingest.clone();
-            let site = site.clone();
-            streams.spawn(async move {
-                let mut reader = FrameReader::new(recv, max);
-                loop {
-                    match reader.next::<EdgeFrame>().await {
-                        Ok(Some(frame)) => {
-                            let reply = ingest.data_frame(&site, frame).await;
-                            if send_frame(&mut send, &reply).await.is_err() {
-                                return;
-                            }
-                        }
-                        Ok(None) => {
-                            let _ = send.finish();
-                            return;
-                        }
-                        Err(e) => {
-                            use super::transport::TransportError;
-                            let code = match &e {
-                                TransportError::Frame(
-                                    caretwin_proto::frame::FrameError::TooLarge { .. },
-                                ) => ErrorCode::FrameTooLarge,
-                                TransportError::Frame(_) | TransportError::Truncated { .. } => {
-                                    ErrorCode::MalformedFrame
-                                }
-                                // The connection went away: nothing to answer.
-                                _ => {
-                                    tracing::debug!(error = %e, "data stream ended");
-                                    return;
-                                }
-                            };
-                            let _ = send_frame(&mut send, &error_frame(code, &e.to_string())).await;
-                            let _ = send.finish();
-                            reader.stream().stop(close_code(code)).ok();
-                            tracing::warn!(error = %e, "data stream refused");
-                            return;
-                        }
-                    }
-                }
-            });
+            let (send, recv) = conn.accept_bi().await.map_err(TransportError::from)?;
+            let stream = DataStream {
+                ingest: self.ingest.clone(),
+                site: site.clone(),
+                max,
+                window,
+                agreed,
+            };
+            streams.spawn(stream.serve(send, recv));
+            // Reap finished streams as we go, so a long session does not keep them all.
+            while streams.try_join_next().is_some() {}
         }
     }
+}
+
+/// One data stream of a session.
+struct DataStream {
+    ingest: Arc<Ingest>,
+    site: SiteId,
+    max: usize,
+    window: usize,
+    agreed: Compression,
+}
+
+impl DataStream {
+    /// Reads frames while the previous ones are applied (up to `window` ahead), applies
+    /// them one at a time in arrival order — a device's items are on one stream, so its log
+    /// stays in order — and answers each with its ack. A frame that cannot be read is
+    /// answered with its code after the acks of every frame before it, and the stream is
+    /// reset; the session and its other streams carry on.
+    async fn serve(self, mut send: SendStream, recv: quinn::RecvStream) {
+        let (tx, mut rx) = tokio::sync::mpsc::channel::<EdgeFrame>(self.window);
+        let mut reader = FrameReader::new(recv, self.max);
+        let read = async {
+            let mut codec = Codec::new(self.agreed, self.max);
+            let refused = loop {
+                let frame = match reader.next::<EdgeFrame>().await {
+                    Ok(Some(frame)) => frame,
+                    Ok(None) => break None,
+                    Err(TransportError::Frame(e)) => break Some((e.code(), e.to_string())),
+                    Err(e @ TransportError::Truncated { .. }) => {
+                        break Some((ErrorCode::MalformedFrame, e.to_string()));
+                    }
+                    // The connection went away: nothing to answer.
+                    Err(e) => {
+                        tracing::debug!(error = %e, "data stream ended");
+                        return None;
+                    }
+                };
+                match codec.expand(frame) {
+                    Ok(frame) => {
+                        if tx.send(frame).await.is_err() {
+                            return None;
+                        }
+                    }
+                    Err(e) => break Some((e.code(), e.to_string())),
+                }
+            };
+            drop(tx);
+            refused.map(|r| (r, reader))
+        };
+        let apply = async {
+            let mut codec = Codec::new(self.agreed, self.max);
+            while let Some(frame) = rx.recv().await {
+                let reply = self.ingest.data_frame(&self.site, frame).await;
+                if send.write_all(&codec.encode(&reply)).await.is_err() {
+                    return false;
+                }
+            }
+            true
+        };
+        let (refused, writable) = tokio::join!(read, apply);
+        match refused {
+            Some(((code, message), mut reader)) if writable => {
+                let frame = error_frame(code, &message);
+                let _ = send.write_all(&caretwin_proto::frame::encode(&frame)).await;
+                let _ = send.finish();
+                reader.stream().stop(close_code(code)).ok();
+                tracing::warn!(code = ?code, %message, "data stream refused");
+            }
+            None if writable => {
+                let _ = send.finish();
+            }
+            _ => {}
+        }
+    }
+}
+
+async fn send_control(
+    control: &tokio::sync::Mutex<(SendStream, Codec)>,
+    frame: &ClusterFrame,
+) -> Result<()> {
+    let mut guard = control.lock().await;
+    let (send, codec) = &mut *guard;
+    send.write_all(&codec.encode(frame))
+        .await
+        .map_err(TransportError::from)?;
+    Ok(())
 }

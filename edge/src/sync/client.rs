@@ -6,22 +6,26 @@
 //! `Welcome` or an `Ack`), so a crash of either side, a lost connection or a lost ack
 //! means items are sent again — and the cluster skips what it already has.
 
-use super::transport::{FrameReader, connect, send_frame};
+use super::transport::{FrameReader, TransportError, connect, send_frame};
+use crate::error::{Error, Result};
 use crate::outbox::{
     CommandState, FieldValue, ItemKind, Outbox, Priority, Sequenced, StoredCommand,
 };
+use caretwin_proto::frame::Codec;
 use caretwin_proto::v1::{
-    self, ClusterFrame, DeviceEvent, DeviceResume, EdgeFrame, ErrorCode, Hello, Reading,
-    ReadingBatch, ReportedState, cluster_frame, device_event, edge_frame,
+    self, ClusterFrame, Compression, DeviceEvent, DeviceResume, EdgeFrame, ErrorCode, Hello,
+    Reading, ReadingBatch, ReportedState, cluster_frame, device_event, edge_frame,
 };
+use futures::StreamExt as _;
 use prost::Message as _;
 use quinn::{Endpoint, SendStream};
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Duration;
-use tokio::sync::{Mutex, Notify, mpsc};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+use tokio::sync::{Mutex, Notify, Semaphore, mpsc};
 
 /// A command received from the cluster, for the device adapters.
 #[derive(Debug, Clone, PartialEq)]
@@ -64,15 +68,21 @@ pub struct ClientSettings {
     pub server_name: String,
     /// Longest wait between reconnection attempts.
     pub max_backoff: Duration,
+    /// Offer zstd compression of frames; used when the cluster agrees.
+    pub compress: bool,
 }
 
 /// Counters of the client, for logs and tests.
 #[derive(Debug, Default)]
 pub struct ClientStats {
     /// Sessions opened.
-    pub sessions: std::sync::atomic::AtomicU64,
+    pub sessions: AtomicU64,
     /// Items acknowledged by the cluster.
-    pub acknowledged: std::sync::atomic::AtomicU64,
+    pub acknowledged: AtomicU64,
+    /// Device log frames sent.
+    pub frames_sent: AtomicU64,
+    /// Bytes of device log frames as written to the streams (after compression).
+    pub bytes_sent: AtomicU64,
     /// Microseconds from sending a frame to reading its ack.
     ack_latency_us: std::sync::Mutex<Option<hdrhistogram::Histogram<u64>>>,
 }
@@ -98,6 +108,11 @@ impl ClientStats {
             )
         })
     }
+
+    /// Forgets the latencies recorded so far (a benchmark's warm-up).
+    pub fn reset_ack_latency(&self) {
+        *self.ack_latency_us.lock().expect("stats lock") = None;
+    }
 }
 
 /// The sync client.
@@ -114,10 +129,34 @@ pub struct SyncClient {
 
 /// Longest wait for the cluster to answer a connection attempt.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
-/// Frames sent per round on the data stream before waiting for their acks.
-const WINDOW: usize = 8;
 /// Items read from the outbox per device per round.
 const PER_DEVICE: usize = 512;
+/// Most data streams the edge opens, whatever the cluster allows.
+const MAX_LANES: u32 = 16;
+/// Most frames in flight per data stream, whatever the cluster allows.
+const MAX_WINDOW: u32 = 64;
+
+/// What the session needs to know of the cluster's `Welcome`.
+struct Agreed {
+    limits: v1::SessionLimits,
+    compression: Compression,
+}
+
+impl Agreed {
+    fn max_frame(&self) -> usize {
+        (self.limits.max_frame_bytes as usize).clamp(4096, 64 << 20)
+    }
+    fn codec(&self) -> Codec {
+        Codec::new(self.compression, self.max_frame())
+    }
+}
+
+/// A frame in flight on a data stream: when it went, and where each of its devices
+/// started, so a frame refused whole is sent again from there.
+struct InFlight {
+    at: Instant,
+    starts: Vec<(String, u64)>,
+}
 
 impl SyncClient {
     /// A client that sends `outbox`'s items and passes commands to `commands`.
@@ -177,7 +216,7 @@ impl SyncClient {
         }
     }
 
-    async fn session(&self) -> anyhow::Result<()> {
+    async fn session(&self) -> Result<()> {
         // A cluster that is not listening never answers; do not wait out QUIC's idle timer.
         let conn = tokio::time::timeout(
             CONNECT_TIMEOUT,
@@ -189,12 +228,12 @@ impl SyncClient {
         )
         .await
         .map_err(|_| {
-            anyhow::anyhow!(
+            Error::Silent(format!(
                 "no answer from {} in {CONNECT_TIMEOUT:?}",
                 self.settings.cluster
-            )
+            ))
         })??;
-        let (mut csend, crecv) = conn.open_bi().await?;
+        let (mut csend, crecv) = conn.open_bi().await.map_err(TransportError::from)?;
         let devices = self.outbox.devices().await?;
         let hello = Hello {
             protocol_version: v1::SyncProtocolVersion::V1 as u32,
@@ -209,8 +248,14 @@ impl SyncClient {
                 })
                 .collect(),
             last_command_position: self.outbox.last_command_position().await?.0,
+            compression: if self.settings.compress {
+                vec![Compression::Zstd as i32]
+            } else {
+                Vec::new()
+            },
             ..Default::default()
         };
+        // Hello is never compressed: nothing is agreed yet.
         send_frame(
             &mut csend,
             &EdgeFrame {
@@ -225,13 +270,20 @@ impl SyncClient {
             }) => w,
             Some(ClusterFrame {
                 body: Some(cluster_frame::Body::Error(e)),
-            }) => anyhow::bail!("cluster refused the session: {}", e.message),
-            other => anyhow::bail!("expected Welcome, got {other:?}"),
+            }) => return Err(refused(&e)),
+            other => return Err(Error::Protocol(format!("expected Welcome, got {other:?}"))),
         };
-        self.stats
-            .sessions
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let limits = welcome.limits.unwrap_or_default();
+        let compression = Compression::try_from(welcome.compression).unwrap_or(Compression::None);
+        if compression != Compression::None && !self.settings.compress {
+            return Err(Error::Protocol(format!(
+                "the cluster chose {compression:?}, which this edge did not offer"
+            )));
+        }
+        self.stats.sessions.fetch_add(1, Ordering::Relaxed);
+        let agreed = Agreed {
+            limits: welcome.limits.unwrap_or_default(),
+            compression,
+        };
         // What the cluster already has: trim it, and send from just above it.
         let mut sent: HashMap<String, u64> = HashMap::new();
         for w in &welcome.watermarks {
@@ -240,26 +292,29 @@ impl SyncClient {
                 .await?;
             sent.insert(w.device_id.clone(), w.persisted_seq);
         }
-        tracing::info!(site = %welcome.site_id, session = %welcome.session_id, devices = devices.len(), "sync session open");
-        let control = Arc::new(Mutex::new(csend));
-        let max_batch = limits.max_batch_readings.max(1) as usize;
-        let heard = Arc::new(std::sync::atomic::AtomicU64::new(now_ms()));
+        tracing::info!(site = %welcome.site_id, session = %welcome.session_id, devices = devices.len(), compression = ?compression, "sync session open");
+        let control = Mutex::new((csend, agreed.codec()));
+        let heard = AtomicU64::new(now_ms());
+        let every_ms = agreed.limits.heartbeat_interval_ms.max(100) as u64;
         tokio::select! {
-            r = self.control(control.clone(), creader, heard.clone()) => r,
-            r = self.heartbeats(control, limits.heartbeat_interval_ms.max(100) as u64, heard.clone()) => r,
-            r = self.data(&conn, sent, max_batch, heard) => r,
+            r = self.control(&control, creader, &agreed, &heard) => r,
+            r = self.heartbeats(&control, every_ms, &heard) => r,
+            r = self.data(&conn, sent, &agreed, &heard) => r,
         }
     }
 
     /// Receives commands: stores each durably, confirms it, hands it to the devices.
     async fn control(
         &self,
-        control: Arc<Mutex<SendStream>>,
+        control: &Mutex<(SendStream, Codec)>,
         mut reader: FrameReader,
-        heard: Arc<std::sync::atomic::AtomicU64>,
-    ) -> anyhow::Result<()> {
+        agreed: &Agreed,
+        heard: &AtomicU64,
+    ) -> Result<()> {
+        let mut codec = agreed.codec();
         while let Some(frame) = reader.next::<ClusterFrame>().await? {
-            heard.store(now_ms(), std::sync::atomic::Ordering::Relaxed);
+            let frame = codec.expand(frame)?;
+            heard.store(now_ms(), Ordering::Relaxed);
             match frame.body {
                 Some(cluster_frame::Body::Command(c)) => {
                     let payload = c.payload.clone().unwrap_or_default();
@@ -289,7 +344,7 @@ impl SyncClient {
                             detail: String::new(),
                         })),
                     };
-                    send_frame(&mut *control.lock().await, &status).await?;
+                    send_control(control, &status).await?;
                     if new {
                         let cmd = IncomingCommand {
                             command_id: c.command_id,
@@ -327,9 +382,7 @@ impl SyncClient {
                         return Ok(());
                     }
                 }
-                Some(cluster_frame::Body::Error(e)) => {
-                    anyhow::bail!("cluster error on the control stream: {}", e.message)
-                }
+                Some(cluster_frame::Body::Error(e)) => return Err(refused(&e)),
                 _ => {}
             }
         }
@@ -341,16 +394,16 @@ impl SyncClient {
     /// old connection, and QUIC's idle timer is much longer).
     async fn heartbeats(
         &self,
-        control: Arc<Mutex<SendStream>>,
+        control: &Mutex<(SendStream, Codec)>,
         every_ms: u64,
-        heard: Arc<std::sync::atomic::AtomicU64>,
-    ) -> anyhow::Result<()> {
+        heard: &AtomicU64,
+    ) -> Result<()> {
         let mut tick = tokio::time::interval(Duration::from_millis(every_ms));
         loop {
             tick.tick().await;
-            let silent = now_ms().saturating_sub(heard.load(std::sync::atomic::Ordering::Relaxed));
+            let silent = now_ms().saturating_sub(heard.load(Ordering::Relaxed));
             if silent > 3 * every_ms {
-                anyhow::bail!("cluster silent for {silent} ms");
+                return Err(Error::Silent(format!("no frame for {silent} ms")));
             }
             let stats = self.outbox.stats();
             let hb = EdgeFrame {
@@ -362,105 +415,237 @@ impl SyncClient {
                     ..Default::default()
                 })),
             };
-            send_frame(&mut *control.lock().await, &hb).await?;
+            send_control(control, &hb).await?;
         }
     }
 
-    /// Sends the outbox above `sent` on one data stream, a window of frames at a time,
-    /// and trims the outbox by the watermarks of the acks.
+    /// Sends the outbox above `sent` on the session's data streams ("lanes"), each device
+    /// always on the same lane so the cluster sees its log in order, and trims the outbox
+    /// by the watermarks of the acks.
+    ///
+    /// Back-pressure end to end: a lane has at most `max_in_flight_frames` frames without
+    /// an ack and a queue of as many ready behind them; when every lane is full the reader
+    /// of the outbox waits. A slow cluster therefore slows the sending, and the outbox on
+    /// disk (within its budget) absorbs the difference; nothing in memory grows.
     async fn data(
         &self,
         conn: &quinn::Connection,
         mut sent: HashMap<String, u64>,
-        max_batch: usize,
-        heard: Arc<std::sync::atomic::AtomicU64>,
-    ) -> anyhow::Result<()> {
-        let (mut send, recv) = conn.open_bi().await?;
-        let mut reader = FrameReader::new(recv, 1 << 20);
-        let mut batch_id = 0u64;
-        loop {
-            // Register before looking, so items accepted meanwhile wake us.
-            let notified = self.new_items.notified();
-            tokio::pin!(notified);
-            notified.as_mut().enable();
-            let frames = self
-                .next_frames(&mut sent, max_batch, &mut batch_id)
-                .await?;
-            if frames.is_empty() {
-                tokio::select! {
-                    () = &mut notified => {}
-                    () = tokio::time::sleep(Duration::from_secs(1)) => {}
+        agreed: &Agreed,
+        heard: &AtomicU64,
+    ) -> Result<()> {
+        let lanes = agreed.limits.max_data_streams.clamp(1, MAX_LANES) as usize;
+        let window = agreed.limits.max_in_flight_frames.clamp(1, MAX_WINDOW) as usize;
+        let max_batch = agreed.limits.max_batch_readings.max(1) as usize;
+        // Devices to send again from a position, on a frame refused whole or a gap.
+        let rewinds: std::sync::Mutex<HashMap<String, u64>> = Default::default();
+        let mut queues = Vec::with_capacity(lanes);
+        let mut lane_tasks = futures::stream::FuturesUnordered::new();
+        for _ in 0..lanes {
+            let (send, recv) = conn.open_bi().await.map_err(TransportError::from)?;
+            let (tx, rx) = mpsc::channel::<EdgeFrame>(window);
+            queues.push(tx);
+            lane_tasks.push(self.lane(send, recv, rx, window, agreed, heard, &rewinds));
+        }
+        let produce = async {
+            let mut batch_id = 0u64;
+            let mut round = 0usize;
+            loop {
+                // Register before looking, so items accepted meanwhile wake us.
+                let notified = self.new_items.notified();
+                tokio::pin!(notified);
+                notified.as_mut().enable();
+                for (device, from) in rewinds.lock().expect("rewinds lock").drain() {
+                    let at = sent.entry(device).or_insert(from);
+                    *at = (*at).min(from);
                 }
-                continue;
-            }
-            let mut sent_at = std::collections::VecDeque::with_capacity(frames.len());
-            for f in &frames {
-                send_frame(&mut send, f).await?;
-                sent_at.push_back(std::time::Instant::now());
-            }
-            for _ in 0..frames.len() {
-                let Some(reply) = reader.next::<ClusterFrame>().await? else {
-                    anyhow::bail!("cluster closed the data stream");
-                };
-                // Acks come in the order the frames went out.
-                if let Some(t) = sent_at.pop_front() {
-                    self.stats.record_ack(t.elapsed());
+                let frames = self
+                    .next_frames(&mut sent, max_batch, &mut batch_id, lanes, window, round)
+                    .await?;
+                round = round.wrapping_add(1);
+                if frames.iter().all(Vec::is_empty) {
+                    tokio::select! {
+                        () = &mut notified => {}
+                        () = tokio::time::sleep(Duration::from_secs(1)) => {}
+                    }
+                    continue;
                 }
-                // An ack is as good a sign of life as a heartbeat ack.
-                heard.store(now_ms(), std::sync::atomic::Ordering::Relaxed);
-                match reply.body {
-                    Some(cluster_frame::Body::Ack(ack)) => {
-                        // All of an ack's trims at once: the outbox writes them with one fsync.
-                        let trims = ack
-                            .watermarks
-                            .iter()
-                            .map(|w| self.outbox.acknowledge(&w.device_id, w.persisted_seq));
-                        for trimmed in futures::future::join_all(trims).await {
-                            self.stats
-                                .acknowledged
-                                .fetch_add(trimmed?, std::sync::atomic::Ordering::Relaxed);
-                        }
-                        for r in &ack.rejections {
-                            let code =
-                                ErrorCode::try_from(r.code).unwrap_or(ErrorCode::Unspecified);
-                            if code == ErrorCode::SequenceGap
-                                && let (Some(d), Some(seq)) = (&r.device_id, r.seq)
-                            {
-                                // Resend from where the cluster stands.
-                                sent.insert(d.clone(), seq.saturating_sub(1));
-                            } else if code != ErrorCode::Duplicate {
-                                tracing::warn!(device = ?r.device_id, seq = ?r.seq, code = ?code, message = %r.message, "item refused by the cluster");
+                // Lanes take frames as their windows open; a full lane holds the reader of
+                // the outbox here.
+                let sends = frames
+                    .into_iter()
+                    .zip(&queues)
+                    .map(|(frames, queue)| async move {
+                        for f in frames {
+                            if queue.send(f).await.is_err() {
+                                return Err(Error::Protocol("data lane closed".into()));
                             }
                         }
-                        if let Some(e) = ack.frame_error {
-                            // Nothing of the frame was kept: resend from the watermarks.
-                            tracing::warn!(message = %e.message, "frame refused; resending");
-                            let wait = e.retry_after_ms.unwrap_or(500).clamp(10, 10_000) as u64;
-                            tokio::time::sleep(Duration::from_millis(wait)).await;
-                            anyhow::bail!("frame refused: {}", e.message);
-                        }
-                    }
-                    Some(cluster_frame::Body::Error(e)) => {
-                        anyhow::bail!("data stream refused: {}", e.message)
-                    }
-                    other => anyhow::bail!("unexpected frame on a data stream: {other:?}"),
-                }
+                        Ok::<(), Error>(())
+                    });
+                futures::future::try_join_all(sends).await?;
             }
+        };
+        tokio::select! {
+            r = produce => r,
+            Some(r) = lane_tasks.next() => r,
         }
     }
 
-    /// Up to [`WINDOW`] frames of pending items, each device's in sequence order.
+    /// One data stream: writes the frames it is given, at most `window` without an ack,
+    /// and handles the acks in order.
+    #[allow(clippy::too_many_arguments)]
+    async fn lane(
+        &self,
+        mut send: SendStream,
+        recv: quinn::RecvStream,
+        mut frames: mpsc::Receiver<EdgeFrame>,
+        window: usize,
+        agreed: &Agreed,
+        heard: &AtomicU64,
+        rewinds: &std::sync::Mutex<HashMap<String, u64>>,
+    ) -> Result<()> {
+        let permits = Semaphore::new(window);
+        let in_flight: std::sync::Mutex<VecDeque<InFlight>> =
+            std::sync::Mutex::new(VecDeque::with_capacity(window));
+        let write = async {
+            let mut codec = agreed.codec();
+            while let Some(frame) = frames.recv().await {
+                permits
+                    .acquire()
+                    .await
+                    .map_err(|_| Error::Protocol("lane closed".into()))?
+                    .forget();
+                let bytes = codec.encode(&frame);
+                in_flight
+                    .lock()
+                    .expect("in-flight lock")
+                    .push_back(InFlight {
+                        at: Instant::now(),
+                        starts: starts_of(&frame),
+                    });
+                send.write_all(&bytes).await.map_err(TransportError::from)?;
+                self.stats.frames_sent.fetch_add(1, Ordering::Relaxed);
+                self.stats
+                    .bytes_sent
+                    .fetch_add(bytes.len() as u64, Ordering::Relaxed);
+            }
+            Ok::<(), Error>(())
+        };
+        let read = async {
+            let mut codec = agreed.codec();
+            let mut reader = FrameReader::new(recv, agreed.max_frame());
+            loop {
+                let Some(reply) = reader.next::<ClusterFrame>().await? else {
+                    return Err::<(), _>(Error::Protocol("cluster closed the data stream".into()));
+                };
+                let reply = codec.expand(reply)?;
+                // Acks come in the order the frames went out.
+                let Some(frame) = in_flight.lock().expect("in-flight lock").pop_front() else {
+                    return Err(Error::Protocol("an ack for no frame".into()));
+                };
+                self.stats.record_ack(frame.at.elapsed());
+                // An ack is as good a sign of life as a heartbeat ack.
+                heard.store(now_ms(), Ordering::Relaxed);
+                match reply.body {
+                    Some(cluster_frame::Body::Ack(ack)) => {
+                        self.on_ack(ack, frame, rewinds).await?;
+                    }
+                    Some(cluster_frame::Body::Error(e)) => return Err(refused(&e)),
+                    other => {
+                        return Err(Error::Protocol(format!(
+                            "unexpected frame on a data stream: {other:?}"
+                        )));
+                    }
+                }
+                permits.add_permits(1);
+            }
+        };
+        tokio::try_join!(write, read).map(|_| ())
+    }
+
+    /// Trims the outbox by an ack's watermarks, and arranges resending what it refused.
+    async fn on_ack(
+        &self,
+        ack: v1::Ack,
+        frame: InFlight,
+        rewinds: &std::sync::Mutex<HashMap<String, u64>>,
+    ) -> Result<()> {
+        // All of an ack's trims at once: the outbox writes them with one fsync.
+        let trims = ack
+            .watermarks
+            .iter()
+            .map(|w| self.outbox.acknowledge(&w.device_id, w.persisted_seq));
+        for trimmed in futures::future::join_all(trims).await {
+            self.stats
+                .acknowledged
+                .fetch_add(trimmed?, Ordering::Relaxed);
+        }
+        for r in &ack.rejections {
+            let code = ErrorCode::try_from(r.code).unwrap_or(ErrorCode::Unspecified);
+            if code == ErrorCode::SequenceGap
+                && let (Some(d), Some(seq)) = (&r.device_id, r.seq)
+            {
+                // Resend from where the cluster stands.
+                let mut rw = rewinds.lock().expect("rewinds lock");
+                let at = rw.entry(d.clone()).or_insert(u64::MAX);
+                *at = (*at).min(seq.saturating_sub(1));
+            } else if code != ErrorCode::Duplicate {
+                tracing::warn!(device = ?r.device_id, seq = ?r.seq, code = ?code, message = %r.message, "item refused by the cluster");
+            }
+        }
+        if ack
+            .rejections
+            .iter()
+            .any(|r| r.code == ErrorCode::SequenceGap as i32)
+        {
+            self.new_items.notify_one();
+        }
+        if let Some(e) = ack.frame_error {
+            // Nothing of the frame was kept: send its devices again from where it started,
+            // after the wait the cluster asked for (this lane's acks wait meanwhile).
+            let code = ErrorCode::try_from(e.code).unwrap_or(ErrorCode::Unspecified);
+            tracing::warn!(code = ?code, message = %e.message, "frame refused; resending");
+            {
+                let mut rw = rewinds.lock().expect("rewinds lock");
+                for (device, first) in frame.starts {
+                    let at = rw.entry(device).or_insert(u64::MAX);
+                    *at = (*at).min(first.saturating_sub(1));
+                }
+            }
+            let wait = e.retry_after_ms.unwrap_or(500).clamp(10, 10_000) as u64;
+            tokio::time::sleep(Duration::from_millis(wait)).await;
+            self.new_items.notify_one();
+        }
+        Ok(())
+    }
+
+    /// Pending items as frames per lane, at most `per_lane` frames each, every device's
+    /// items in sequence order on its own lane. Devices are visited from a different one
+    /// each round, so a long backlog of the first devices does not starve the others.
     async fn next_frames(
         &self,
         sent: &mut HashMap<String, u64>,
         max_batch: usize,
         batch_id: &mut u64,
-    ) -> anyhow::Result<Vec<EdgeFrame>> {
-        let mut frames = Vec::new();
-        let mut readings: Vec<Reading> = Vec::new();
-        for d in self.outbox.devices().await? {
-            if frames.len() >= WINDOW {
+        lanes: usize,
+        per_lane: usize,
+        round: usize,
+    ) -> Result<Vec<Vec<EdgeFrame>>> {
+        let mut frames: Vec<Vec<EdgeFrame>> = (0..lanes).map(|_| Vec::new()).collect();
+        let mut readings: Vec<Vec<Reading>> = (0..lanes).map(|_| Vec::new()).collect();
+        let mut devices = self.outbox.devices().await?;
+        if !devices.is_empty() {
+            let n = devices.len();
+            devices.rotate_left(round % n);
+        }
+        for d in devices {
+            if frames.iter().all(|f| f.len() >= per_lane) {
                 break;
+            }
+            let lane = lane_of(&d.device, lanes);
+            if frames[lane].len() >= per_lane {
+                continue;
             }
             let after = *sent.get(&d.device).unwrap_or(&0);
             let after = after.max(d.first_pending_seq.saturating_sub(1));
@@ -469,35 +654,80 @@ impl SyncClient {
                 .pending(&d.device, after, PER_DEVICE.min(max_batch))
                 .await?;
             for item in items {
-                if frames.len() >= WINDOW {
+                if frames[lane].len() >= per_lane {
                     break;
                 }
                 sent.insert(d.device.clone(), item.seq);
                 debug_assert!(item.seq > after);
                 match to_frame(&d.device, item) {
                     Piece::Reading(r) => {
-                        readings.push(r);
-                        if readings.len() >= max_batch {
+                        readings[lane].push(r);
+                        if readings[lane].len() >= max_batch {
                             *batch_id += 1;
-                            frames.push(batch_frame(*batch_id, std::mem::take(&mut readings)));
+                            let full = std::mem::take(&mut readings[lane]);
+                            frames[lane].push(batch_frame(*batch_id, full));
                         }
                     }
                     Piece::Frame(f) => {
                         // Keep the device's order: its readings so far go first.
-                        if !readings.is_empty() {
+                        if !readings[lane].is_empty() {
                             *batch_id += 1;
-                            frames.push(batch_frame(*batch_id, std::mem::take(&mut readings)));
+                            let part = std::mem::take(&mut readings[lane]);
+                            frames[lane].push(batch_frame(*batch_id, part));
                         }
-                        frames.push(f);
+                        frames[lane].push(f);
                     }
                 }
             }
         }
-        if !readings.is_empty() {
-            *batch_id += 1;
-            frames.push(batch_frame(*batch_id, readings));
+        for (lane, rest) in readings.into_iter().enumerate() {
+            if !rest.is_empty() {
+                *batch_id += 1;
+                frames[lane].push(batch_frame(*batch_id, rest));
+            }
         }
         Ok(frames)
+    }
+}
+
+/// The data stream a device's items travel on, for the whole session.
+fn lane_of(device: &str, lanes: usize) -> usize {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::hash::DefaultHasher::new();
+    device.hash(&mut h);
+    (h.finish() % lanes as u64) as usize
+}
+
+/// Each device of a device log frame with the first sequence number it has there.
+fn starts_of(frame: &EdgeFrame) -> Vec<(String, u64)> {
+    match &frame.body {
+        Some(edge_frame::Body::Batch(b)) => {
+            let mut starts: Vec<(String, u64)> = Vec::new();
+            for r in &b.readings {
+                if starts.last().is_none_or(|(d, _)| *d != r.device_id) {
+                    starts.push((r.device_id.clone(), r.seq));
+                }
+            }
+            starts
+        }
+        Some(edge_frame::Body::Event(e)) => vec![(e.device_id.clone(), e.seq)],
+        Some(edge_frame::Body::ReportedState(r)) => vec![(r.device_id.clone(), r.seq)],
+        _ => Vec::new(),
+    }
+}
+
+async fn send_control(control: &Mutex<(SendStream, Codec)>, frame: &EdgeFrame) -> Result<()> {
+    let mut guard = control.lock().await;
+    let (send, codec) = &mut *guard;
+    let bytes = codec.encode(frame);
+    send.write_all(&bytes).await.map_err(TransportError::from)?;
+    Ok(())
+}
+
+fn refused(e: &v1::SyncError) -> Error {
+    Error::Refused {
+        code: ErrorCode::try_from(e.code).unwrap_or(ErrorCode::Unspecified),
+        message: e.message.clone(),
     }
 }
 
