@@ -1,5 +1,7 @@
 //! The edge sync over real QUIC sockets, cluster and edge in one process: commands that
-//! wait for an offline edge, authorization by certificate, and bad frames.
+//! wait for an offline edge, authorization by certificate, bad frames, compression,
+//! back-pressure from a cluster that does not acknowledge, and a connection that changes
+//! its address.
 
 use caretwin_actors::catalogue::Catalogue;
 use caretwin_actors::host::clock::{Clock, ManualClock};
@@ -19,10 +21,12 @@ use caretwin_edge::outbox::{Item, ItemKind, Outbox, OutboxConfig};
 use caretwin_edge::sync::client::{ClientSettings, Downlink, SyncClient};
 use caretwin_edge::sync::tls::client_config_from_files;
 use caretwin_edge::sync::transport::{FrameReader, client_endpoint, connect, send_frame};
+use caretwin_proto::frame::Codec;
 use caretwin_proto::v1::{
     self, ClusterFrame, EdgeFrame, ErrorCode, Hello, Reading, ReadingBatch, cluster_frame,
     edge_frame,
 };
+use prost::Message as _;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -139,6 +143,15 @@ async fn raw_session(
     c: &Cluster,
     site: &str,
 ) -> (quinn::Connection, quinn::SendStream, FrameReader) {
+    raw_session_offering(c, site, Vec::new()).await
+}
+
+/// [`raw_session`] offering `compression` in its Hello.
+async fn raw_session_offering(
+    c: &Cluster,
+    site: &str,
+    compression: Vec<i32>,
+) -> (quinn::Connection, quinn::SendStream, FrameReader) {
     let (cert, key) = site_files(&c.certs(), site);
     let config = client_config_from_files(&c.certs().join("ca.pem"), &cert, &key).unwrap();
     let endpoint = client_endpoint("127.0.0.1:0".parse().unwrap(), config).unwrap();
@@ -147,16 +160,25 @@ async fn raw_session(
     let hello = EdgeFrame {
         body: Some(edge_frame::Body::Hello(Hello {
             protocol_version: v1::SyncProtocolVersion::V1 as u32,
+            compression: compression.clone(),
             ..Default::default()
         })),
     };
     send_frame(&mut send, &hello).await.unwrap();
     let mut reader = FrameReader::new(recv, 1 << 20);
     let welcome = reader.next::<ClusterFrame>().await.unwrap().unwrap();
-    assert!(matches!(
-        welcome.body,
-        Some(cluster_frame::Body::Welcome(_))
-    ));
+    let Some(cluster_frame::Body::Welcome(w)) = welcome.body else {
+        panic!("expected Welcome, got {welcome:?}")
+    };
+    let expected = if compression.contains(&(v1::Compression::Zstd as i32)) {
+        v1::Compression::Zstd
+    } else {
+        v1::Compression::None
+    };
+    assert_eq!(
+        w.compression, expected as i32,
+        "the cluster agrees on what was offered"
+    );
     (conn, send, reader)
 }
 
@@ -184,6 +206,25 @@ fn batch(device: &str, seq: u64) -> EdgeFrame {
                 seq,
                 unit: None,
             }],
+        })),
+    }
+}
+
+/// A batch of `n` readings of `device` from `first`.
+fn many_readings(device: &str, first: u64, n: u64) -> EdgeFrame {
+    EdgeFrame {
+        body: Some(edge_frame::Body::Batch(ReadingBatch {
+            batch_id: first,
+            readings: (first..first + n)
+                .map(|seq| Reading {
+                    device_id: device.into(),
+                    signal: "brew_pressure".into(),
+                    value: 9.0 + (seq % 7) as f64 * 0.01,
+                    device_time_ms: 1_795_392_000_000 + seq as i64,
+                    seq,
+                    unit: None,
+                })
+                .collect(),
         })),
     }
 }
@@ -233,8 +274,38 @@ async fn bad_frames_get_their_codes_and_the_node_keeps_serving() {
     };
     let reply = exchange(&home, &caretwin_proto::frame::encode(&hb)).await;
     assert_eq!(code(&reply), [ErrorCode::ProtocolViolation]);
-    // The same session, and another site, are still served.
-    let reply = exchange(&home, &caretwin_proto::frame::encode(&batch(DEVICE, 1))).await;
+    // A compressed frame in a session that did not agree on compression.
+    let mut zstd = Codec::new(v1::Compression::Zstd, 1 << 20);
+    let big = many_readings(DEVICE, 1, 200);
+    let compressed = zstd.encode(&big);
+    assert!(compressed.len() < caretwin_proto::frame::encode(&big).len());
+    let reply = exchange(&home, &compressed).await;
+    assert_eq!(code(&reply), [ErrorCode::UnsupportedCompression]);
+    assert_eq!(c.store.high_water(&Key::new(DEVICE)).await.unwrap(), 0);
+    // In a session that did: a payload that inflates beyond its declared size.
+    let (zhome, _zcontrol, _zreader) =
+        raw_session_offering(&c, "t1:home-1", vec![v1::Compression::Zstd as i32]).await;
+    let plain = big.encode_to_vec();
+    let bomb = EdgeFrame {
+        body: Some(edge_frame::Body::Compressed(v1::CompressedFrame {
+            algorithm: v1::Compression::Zstd as i32,
+            uncompressed_size: 64,
+            payload: zstd::bulk::compress(&plain, 1).unwrap().into(),
+        })),
+    };
+    let reply = exchange(&zhome, &caretwin_proto::frame::encode(&bomb)).await;
+    assert_eq!(code(&reply), [ErrorCode::MalformedFrame]);
+    assert_eq!(c.store.high_water(&Key::new(DEVICE)).await.unwrap(), 0);
+    // The honest compressed frame is applied whole.
+    let reply = exchange(&zhome, &compressed).await;
+    assert!(code(&reply).is_empty(), "{reply:?}");
+    assert_eq!(c.store.high_water(&Key::new(DEVICE)).await.unwrap(), 200);
+    // The same site's newer session, and another site, are still served.
+    let reply = exchange(
+        &zhome,
+        &caretwin_proto::frame::encode(&many_readings(DEVICE, 201, 1)),
+    )
+    .await;
     assert!(code(&reply).is_empty(), "{reply:?}");
     let (shop, _shop_control, _shop_reader) = raw_session(&c, "t1:shop-7").await;
     let reply = exchange(
@@ -268,22 +339,32 @@ struct Edge {
 }
 
 fn start_edge(c: &Cluster) -> Edge {
-    let outbox =
-        Arc::new(Outbox::open(&OutboxConfig::at(c.dir.path().join("edge/outbox"))).unwrap());
-    let (cert, key) = site_files(&c.certs(), "t1:home-1");
-    let config = client_config_from_files(&c.certs().join("ca.pem"), &cert, &key).unwrap();
+    start_edge_at(c.addr, &c.certs(), &c.dir.path().join("edge"), true).0
+}
+
+/// An edge of t1:home-1 syncing with the cluster at `cluster`, its outbox under `dir`,
+/// offering compression or not; with its QUIC endpoint.
+fn start_edge_at(
+    cluster: SocketAddr,
+    certs: &Path,
+    dir: &Path,
+    compress: bool,
+) -> (Edge, quinn::Endpoint) {
+    let outbox = Arc::new(Outbox::open(&OutboxConfig::at(dir.join("outbox"))).unwrap());
+    let (cert, key) = site_files(certs, "t1:home-1");
+    let config = client_config_from_files(&certs.join("ca.pem"), &cert, &key).unwrap();
     let endpoint = client_endpoint("127.0.0.1:0".parse().unwrap(), config).unwrap();
     let new_items = Arc::new(tokio::sync::Notify::new());
     let (tx, downlink) = tokio::sync::mpsc::channel(16);
     let client = SyncClient::new(
         ClientSettings {
             site_id: "t1:home-1".into(),
-            cluster: c.addr,
+            cluster,
             server_name: "localhost".into(),
             max_backoff: Duration::from_millis(500),
-            compress: true,
+            compress,
         },
-        endpoint,
+        endpoint.clone(),
         outbox.clone(),
         new_items.clone(),
         tx,
@@ -297,14 +378,15 @@ fn start_edge(c: &Cluster) -> Edge {
             })
             .await
     });
-    Edge {
+    let edge = Edge {
         stats,
         outbox,
         new_items,
         downlink,
         stop,
         running,
-    }
+    };
+    (edge, endpoint)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -464,6 +546,327 @@ async fn a_command_sent_while_the_edge_is_offline_arrives_after_it_connects() {
         outbox.stats().backlog_items == 0
     })
     .await;
+    let _ = edge.stop.send(());
+    edge.running.await.unwrap();
+}
+
+/// Provisions `devices` coffee machines `t1:coffee-<prefix><n>` on t1:home-1 and puts
+/// `per_device` readings of each in `outbox`.
+async fn provision_and_fill(
+    c: &Cluster,
+    outbox: &Outbox,
+    prefix: &str,
+    devices: usize,
+    per_device: usize,
+) {
+    for d in 0..devices {
+        let device = format!("t1:coffee-{prefix}{d}");
+        let prov = DeviceMsg::Provision {
+            customer: "t1:alice".into(),
+            site: "t1:home-1".into(),
+            model: "coffee.barista-200".into(),
+        };
+        assert_eq!(
+            c.system.devices().call(&device, prov).await.unwrap(),
+            DeviceReply::Ok
+        );
+        let items = (0..per_device)
+            .map(|i| {
+                Item::new(
+                    device.clone(),
+                    1_795_392_000_000 + i as u64 * 1000,
+                    ItemKind::Reading {
+                        signal: "brew_pressure".into(),
+                        value: 9.0 + (i % 13) as f64 * 0.01,
+                    },
+                )
+            })
+            .collect();
+        outbox.accept(items).await.unwrap();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn compressed_sessions_send_fewer_bytes_for_the_same_readings() {
+    let c = cluster().await;
+    let mut sent = Vec::new();
+    for (n, compress) in [false, true].into_iter().enumerate() {
+        let dir = c.dir.path().join(format!("edge-{n}"));
+        let (edge, _endpoint) = start_edge_at(c.addr, &c.certs(), &dir, compress);
+        // Each run its own 20 devices (names of the same length) x 300 readings.
+        let prefix = ["a", "b"][n];
+        provision_and_fill(&c, &edge.outbox, prefix, 20, 300).await;
+        edge.new_items.notify_waiters();
+        let outbox = edge.outbox.clone();
+        eventually("every reading acknowledged", || async {
+            outbox.stats().backlog_items == 0
+        })
+        .await;
+        for d in 0..20 {
+            let hw = c
+                .store
+                .high_water(&Key::new(format!("t1:coffee-{prefix}{d}")))
+                .await
+                .unwrap();
+            assert_eq!(hw, 300, "device {prefix}{d}");
+        }
+        sent.push(
+            edge.stats
+                .bytes_sent
+                .load(std::sync::atomic::Ordering::Relaxed),
+        );
+        let _ = edge.stop.send(());
+        edge.running.await.unwrap();
+    }
+    let (plain, compressed) = (sent[0], sent[1]);
+    assert!(
+        compressed * 3 < plain,
+        "zstd frames: {compressed} bytes, plain: {plain} bytes"
+    );
+}
+
+/// A stand-in cluster on a real QUIC endpoint that speaks the protocol but acknowledges
+/// only when the test says so: what the edge sends while the cluster is slow.
+struct SlowCluster {
+    addr: SocketAddr,
+    /// Frames as they arrive: (data stream index, the frame).
+    frames: tokio::sync::mpsc::UnboundedReceiver<(usize, EdgeFrame)>,
+    /// Heartbeats seen on the control stream.
+    heartbeats: tokio::sync::mpsc::UnboundedReceiver<()>,
+    /// Acks to send, per data stream, in order.
+    acks: Vec<tokio::sync::mpsc::UnboundedSender<ClusterFrame>>,
+    _endpoint: quinn::Endpoint,
+}
+
+async fn slow_cluster(certs: &Path, limits: v1::SessionLimits) -> SlowCluster {
+    let config = server_config_from_files(
+        &certs.join("ca.pem"),
+        &certs.join("cluster.pem"),
+        &certs.join("cluster.key"),
+    )
+    .unwrap();
+    let (endpoint, addr) =
+        caretwin_cluster::sync::transport::bind("127.0.0.1:0".parse().unwrap(), config).unwrap();
+    let (frame_tx, frames) = tokio::sync::mpsc::unbounded_channel();
+    let (hb_tx, heartbeats) = tokio::sync::mpsc::unbounded_channel();
+    let lanes = limits.max_data_streams as usize;
+    let (ack_txs, mut ack_rxs): (Vec<_>, Vec<_>) = (0..lanes)
+        .map(|_| tokio::sync::mpsc::unbounded_channel::<ClusterFrame>())
+        .unzip();
+    let server = endpoint.clone();
+    tokio::spawn(async move {
+        let conn = server.accept().await.unwrap().await.unwrap();
+        let (mut csend, crecv) = conn.accept_bi().await.unwrap();
+        let mut creader = FrameReader::new(crecv, 1 << 20);
+        let _hello = creader.next::<EdgeFrame>().await.unwrap().unwrap();
+        let welcome = ClusterFrame {
+            body: Some(cluster_frame::Body::Welcome(v1::Welcome {
+                site_id: "t1:home-1".into(),
+                limits: Some(limits),
+                ..Default::default()
+            })),
+        };
+        send_frame(&mut csend, &welcome).await.unwrap();
+        tokio::spawn(async move {
+            // Alive, just slow: heartbeats are answered, or the edge would leave.
+            while let Ok(Some(f)) = creader.next::<EdgeFrame>().await {
+                if let Some(edge_frame::Body::Heartbeat(h)) = f.body {
+                    let ack = ClusterFrame {
+                        body: Some(cluster_frame::Body::HeartbeatAck(v1::HeartbeatAck {
+                            echo_sent_at_ms: h.sent_at_ms,
+                            server_time_ms: h.sent_at_ms,
+                        })),
+                    };
+                    send_frame(&mut csend, &ack).await.unwrap();
+                    let _ = hb_tx.send(());
+                }
+            }
+        });
+        for lane in 0..lanes {
+            let (mut send, recv) = conn.accept_bi().await.unwrap();
+            let frame_tx = frame_tx.clone();
+            let mut acks = ack_rxs.remove(0);
+            tokio::spawn(async move {
+                let mut reader = FrameReader::new(recv, 1 << 20);
+                while let Ok(Some(f)) = reader.next::<EdgeFrame>().await {
+                    let _ = frame_tx.send((lane, f));
+                }
+            });
+            tokio::spawn(async move {
+                while let Some(ack) = acks.recv().await {
+                    send_frame(&mut send, &ack).await.unwrap();
+                }
+            });
+        }
+        conn.closed().await;
+    });
+    SlowCluster {
+        addr,
+        frames,
+        heartbeats,
+        acks: ack_txs,
+        _endpoint: endpoint,
+    }
+}
+
+async fn next_frame(slow: &mut SlowCluster) -> (usize, EdgeFrame) {
+    tokio::time::timeout(DEADLINE, slow.frames.recv())
+        .await
+        .expect("a frame")
+        .unwrap()
+}
+
+/// The ack a durable cluster would send for `frame`: every device's last seq in it.
+fn ack_for(frame: &EdgeFrame) -> ClusterFrame {
+    let mut marks: std::collections::BTreeMap<String, u64> = Default::default();
+    if let Some(edge_frame::Body::Batch(b)) = &frame.body {
+        for r in &b.readings {
+            marks.insert(r.device_id.clone(), r.seq);
+        }
+    }
+    ClusterFrame {
+        body: Some(cluster_frame::Body::Ack(v1::Ack {
+            watermarks: marks
+                .into_iter()
+                .map(|(device_id, persisted_seq)| v1::DeviceWatermark {
+                    device_id,
+                    persisted_seq,
+                })
+                .collect(),
+            ..Default::default()
+        })),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cluster_that_does_not_ack_holds_the_edge_to_its_window() {
+    let c = cluster().await;
+    let limits = v1::SessionLimits {
+        max_batch_readings: 10,
+        max_frame_bytes: 1 << 20,
+        heartbeat_interval_ms: 100,
+        max_data_streams: 2,
+        max_in_flight_frames: 3,
+        max_clock_skew_ms: 60_000,
+    };
+    let mut slow = slow_cluster(&c.certs(), limits).await;
+    let (edge, _endpoint) = start_edge_at(slow.addr, &c.certs(), &c.dir.path().join("edge"), false);
+    // 40 devices x 50 readings = 200 frames of 10: far more than the window.
+    provision_and_fill(&c, &edge.outbox, "x", 40, 50).await;
+    edge.new_items.notify_waiters();
+    let total = edge.outbox.stats().backlog_items;
+    assert_eq!(total, 2000);
+
+    // A full window on both streams, and then nothing: the edge waits for acks.
+    let mut unacked: Vec<std::collections::VecDeque<EdgeFrame>> = vec![Default::default(); 2];
+    for _ in 0..6 {
+        let (lane, f) = next_frame(&mut slow).await;
+        unacked[lane].push_back(f);
+    }
+    assert_eq!(unacked[0].len(), 3, "each stream holds exactly its window");
+    assert_eq!(unacked[1].len(), 3);
+    // Several heartbeats later (the edge is alive and had every chance to send), still 6.
+    for _ in 0..5 {
+        tokio::time::timeout(DEADLINE, slow.heartbeats.recv())
+            .await
+            .unwrap()
+            .unwrap();
+    }
+    assert!(
+        slow.frames.try_recv().is_err(),
+        "no frame beyond the window"
+    );
+    assert_eq!(
+        edge.stats
+            .frames_sent
+            .load(std::sync::atomic::Ordering::Relaxed),
+        6
+    );
+    assert_eq!(
+        edge.outbox.stats().backlog_items,
+        total,
+        "nothing trimmed without an ack"
+    );
+
+    // Each ack opens the window by one frame on its stream; acked items leave the outbox.
+    let mut acked_items = 0;
+    for round in 0..10 {
+        let lane = round % 2;
+        let f = unacked[lane].pop_front().unwrap();
+        if let Some(edge_frame::Body::Batch(b)) = &f.body {
+            acked_items += b.readings.len() as u64;
+        }
+        slow.acks[lane].send(ack_for(&f)).unwrap();
+        let (got_lane, f) = next_frame(&mut slow).await;
+        assert_eq!(
+            got_lane, lane,
+            "the freed slot is refilled on its own stream"
+        );
+        unacked[lane].push_back(f);
+        assert!(unacked.iter().all(|q| q.len() <= 3));
+    }
+    let outbox = edge.outbox.clone();
+    eventually("acked items trimmed", || async {
+        outbox.stats().backlog_items == total - acked_items
+    })
+    .await;
+    let _ = edge.stop.send(());
+    edge.running.await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_session_survives_the_edge_changing_its_address() {
+    let c = cluster().await;
+    let (edge, endpoint) = start_edge_at(c.addr, &c.certs(), &c.dir.path().join("edge"), true);
+    provision_and_fill(&c, &edge.outbox, "x", 4, 100).await;
+    edge.new_items.notify_waiters();
+    let outbox = edge.outbox.clone();
+    eventually("the first readings acknowledged", || async {
+        outbox.stats().backlog_items == 0
+    })
+    .await;
+    let before = endpoint.local_addr().unwrap();
+
+    // The site's router gives it a new port (a NAT rebinding, a Wi-Fi to LTE failover).
+    endpoint
+        .rebind(std::net::UdpSocket::bind("127.0.0.1:0").unwrap())
+        .unwrap();
+    assert_ne!(endpoint.local_addr().unwrap(), before);
+    let items = (0..4)
+        .flat_map(|d| {
+            (0..100).map(move |i| {
+                Item::new(
+                    format!("t1:coffee-x{d}"),
+                    1_795_392_100_000 + i as u64 * 1000,
+                    ItemKind::Reading {
+                        signal: "brew_pressure".into(),
+                        value: 9.05,
+                    },
+                )
+            })
+        })
+        .collect();
+    edge.outbox.accept(items).await.unwrap();
+    edge.new_items.notify_waiters();
+    eventually("the readings after the move acknowledged", || async {
+        outbox.stats().backlog_items == 0
+    })
+    .await;
+    for d in 0..4 {
+        let hw = c
+            .store
+            .high_water(&Key::new(format!("t1:coffee-x{d}")))
+            .await
+            .unwrap();
+        assert_eq!(hw, 200);
+    }
+    assert_eq!(
+        edge.stats
+            .sessions
+            .load(std::sync::atomic::Ordering::Relaxed),
+        1,
+        "the same QUIC connection carried on: no new session"
+    );
     let _ = edge.stop.send(());
     edge.running.await.unwrap();
 }
