@@ -13,9 +13,10 @@
 //!      (1,000 per call, waking its client after each) until every outbox is empty: the
 //!      edges' own intake runs in this process too;
 //!    - *live frames*: each site then accepts one reading per device every [`PROBE_EVERY`]
-//!      and times, from outside the client, `Outbox::accept` returning → its outbox empty
-//!      again: one frame, its twin steps, the ack and the trim (polled every millisecond, so
-//!      ±1–2 ms). `SyncClient` has no hook for ack latency, so this is what is measured.
+//!      and times `Outbox::accept` returning → its outbox empty again (one frame, its twin
+//!      steps, the ack and the trim; polled every millisecond, so ±1–2 ms), and the
+//!      clients' own acknowledgement latency: a frame written → its `Ack` read
+//!      (`ClientStats`), which is the protocol's p99 figure.
 //! 2. **Catch-up**: one site of [`CATCH_UP_DEVICES`] machines accepts 1,000,000 readings
 //!    while offline ([`CATCH_UP_ADAPTERS`] adapters, 1,000 readings per call: the edge's
 //!    own durable intake rate), then connects; readings/s until its outbox is empty.
@@ -28,6 +29,7 @@
 //! Warnings of the node and the clients go to stderr.
 //!
 //! Run: `cargo bench -p caretwin-cluster --bench sync`; `-- --quick` for a short run,
+//! `-- --no-compress` to send frames uncompressed (zstd is on by default, as in the edge),
 //! `-- --only throughput` or `-- --only catch-up` for one of them (profiling), `-- --edge-dir
 //! /dev/shm` to put the outboxes where an fsync is free (a diagnostic: what the shared disk
 //! costs).
@@ -289,7 +291,8 @@ struct Edge {
 }
 
 impl Edge {
-    fn open(certs: &Path, site: &Site, cluster: SocketAddr, parent: &Path) -> Self {
+    fn open(certs: &Path, site: &Site, cluster: SocketAddr, opts: &Options) -> Self {
+        let parent = opts.edge_dir.as_path();
         let dir = bench_dir("sync-edge-", parent);
         let outbox = Arc::new(Outbox::open(&OutboxConfig::at(dir.path())).expect("outbox"));
         let stem = site_file_stem(&SiteIdentity::new(site.id.clone()).expect("site id"));
@@ -309,7 +312,7 @@ impl Edge {
                 cluster,
                 server_name: "localhost".into(),
                 max_backoff: Duration::from_secs(5),
-                compress: true,
+                compress: opts.compress,
             },
             endpoint,
             outbox.clone(),
@@ -617,7 +620,10 @@ async fn measure(cluster: &Cluster, edges: &mut [Edge], start: Start) -> Drain {
 
 /// Every site accepts one reading per device each [`PROBE_EVERY`] for `length`; each time
 /// from `accept` returning until its outbox is empty again is recorded (µs).
-async fn probe(edges: &[Edge], length: Duration) -> Histogram<u64> {
+async fn probe(edges: &[Edge], length: Duration) -> (Histogram<u64>, Histogram<u64>) {
+    for e in edges {
+        e.client.stats().reset_ack_latency();
+    }
     let n = edges.len() as u32;
     let mut tasks = Vec::new();
     for (i, e) in edges.iter().enumerate() {
@@ -661,7 +667,13 @@ async fn probe(edges: &[Edge], length: Duration) -> Histogram<u64> {
     for t in tasks {
         hist.add(t.await.expect("probe")).expect("merge");
     }
-    hist
+    let mut acks = Histogram::<u64>::new(3).expect("histogram");
+    for e in edges {
+        if let Some(h) = e.client.stats().ack_histogram() {
+            acks.add(h).expect("merge");
+        }
+    }
+    (hist, acks)
 }
 
 fn percentile(sorted: &[Duration], p: f64) -> Duration {
@@ -705,6 +717,8 @@ struct ThroughputRow {
     cold: Drain,
     warm: Drain,
     probe: Histogram<u64>,
+    /// Frame written → ack read, as the clients measured it during the probe.
+    acks: Histogram<u64>,
 }
 
 async fn throughput(opts: &Options, certs: &Path, sites: usize) -> ThroughputRow {
@@ -712,7 +726,7 @@ async fn throughput(opts: &Options, certs: &Path, sites: usize) -> ThroughputRow
     let cluster = start_cluster(certs, &sites).await;
     let mut edges: Vec<Edge> = sites
         .iter()
-        .map(|s| Edge::open(certs, s, cluster.addr, &opts.edge_dir))
+        .map(|s| Edge::open(certs, s, cluster.addr, opts))
         .collect();
     // Whole cycles per device, the same at every site; the warm phase continues where the
     // cold one ended, in device time too.
@@ -733,7 +747,7 @@ async fn throughput(opts: &Options, certs: &Path, sites: usize) -> ThroughputRow
         t0,
     };
     let warm = measure(&cluster, &mut edges, warm).await;
-    let probe = probe(&edges, opts.probe_for).await;
+    let (probe, acks) = probe(&edges, opts.probe_for).await;
     for e in &mut edges {
         e.disconnect().await;
     }
@@ -746,6 +760,7 @@ async fn throughput(opts: &Options, certs: &Path, sites: usize) -> ThroughputRow
         cold,
         warm,
         probe,
+        acks,
     }
 }
 
@@ -759,7 +774,7 @@ struct CatchUp {
 async fn catch_up(opts: &Options, certs: &Path) -> CatchUp {
     let site = catch_up_site();
     let cluster = start_cluster(certs, std::slice::from_ref(&site)).await;
-    let mut edge = Edge::open(certs, &site, cluster.addr, &opts.edge_dir);
+    let mut edge = Edge::open(certs, &site, cluster.addr, opts);
     // Each adapter owns a quarter of the devices and accepts whole cycles of them.
     let owned = CATCH_UP_DEVICES / CATCH_UP_ADAPTERS;
     let cycle = (owned * SIGNALS.len()) as u64;
@@ -802,6 +817,8 @@ struct Options {
     edge_dir: PathBuf,
     /// `--only throughput` or `--only catch-up`, for profiling one of them.
     only: Option<String>,
+    /// Offer zstd (default; `--no-compress` to send frames as they are).
+    compress: bool,
 }
 
 impl Options {
@@ -820,6 +837,7 @@ impl Options {
             catch_up_readings: if quick { 100_000 } else { 1_000_000 },
             edge_dir: value("--edge-dir").map_or_else(|| target_tmp().to_owned(), PathBuf::from),
             only: value("--only"),
+            compress: !args.iter().any(|a| a == "--no-compress"),
         }
     }
 
@@ -850,6 +868,14 @@ fn main() {
 async fn run(opts: Options) {
     println!("# edge sync over QUIC: throughput and catch-up, end to end");
     println!("machine: {}", caretwin_tests::machine());
+    println!(
+        "frames: {}",
+        if opts.compress {
+            "zstd when agreed"
+        } else {
+            "uncompressed (--no-compress)"
+        }
+    );
     println!(
         "one process: the cluster node (64 shards, embedded store in {}) and every edge \
          (outbox in {}, SyncClient with its own site certificate) share a 2-worker tokio \
@@ -911,27 +937,29 @@ async fn run(opts: Options) {
         println!("\n## Throughput, {DEVICES_PER_SITE} devices per site\n");
         println!(
             "| sites | readings | cold: sessions open p50 / max | cold: readings/s | warm: \
-             readings/s | live frame, accept → trimmed p50 / p99 / max (frames) | readings \
-             per cluster commit (warm) | cores busy cold / warm |"
+             readings/s | live: frame → ack p50 / p99 (frames) | live: accept → trimmed p50 / \
+             p99 / max | readings per cluster commit (warm) | cores busy cold / warm |"
         );
-        println!("|---|---|---|---|---|---|---|---|");
+        println!("|---|---|---|---|---|---|---|---|---|");
         for r in &rows {
             let mut to_session = r.cold.to_session.clone();
             to_session.sort();
             let rate = |d: &Drain| thousands(r.readings as f64 / d.total.as_secs_f64());
             println!(
-                "| {} | {} | {:.2} s / {:.2} s | {} | {} | {} / {} / {} ({}) | {:.0} | {:.2} / \
-                 {:.2} |",
+                "| {} | {} | {:.2} s / {:.2} s | {} | {} | {} / {} ({}) | {} / {} / {} | {:.0} | \
+                 {:.2} / {:.2} |",
                 r.sites,
                 thousands(r.readings as f64),
                 percentile(&to_session, 0.5).as_secs_f64(),
                 percentile(&to_session, 1.0).as_secs_f64(),
                 rate(&r.cold),
                 rate(&r.warm),
+                ms(r.acks.value_at_quantile(0.5)),
+                ms(r.acks.value_at_quantile(0.99)),
+                r.acks.len(),
                 ms(r.probe.value_at_quantile(0.5)),
                 ms(r.probe.value_at_quantile(0.99)),
                 ms(r.probe.max()),
-                r.probe.len(),
                 r.readings as f64 / r.warm.cluster_steps.max(1) as f64,
                 r.cold.cores.0,
                 r.warm.cores.0

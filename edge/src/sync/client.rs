@@ -109,6 +109,11 @@ impl ClientStats {
         })
     }
 
+    /// A copy of the acknowledgement latency histogram (µs), to merge several clients'.
+    pub fn ack_histogram(&self) -> Option<hdrhistogram::Histogram<u64>> {
+        self.ack_latency_us.lock().expect("stats lock").clone()
+    }
+
     /// Forgets the latencies recorded so far (a benchmark's warm-up).
     pub fn reset_ack_latency(&self) {
         *self.ack_latency_us.lock().expect("stats lock") = None;
