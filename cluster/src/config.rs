@@ -30,6 +30,9 @@ pub struct ClusterConfig {
     /// The edge sync endpoint.
     #[serde(default)]
     pub sync: SyncConfig,
+    /// The integrator gRPC endpoint.
+    #[serde(default)]
+    pub grpc: GrpcConfig,
     /// Shards and passivation of the twins.
     #[serde(default)]
     pub host: HostConfig,
@@ -65,6 +68,36 @@ pub struct SyncConfig {
     /// intervals without a frame on its control stream.
     #[serde(default = "default_heartbeat", with = "humantime_serde")]
     pub heartbeat: Duration,
+}
+
+/// The integrator gRPC endpoint: TLS with the node's certificate (the sync's), bearer
+/// tokens with a tenant and scopes.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct GrpcConfig {
+    /// TCP address to listen on (port 0: any free port, logged at start).
+    #[serde(default = "default_grpc_listen")]
+    pub listen: SocketAddr,
+    /// The tokens file (`[[token]] name, sha256, tenant, scopes`); made with
+    /// `caretwin-cluster token`. Without it every call is refused.
+    #[serde(default = "default_tokens")]
+    pub tokens: PathBuf,
+}
+
+fn default_grpc_listen() -> SocketAddr {
+    SocketAddr::from(([0, 0, 0, 0], 7401))
+}
+fn default_tokens() -> PathBuf {
+    PathBuf::from("certs/tokens.toml")
+}
+
+impl Default for GrpcConfig {
+    fn default() -> Self {
+        Self {
+            listen: default_grpc_listen(),
+            tokens: default_tokens(),
+        }
+    }
 }
 
 fn default_listen() -> SocketAddr {
@@ -116,6 +149,7 @@ impl Default for ClusterConfig {
             lease_ttl: default_lease_ttl(),
             renew_every: default_renew_every(),
             sync: SyncConfig::default(),
+            grpc: GrpcConfig::default(),
             host: HostConfig::default(),
             services: ServicesConfig::default(),
             tick: default_tick(),

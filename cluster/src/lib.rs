@@ -1,8 +1,7 @@
 //! The CareTwin cluster node.
 //!
 //! It hosts the twins and owns every I/O edge around them: the storage backends, the
-//! clock, and (in later work) the QUIC endpoint for edges and the gRPC endpoint for
-//! integrators. The deciding code it runs lives in `caretwin-actors` and never does I/O
+//! clock, the QUIC endpoint for edges and the gRPC endpoint for integrators. The deciding code it runs lives in `caretwin-actors` and never does I/O
 //! itself.
 //!
 //! # Layout
@@ -12,11 +11,15 @@
 //! - [`store`] — storage backends behind the `Store` port: [`store::embedded`] (fjall).
 //! - [`sync`] — the edge sync's QUIC and mutual TLS glue, and the development PKI.
 //! - [`error`] — the crate's error type.
+//! - [`grpc`] — the integrator gRPC endpoint: auth by token and scope, cases, twins,
+//!   health and reflection.
+//! - [`ingest`] — what the node does with a site's sync frames, whatever carries them.
 
 #![forbid(unsafe_code)]
 
 pub mod config;
 pub mod error;
+pub mod grpc;
 pub mod ingest;
 pub mod node;
 pub mod replay;

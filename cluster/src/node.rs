@@ -82,7 +82,12 @@ impl Clock for SystemClock {
 /// sites, drains the twins, releases its lease and closes the store cleanly.
 pub async fn run(config: ClusterConfig, shutdown: impl Future<Output = ()>) -> Result<()> {
     config.validate()?;
-    let store = crate::store::open(&config.store)?;
+    let backend = crate::store::open(&config.store)?;
+    // The twins write through the watched store, so the gRPC case streams wake as soon as
+    // a case event is durable.
+    let watched = crate::store::watch::Watched::new(backend, &["cases/"]);
+    let log_signals = watched.signals();
+    let store: Arc<dyn Store> = Arc::new(watched);
     let lease = register(&*store, &config).await?;
     tracing::info!(node = %config.node_id, token = lease.token, "node registered");
 
@@ -125,14 +130,56 @@ pub async fn run(config: ClusterConfig, shutdown: impl Future<Output = ()>) -> R
     );
     let server = SyncServer::new(ingest, signals, clock);
 
+    let grpc_listener = tokio::net::TcpListener::bind(config.grpc.listen)
+        .await
+        .map_err(|e| Error::Config(format!("gRPC endpoint {}: {e}", config.grpc.listen)))?;
+    let grpc_addr = grpc_listener
+        .local_addr()
+        .map_err(|e| Error::Config(format!("gRPC endpoint: {e}")))?;
+    let tokens = if config.grpc.tokens.exists() {
+        crate::grpc::auth::Tokens::load(&config.grpc.tokens)
+            .map_err(|e| Error::Config(e.to_string()))?
+    } else {
+        crate::grpc::auth::Tokens::default()
+    };
+    tracing::info!(addr = %grpc_addr, tokens = tokens.len(), "gRPC listening");
+    let sites = server.clone();
+    let services = crate::grpc::Services {
+        cases: crate::grpc::cases::CaseApi(Arc::new(crate::grpc::cases::Cases::new(
+            system.clone(),
+            store.clone(),
+            log_signals,
+        ))),
+        twins: crate::grpc::twins::TwinApi::new(
+            system.clone(),
+            Arc::new(move || sites.live_sites()),
+        ),
+    };
+    let identity = crate::grpc::identity(&config.sync.cert, &config.sync.key)?;
+
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let mut stop_server = stop_rx.clone();
     let serving = tokio::spawn(server.serve(endpoint, async move {
         let _ = stop_server.wait_for(|s| *s).await;
     }));
+    let mut stop_grpc = stop_rx.clone();
+    let grpc = tokio::spawn(crate::grpc::serve(
+        grpc_listener,
+        identity,
+        Arc::new(tokens),
+        services,
+        async move {
+            let _ = stop_grpc.wait_for(|s| *s).await;
+        },
+    ));
     let lease = serve(&*store, &system, &config, lease, shutdown).await;
     let _ = stop_tx.send(true);
     let _ = serving.await;
+    match grpc.await {
+        Ok(Err(e)) => tracing::warn!(error = %e, "gRPC endpoint failed"),
+        Err(e) => tracing::warn!(error = %e, "gRPC endpoint task failed"),
+        Ok(Ok(())) => {}
+    }
     let lease = lease?;
     match Arc::try_unwrap(system) {
         Ok(system) => system.stop().await,
@@ -314,6 +361,10 @@ mod tests {
                 cert: certs.join("cluster.pem"),
                 key: certs.join("cluster.key"),
                 ..crate::config::SyncConfig::default()
+            },
+            grpc: crate::config::GrpcConfig {
+                listen: "127.0.0.1:0".parse().unwrap(),
+                tokens: dir.path().join("no-tokens.toml"),
             },
             ..ClusterConfig::default()
         };

@@ -31,6 +31,7 @@ fn node_runs_refuses_a_twin_process_and_stops_cleanly() -> anyhow::Result<()> {
     let env = [
         ("CARETWIN_CLUSTER__STORE__EMBEDDED__PATH", path.as_str()),
         ("CARETWIN_CLUSTER__SYNC__LISTEN", "127.0.0.1:0"),
+        ("CARETWIN_CLUSTER__GRPC__LISTEN", "127.0.0.1:0"),
         ("CARETWIN_CLUSTER__SYNC__CA", ca.as_str()),
         ("CARETWIN_CLUSTER__SYNC__CERT", cert.as_str()),
         ("CARETWIN_CLUSTER__SYNC__KEY", key.as_str()),
@@ -94,7 +95,10 @@ fn bad_configuration_is_refused_with_its_reason() -> anyhow::Result<()> {
 #[test]
 fn a_fresh_directory_runs_with_development_certificates() -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
-    let env = [("CARETWIN_CLUSTER__SYNC__LISTEN", "127.0.0.1:0")];
+    let env = [
+        ("CARETWIN_CLUSTER__SYNC__LISTEN", "127.0.0.1:0"),
+        ("CARETWIN_CLUSTER__GRPC__LISTEN", "127.0.0.1:0"),
+    ];
     let mut node = Process::start_in(Some(dir.path()), EXE.as_ref(), &["run"], &env)?;
     node.wait_for("DEVELOPMENT certificates created")?;
     node.wait_for("sync listening")?;
@@ -106,6 +110,7 @@ fn a_fresh_directory_runs_with_development_certificates() -> anyhow::Result<()> 
     // Certificates configured elsewhere are never invented.
     let env = [
         ("CARETWIN_CLUSTER__SYNC__LISTEN", "127.0.0.1:0"),
+        ("CARETWIN_CLUSTER__GRPC__LISTEN", "127.0.0.1:0"),
         ("CARETWIN_CLUSTER__SYNC__CA", "/nonexistent/ca.pem"),
     ];
     let mut node = Process::start_in(Some(dir.path()), EXE.as_ref(), &["run"], &env)?;

@@ -43,6 +43,8 @@ listen = "{listen}"
 ca = "{ca}"
 cert = "{cert}"
 key = "{key}"
+[grpc]
+listen = "127.0.0.1:0"
 "#,
             provision = dir.join("devices.toml").display(),
             store = dir.join("cluster-data").display(),

@@ -392,6 +392,16 @@ impl DeviceTwin {
         self.customer.as_deref()
     }
 
+    /// The site, once provisioned.
+    pub fn site(&self) -> Option<&str> {
+        self.site.as_deref()
+    }
+
+    /// When the last item from the device was applied (cluster clock, Unix ms; 0: never).
+    pub fn last_seen_ms(&self) -> TimeMs {
+        self.last_seen_ms
+    }
+
     /// Last reported value per signal (catalogue order).
     pub fn reported(&self) -> &[Option<Reported>] {
         &self.reported

@@ -101,6 +101,26 @@ enum Command {
         #[arg(long)]
         force: bool,
     },
+    /// Mint an integrator token for the gRPC endpoint: prints the token (give it to the
+    /// integrator; it is not stored) and appends its entry (a SHA-256, the tenant, the
+    /// scopes) to the tokens file, creating it if missing.
+    Token {
+        /// A name for logs, for example crm-eu.
+        #[arg(long)]
+        name: String,
+        /// The tenant the token acts for.
+        #[arg(long)]
+        tenant: String,
+        /// A scope to grant (repeat for more): twins:read, twins:write, customers:read,
+        /// customers:pii, customers:write, customers:export, customers:erase, cases:read,
+        /// cases:handle, work:read, work:write, parts:write, commands:read,
+        /// commands:write, catalogue:read, notifications:gateway, admin.
+        #[arg(long = "scope", required = true)]
+        scopes: Vec<String>,
+        /// The tokens file; the configuration's `grpc.tokens` when absent.
+        #[arg(long)]
+        file: Option<PathBuf>,
+    },
 }
 
 /// Formats of recorded run data.
@@ -211,6 +231,12 @@ async fn real_main() -> anyhow::Result<()> {
             cluster_name,
             force,
         } => dev(out, &sites, cluster_name, force)?,
+        Command::Token {
+            name,
+            tenant,
+            scopes,
+            file,
+        } => token(&name, &tenant, &scopes, &file.unwrap_or(config.grpc.tokens))?,
     }
     Ok(())
 }
@@ -233,6 +259,40 @@ fn dev(out: PathBuf, sites: &[String], cluster_name: String, force: bool) -> any
         };
         println!("{action} {}: {}", file.path.display(), file.what);
     }
+    Ok(())
+}
+
+fn token(
+    name: &str,
+    tenant: &str,
+    scopes: &[String],
+    file: &std::path::Path,
+) -> anyhow::Result<()> {
+    use caretwin_cluster::grpc::auth::{Scope, Tokens, TokensFile, mint};
+    let scopes = scopes
+        .iter()
+        .map(|s| Scope::parse(s).ok_or_else(|| anyhow::anyhow!("unknown scope {s:?}")))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let (token, entry) = mint(name, tenant, scopes);
+    let mut tokens: TokensFile = if file.exists() {
+        toml::from_str(&std::fs::read_to_string(file)?)
+            .map_err(|e| anyhow::anyhow!("{}: {e}", file.display()))?
+    } else {
+        TokensFile::default()
+    };
+    tokens.tokens.push(entry);
+    let text = toml::to_string(&tokens)?;
+    // Every entry is checked before anything is written.
+    Tokens::from_toml(&text, &file.display().to_string())?;
+    if let Some(dir) = file.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir)?;
+    }
+    std::fs::write(file, text)?;
+    eprintln!(
+        "added token {name:?} for tenant {tenant} to {}",
+        file.display()
+    );
+    println!("{token}");
     Ok(())
 }
 

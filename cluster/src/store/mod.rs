@@ -1,10 +1,12 @@
 //! Storage backends behind the [`caretwin_actors::store::Store`] port.
 //!
 //! - [`embedded`] — fjall on local disk, group commit; the default for one node.
+//! - [`watch`] — a wrapper that signals when logs grow (the gRPC streams wait on it).
 //!
 //! PostgreSQL and FoundationDB backends come with the multi-node cluster.
 
 pub mod embedded;
+pub mod watch;
 
 use caretwin_actors::store::Store;
 use serde::{Deserialize, Serialize};

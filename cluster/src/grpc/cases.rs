@@ -1,0 +1,644 @@
+//! `CaseService`: the handoff of cases to human agents over gRPC.
+//!
+//! The source of truth is each tenant's durable case log (`cases/<tenant>`), which the
+//! handoff queue twin appends to in the same batch as its decisions. This module keeps a
+//! projection of it per tenant — every case with its events and their log indexes — rebuilt
+//! from the log on first use and brought up to date whenever the log grows (the node's
+//! [`Watched`](crate::store::watch::Watched) store signals appends). A delivery's cursor is
+//! the log index of its event, so a subscription resumes exactly where it stopped; the
+//! case it carries is folded from the case's events up to that cursor ("as of this
+//! event"). Agents' actions (accept, resolve) are mail to the tenant's handoff queue, which
+//! decides; nothing here changes a case by itself.
+
+use super::auth::{Principal, Scope};
+use super::convert;
+use crate::store::watch::LogSignals;
+use caretwin_actors::mail::{Address, Body, Mail};
+use caretwin_actors::services::Status as DeskStatus;
+use caretwin_actors::services::handoff::{CaseEvent, CaseEventKind, cases_log};
+use caretwin_actors::store::{IdempotencyMode, Key, Op, Store, WriteBatch};
+use caretwin_actors::system::System;
+use caretwin_proto::v1::{self, case_service_server::CaseService};
+use futures::Stream;
+use std::collections::{BTreeMap, HashMap};
+use std::pin::Pin;
+use std::sync::Arc;
+use tokio::sync::Mutex;
+use tonic::{Request, Response, Status};
+
+/// Entries read from the log per store call while catching up.
+const READ_CHUNK: usize = 1_000;
+/// Deliveries buffered per subscriber before the stream waits for the client.
+const STREAM_BUFFER: usize = 256;
+
+/// One tenant's cases as the log tells them.
+#[derive(Debug, Default)]
+struct Book {
+    /// The next log index to read.
+    next: u64,
+    /// Every case's events with their indexes, in log order.
+    cases: HashMap<String, Vec<(u64, CaseEvent)>>,
+    /// Log index → case id, for deliveries in order.
+    order: BTreeMap<u64, String>,
+}
+
+/// The projection of every tenant's case log.
+pub struct Cases {
+    system: Arc<System>,
+    store: Arc<dyn Store>,
+    signals: Arc<LogSignals>,
+    books: std::sync::Mutex<HashMap<String, Arc<Mutex<Book>>>>,
+    /// Serialises acknowledgements, so a cursor never moves back.
+    acks: Mutex<()>,
+}
+
+fn internal(e: impl std::fmt::Display) -> Status {
+    Status::internal(e.to_string())
+}
+
+fn subscriber_key(tenant: &str, subscriber: &str) -> Key {
+    Key::new(format!("grpc/cases-cursor/{tenant}/{subscriber}"))
+}
+
+impl Cases {
+    /// The service over `system`'s handoff queues and `store`'s case logs; `signals` must
+    /// be those of the store the twins write through.
+    pub fn new(system: Arc<System>, store: Arc<dyn Store>, signals: Arc<LogSignals>) -> Self {
+        Self {
+            system,
+            store,
+            signals,
+            books: Default::default(),
+            acks: Mutex::new(()),
+        }
+    }
+
+    fn book(&self, tenant: &str) -> Arc<Mutex<Book>> {
+        self.books
+            .lock()
+            .expect("books lock")
+            .entry(tenant.to_owned())
+            .or_insert_with(|| {
+                Arc::new(Mutex::new(Book {
+                    next: 1,
+                    ..Default::default()
+                }))
+            })
+            .clone()
+    }
+
+    /// Reads what the tenant's log gained since the last call.
+    async fn catch_up(&self, tenant: &str) -> Result<Arc<Mutex<Book>>, Status> {
+        let book = self.book(tenant);
+        {
+            let mut b = book.lock().await;
+            loop {
+                let entries = self
+                    .store
+                    .read_log(&cases_log(tenant), b.next, READ_CHUNK)
+                    .await
+                    .map_err(internal)?;
+                let Some(last) = entries.last().map(|e| e.index) else {
+                    break;
+                };
+                for e in entries {
+                    match serde_json::from_slice::<CaseEvent>(&e.value) {
+                        Ok(ev) => {
+                            b.order.insert(e.index, ev.case_id.clone());
+                            b.cases
+                                .entry(ev.case_id.clone())
+                                .or_default()
+                                .push((e.index, ev));
+                        }
+                        Err(err) => {
+                            tracing::warn!(tenant, index = e.index, error = %err, "unreadable case event skipped");
+                        }
+                    }
+                }
+                b.next = last + 1;
+            }
+        }
+        Ok(book)
+    }
+
+    /// The case `case_id` of `tenant` as of log index `upto`.
+    async fn case_as_of(&self, tenant: &str, case_id: &str, upto: u64) -> Option<v1::Case> {
+        let book = self.book(tenant);
+        let b = book.lock().await;
+        let events = b.cases.get(case_id)?;
+        let case = fold(tenant, case_id, events, upto)?;
+        drop(b);
+        Some(self.with_devices(case).await)
+    }
+
+    /// Adds the devices' current twins (summary) to a case.
+    async fn with_devices(&self, mut case: v1::Case) -> v1::Case {
+        let ids: Vec<String> = case.devices.iter().map(|d| d.device_id.clone()).collect();
+        for (slot, id) in case.devices.iter_mut().zip(ids) {
+            let twin = self
+                .system
+                .devices()
+                .inspect(&id, |t| {
+                    t.map(|t| (t.model().map(str::to_owned), t.health(), t.high_water()))
+                })
+                .await;
+            if let Ok(Some((model, health, seq))) = twin {
+                slot.model_id = model.unwrap_or_default();
+                slot.health_index = health;
+                slot.applied_seq = seq;
+            }
+        }
+        case
+    }
+
+    async fn tell_queue(
+        &self,
+        p: &Principal,
+        case_id: &str,
+        state: &str,
+        agent: &str,
+        key: &str,
+    ) -> Result<DeskStatus, Status> {
+        let mail = Mail {
+            id: format!("grpc/{}/{case_id}/{state}/{key}", p.name),
+            from: Address::Handoff(p.tenant.clone()),
+            to: Address::Handoff(p.tenant.clone()),
+            body: Body::HandoffUpdate {
+                case_id: case_id.to_owned(),
+                state: state.to_owned(),
+                agent: Some(agent.to_owned()),
+            },
+        };
+        self.system
+            .handoff()
+            .call(&p.tenant, mail)
+            .await
+            .map_err(internal)
+    }
+}
+
+/// Folds a case's events up to `upto` into the contract's `Case`.
+fn fold(tenant: &str, case_id: &str, events: &[(u64, CaseEvent)], upto: u64) -> Option<v1::Case> {
+    let mut case = v1::Case {
+        case_id: case_id.to_owned(),
+        tenant_id: tenant.to_owned(),
+        ..Default::default()
+    };
+    let mut seen = false;
+    for (index, ev) in events.iter().filter(|(i, _)| *i <= upto) {
+        seen = true;
+        case.version = *index;
+        case.priority = convert::priority(ev.priority) as i32;
+        let (state, text) = match ev.event {
+            CaseEventKind::HandedOff => (v1::CaseState::HandedOff, "handed to a human"),
+            CaseEventKind::Escalated => (v1::CaseState::HandedOff, "escalated"),
+            CaseEventKind::Accepted => (v1::CaseState::Accepted, "accepted"),
+            CaseEventKind::Resolved => (v1::CaseState::Resolved, "resolved"),
+        };
+        case.state = state as i32;
+        case.timeline.push(v1::TimelineEntry {
+            at_ms: ev.at_ms as i64,
+            kind: v1::TimelineEntryKind::StateChange as i32,
+            actor: if ev.agent.is_some() {
+                v1::Actor::Agent
+            } else {
+                v1::Actor::Twin
+            } as i32,
+            actor_id: ev.agent.clone().unwrap_or_default(),
+            text: match ev.event {
+                CaseEventKind::Escalated => format!("escalated to level {}", ev.escalation_level),
+                _ => text.to_owned(),
+            },
+            reference_id: String::new(),
+        });
+        match ev.event {
+            CaseEventKind::HandedOff => {
+                case.opened_at_ms = ev.at_ms as i64;
+                case.handed_off_at_ms = Some(ev.at_ms as i64);
+                case.customer = Some(v1::CaseCustomer {
+                    customer_id: ev.customer.clone(),
+                    ..Default::default()
+                });
+                let reason = ev.reason.clone().unwrap_or_default();
+                case.handoff_reason = handoff_reason(ev.priority, &reason) as i32;
+                case.handoff_detail = reason;
+                if let Some(ctx) = &ev.context {
+                    let device = ctx.devices.first().cloned().unwrap_or_default();
+                    case.title = format!("{} on {device}", ctx.root_cause);
+                    case.site_id = String::new();
+                    case.root_cause = Some(v1::RootCause {
+                        failure_mode_id: ctx.root_cause.clone(),
+                        device_id: device.clone(),
+                        description: ctx.root_cause.clone(),
+                        confidence: ctx
+                            .insights
+                            .iter()
+                            .map(|i| i.confidence)
+                            .fold(0.0, f64::max),
+                    });
+                    case.devices = ctx
+                        .devices
+                        .iter()
+                        .map(|d| v1::Twin {
+                            device_id: d.clone(),
+                            tenant_id: tenant.to_owned(),
+                            customer_id: ev.customer.clone(),
+                            ..Default::default()
+                        })
+                        .collect();
+                    case.insights = ctx
+                        .insights
+                        .iter()
+                        .enumerate()
+                        .map(|(n, i)| convert::insight(&device, n, i))
+                        .collect();
+                    case.actions = ctx
+                        .actions
+                        .iter()
+                        .enumerate()
+                        .map(|(n, a)| v1::ActionRecord {
+                            action_id: format!("{case_id}/action-{n}"),
+                            description: a.clone(),
+                            actor: v1::Actor::Twin as i32,
+                            ..Default::default()
+                        })
+                        .collect();
+                    case.suggested_next_step =
+                        (!ctx.suggested_next_step.is_empty()).then(|| v1::SuggestedStep {
+                            description: ctx.suggested_next_step.clone(),
+                            ..Default::default()
+                        });
+                    case.withheld_scopes = ctx
+                        .withheld
+                        .iter()
+                        .map(|s| convert::consent_scope(*s) as i32)
+                        .collect();
+                }
+            }
+            CaseEventKind::Escalated => {}
+            CaseEventKind::Accepted => {
+                case.assigned_agent_id = ev.agent.clone().unwrap_or_default();
+                case.accepted_at_ms = Some(ev.at_ms as i64);
+            }
+            CaseEventKind::Resolved => {
+                case.resolution = Some(v1::Resolution {
+                    code: v1::ResolutionCode::Other as i32,
+                    summary: String::new(),
+                    resolved_by: ev.agent.clone().unwrap_or_default(),
+                    resolved_at_ms: ev.at_ms as i64,
+                });
+            }
+        }
+    }
+    seen.then_some(case)
+}
+
+fn handoff_reason(priority: caretwin_actors::model::Priority, reason: &str) -> v1::HandoffReason {
+    let r = reason.to_ascii_lowercase();
+    if priority == caretwin_actors::model::Priority::Safety || r.contains("alarm") {
+        v1::HandoffReason::SafetyAlarm
+    } else if r.contains("confiden") {
+        v1::HandoffReason::LowConfidence
+    } else if r.contains("answer") || r.contains("respon") {
+        v1::HandoffReason::NoCustomerResponse
+    } else if r.contains("request") {
+        v1::HandoffReason::CustomerRequest
+    } else if r.contains("remed") || r.contains("fail") {
+        v1::HandoffReason::RemediesExhausted
+    } else {
+        v1::HandoffReason::Playbook
+    }
+}
+
+fn event_kind(k: CaseEventKind) -> v1::CaseEventKind {
+    match k {
+        CaseEventKind::HandedOff => v1::CaseEventKind::HandedOff,
+        CaseEventKind::Escalated => v1::CaseEventKind::Escalated,
+        CaseEventKind::Accepted => v1::CaseEventKind::Accepted,
+        CaseEventKind::Resolved => v1::CaseEventKind::Resolved,
+    }
+}
+
+fn check_name(what: &str, s: &str, max: usize) -> Result<(), Status> {
+    if s.is_empty() || s.len() > max || s.chars().any(|c| c.is_control()) {
+        return Err(Status::invalid_argument(format!(
+            "{what} must be 1 to {max} printable characters, got {s:?}"
+        )));
+    }
+    Ok(())
+}
+
+type DeliveryStream = Pin<Box<dyn Stream<Item = Result<v1::CaseDelivery, Status>> + Send>>;
+
+/// The gRPC face of [`Cases`].
+#[derive(Clone)]
+pub struct CaseApi(pub Arc<Cases>);
+
+#[tonic::async_trait]
+impl CaseService for CaseApi {
+    type SubscribeCasesStream = DeliveryStream;
+
+    async fn subscribe_cases(
+        &self,
+        req: Request<v1::SubscribeCasesRequest>,
+    ) -> Result<Response<DeliveryStream>, Status> {
+        let p = Principal::of(&req)?.clone();
+        p.require(Scope::CasesRead)?;
+        let r = req.into_inner();
+        check_name("subscriber_id", &r.subscriber_id, 64)?;
+        let cases = self.0.clone();
+        let after = match r.after_cursor {
+            Some(c) => c,
+            None => stored_cursor(&*cases.store, &p.tenant, &r.subscriber_id).await?,
+        };
+        let priorities: Vec<i32> = r.priorities.clone();
+        let kinds: Vec<i32> = r.kinds.clone();
+        let log = cases_log(&p.tenant);
+        // Subscribe before the first read, so an append in between wakes the loop.
+        let mut grew = cases.signals.subscribe(&log);
+        let (tx, rx) = tokio::sync::mpsc::channel(STREAM_BUFFER);
+        tracing::info!(tenant = %p.tenant, subscriber = %r.subscriber_id, after, "case subscription");
+        tokio::spawn(async move {
+            let mut cursor = after;
+            loop {
+                grew.borrow_and_update();
+                let book = match cases.catch_up(&p.tenant).await {
+                    Ok(b) => b,
+                    Err(e) => {
+                        let _ = tx.send(Err(e)).await;
+                        return;
+                    }
+                };
+                let pending: Vec<(u64, String)> = {
+                    let b = book.lock().await;
+                    b.order
+                        .range(cursor + 1..)
+                        .map(|(i, c)| (*i, c.clone()))
+                        .collect()
+                };
+                for (index, case_id) in pending {
+                    cursor = index;
+                    let (kind, at, prio) = {
+                        let b = book.lock().await;
+                        let Some((_, ev)) = b
+                            .cases
+                            .get(&case_id)
+                            .and_then(|evs| evs.iter().find(|(i, _)| *i == index))
+                        else {
+                            continue;
+                        };
+                        (
+                            event_kind(ev.event),
+                            ev.at_ms,
+                            convert::priority(ev.priority),
+                        )
+                    };
+                    if (!priorities.is_empty() && !priorities.contains(&(prio as i32)))
+                        || (!kinds.is_empty() && !kinds.contains(&(kind as i32)))
+                    {
+                        continue;
+                    }
+                    let case = cases.case_as_of(&p.tenant, &case_id, index).await;
+                    let delivery = v1::CaseDelivery {
+                        cursor: index,
+                        case_id,
+                        event: kind as i32,
+                        event_at_ms: at as i64,
+                        case,
+                    };
+                    if tx.send(Ok(delivery)).await.is_err() {
+                        return; // the client went away
+                    }
+                }
+                tokio::select! {
+                    changed = grew.changed() => if changed.is_err() { return },
+                    () = tx.closed() => return,
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(
+            tokio_stream::wrappers::ReceiverStream::new(rx),
+        )))
+    }
+
+    async fn acknowledge_delivery(
+        &self,
+        req: Request<v1::AcknowledgeDeliveryRequest>,
+    ) -> Result<Response<v1::AcknowledgeDeliveryResponse>, Status> {
+        let p = Principal::of(&req)?.clone();
+        p.require(Scope::CasesHandle)?;
+        let r = req.into_inner();
+        check_name("subscriber_id", &r.subscriber_id, 64)?;
+        let store = &*self.0.store;
+        let _one_at_a_time = self.0.acks.lock().await;
+        let stored = stored_cursor(store, &p.tenant, &r.subscriber_id).await?;
+        let last = self.0.catch_up(&p.tenant).await?.lock().await.next - 1;
+        if r.cursor > last {
+            return Err(Status::invalid_argument(format!(
+                "cursor {} is beyond the newest event {last}",
+                r.cursor
+            )));
+        }
+        if r.cursor > stored {
+            let mut batch = WriteBatch::new();
+            batch.ops.push(Op::PutIdempotency {
+                key: subscriber_key(&p.tenant, &r.subscriber_id),
+                value: r.cursor.to_be_bytes().to_vec(),
+                mode: IdempotencyMode::Overwrite,
+            });
+            store.commit(batch).await.map_err(internal)?;
+        }
+        Ok(Response::new(v1::AcknowledgeDeliveryResponse {
+            acknowledged_cursor: r.cursor.max(stored),
+        }))
+    }
+
+    async fn accept_case(
+        &self,
+        req: Request<v1::AcceptCaseRequest>,
+    ) -> Result<Response<v1::Case>, Status> {
+        let p = Principal::of(&req)?.clone();
+        p.require(Scope::CasesHandle)?;
+        let r = req.into_inner();
+        p.own("case", &r.case_id)?;
+        check_name("agent_id", &r.agent_id, 128)?;
+        let current = self.current(&p, &r.case_id).await?;
+        match v1::CaseState::try_from(current.state) {
+            Ok(v1::CaseState::Accepted) if current.assigned_agent_id == r.agent_id => {
+                return Ok(Response::new(current));
+            }
+            Ok(v1::CaseState::Accepted) => {
+                return Err(Status::failed_precondition(format!(
+                    "case {:?} is owned by agent {:?}",
+                    r.case_id, current.assigned_agent_id
+                )));
+            }
+            Ok(v1::CaseState::Resolved) => {
+                return Err(Status::failed_precondition(format!(
+                    "case {:?} is resolved",
+                    r.case_id
+                )));
+            }
+            _ => {}
+        }
+        self.act(&p, &r.case_id, "accepted", &r.agent_id, &r.idempotency_key)
+            .await?;
+        let after = self.current(&p, &r.case_id).await?;
+        if after.assigned_agent_id != r.agent_id {
+            return Err(Status::failed_precondition(format!(
+                "case {:?} was taken by agent {:?}",
+                r.case_id, after.assigned_agent_id
+            )));
+        }
+        Ok(Response::new(after))
+    }
+
+    async fn add_note(
+        &self,
+        req: Request<v1::AddNoteRequest>,
+    ) -> Result<Response<v1::Note>, Status> {
+        let p = Principal::of(&req)?;
+        p.require(Scope::CasesHandle)?;
+        Err(Status::unimplemented("notes are not implemented yet"))
+    }
+
+    async fn resolve_case(
+        &self,
+        req: Request<v1::ResolveCaseRequest>,
+    ) -> Result<Response<v1::Case>, Status> {
+        let p = Principal::of(&req)?.clone();
+        p.require(Scope::CasesHandle)?;
+        let r = req.into_inner();
+        p.own("case", &r.case_id)?;
+        check_name("agent_id", &r.agent_id, 128)?;
+        let current = self.current(&p, &r.case_id).await?;
+        if current.state == v1::CaseState::Resolved as i32 {
+            return Ok(Response::new(current));
+        }
+        self.act(&p, &r.case_id, "resolved", &r.agent_id, &r.idempotency_key)
+            .await?;
+        Ok(Response::new(self.current(&p, &r.case_id).await?))
+    }
+
+    async fn get_case(
+        &self,
+        req: Request<v1::GetCaseRequest>,
+    ) -> Result<Response<v1::Case>, Status> {
+        let p = Principal::of(&req)?.clone();
+        p.require(Scope::CasesRead)?;
+        let r = req.into_inner();
+        p.own("case", &r.case_id)?;
+        Ok(Response::new(self.current(&p, &r.case_id).await?))
+    }
+
+    async fn list_cases(
+        &self,
+        req: Request<v1::ListCasesRequest>,
+    ) -> Result<Response<v1::ListCasesResponse>, Status> {
+        let p = Principal::of(&req)?.clone();
+        p.require(Scope::CasesRead)?;
+        let r = req.into_inner();
+        let page = r.page.clone().unwrap_or_default();
+        let size = match page.page_size {
+            0 => 50,
+            n => n.min(1000),
+        } as usize;
+        // Newest first: the token is the opening index to continue below.
+        let below: u64 = if page.page_token.is_empty() {
+            u64::MAX
+        } else {
+            page.page_token
+                .parse()
+                .map_err(|_| Status::invalid_argument("invalid page_token"))?
+        };
+        let book = self.0.catch_up(&p.tenant).await?;
+        let opened: Vec<(u64, String)> = {
+            let b = book.lock().await;
+            let mut v: Vec<(u64, String)> = b
+                .cases
+                .iter()
+                .filter_map(|(id, evs)| evs.first().map(|(i, _)| (*i, id.clone())))
+                .filter(|(i, _)| *i < below)
+                .collect();
+            v.sort_by_key(|x| std::cmp::Reverse(x.0));
+            v
+        };
+        let mut out = Vec::new();
+        let mut next_token = String::new();
+        for (index, id) in opened {
+            if out.len() == size {
+                next_token = (index + 1).to_string();
+                break;
+            }
+            let Some(case) = self.0.case_as_of(&p.tenant, &id, u64::MAX).await else {
+                continue;
+            };
+            if matches_filter(&r, &case) {
+                out.push(case);
+            }
+        }
+        Ok(Response::new(v1::ListCasesResponse {
+            cases: out,
+            page: Some(v1::PageResponse {
+                next_page_token: next_token,
+            }),
+        }))
+    }
+}
+
+fn matches_filter(r: &v1::ListCasesRequest, c: &v1::Case) -> bool {
+    (r.states.is_empty() || r.states.contains(&c.state))
+        && (r.customer_id.is_empty()
+            || c.customer
+                .as_ref()
+                .is_some_and(|x| x.customer_id == r.customer_id))
+        && (r.device_id.is_empty() || c.devices.iter().any(|d| d.device_id == r.device_id))
+        && (r.site_id.is_empty() || c.site_id == r.site_id)
+        && (r.min_priority == 0 || c.priority >= r.min_priority)
+        && (r.assigned_agent_id.is_empty() || c.assigned_agent_id == r.assigned_agent_id)
+        && r.opened_after_ms.is_none_or(|t| c.opened_at_ms >= t)
+        && r.opened_before_ms.is_none_or(|t| c.opened_at_ms < t)
+}
+
+impl CaseApi {
+    async fn current(&self, p: &Principal, case_id: &str) -> Result<v1::Case, Status> {
+        self.0.catch_up(&p.tenant).await?;
+        self.0
+            .case_as_of(&p.tenant, case_id, u64::MAX)
+            .await
+            .ok_or_else(|| Status::not_found(format!("case {case_id:?} not found")))
+    }
+
+    /// Tells the handoff queue, and waits until the projection has the queue's decision.
+    async fn act(
+        &self,
+        p: &Principal,
+        case_id: &str,
+        state: &str,
+        agent: &str,
+        key: &str,
+    ) -> Result<(), Status> {
+        if key.len() > 128 {
+            return Err(Status::invalid_argument(
+                "idempotency_key is over 128 bytes",
+            ));
+        }
+        match self.0.tell_queue(p, case_id, state, agent, key).await? {
+            DeskStatus::Refused(why) => Err(Status::invalid_argument(why)),
+            DeskStatus::Ignored => Err(Status::failed_precondition(format!(
+                "case {case_id:?} cannot be {state} now"
+            ))),
+            DeskStatus::Done | DeskStatus::Duplicate => Ok(()),
+        }
+    }
+}
+
+async fn stored_cursor(store: &dyn Store, tenant: &str, subscriber: &str) -> Result<u64, Status> {
+    let raw = store
+        .idempotency(&subscriber_key(tenant, subscriber))
+        .await
+        .map_err(internal)?;
+    Ok(raw
+        .and_then(|v| <[u8; 8]>::try_from(v.as_slice()).ok())
+        .map_or(0, u64::from_be_bytes))
+}

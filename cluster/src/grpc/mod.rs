@@ -1,0 +1,83 @@
+//! The integrator gRPC endpoint: tonic over TLS, bearer tokens with a tenant and scopes on
+//! every call, the standard health service and server reflection (so grpcurl or Python's
+//! grpcio work without our `.proto` files).
+//!
+//! # Layout
+//! - [`auth`] — tokens, scopes, the interceptor and the tenant check.
+//! - [`cases`] — `CaseService`: the handoff stream with its resume cursor, accept, resolve.
+//! - [`twins`] — `TwinService`: get a twin, set desired state.
+//! - [`convert`] — the deciding code's types on the wire.
+//!
+//! Services not listed are not served yet (issue 5 continues); the health service reports
+//! each served one as SERVING.
+
+pub mod auth;
+pub mod cases;
+pub mod convert;
+pub mod twins;
+
+use crate::{Error, Result};
+use auth::Tokens;
+use caretwin_proto::v1::case_service_server::CaseServiceServer;
+use caretwin_proto::v1::twin_service_server::TwinServiceServer;
+use std::future::Future;
+use std::path::Path;
+use std::sync::Arc;
+use tonic::transport::{Identity, Server, ServerTlsConfig};
+
+/// What the endpoint serves.
+pub struct Services {
+    /// The handoff of cases.
+    pub cases: cases::CaseApi,
+    /// The twins.
+    pub twins: twins::TwinApi,
+}
+
+/// The TLS identity of the endpoint from PEM files (the node's certificate and key).
+pub fn identity(cert: &Path, key: &Path) -> Result<Identity> {
+    let read = |p: &Path| {
+        std::fs::read(p).map_err(|e| Error::Config(format!("cannot read {}: {e}", p.display())))
+    };
+    Ok(Identity::from_pem(read(cert)?, read(key)?))
+}
+
+/// Serves `services` on `listener` over TLS with `identity`, admitting `tokens`, until
+/// `shutdown` resolves; then stops taking calls and lets running ones finish.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    identity: Identity,
+    tokens: Arc<Tokens>,
+    services: Services,
+    shutdown: impl Future<Output = ()>,
+) -> Result<()> {
+    if tokens.is_empty() {
+        tracing::warn!("no integrator tokens configured: every gRPC call will be refused");
+    }
+    let (health, health_service) = tonic_health::server::health_reporter();
+    health
+        .set_serving::<CaseServiceServer<cases::CaseApi>>()
+        .await;
+    health
+        .set_serving::<TwinServiceServer<twins::TwinApi>>()
+        .await;
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(caretwin_proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()
+        .map_err(|e| Error::Config(format!("gRPC reflection: {e}")))?;
+    let check = tokens.interceptor();
+    let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+    Server::builder()
+        .tls_config(ServerTlsConfig::new().identity(identity))
+        .map_err(|e| Error::Config(format!("gRPC TLS: {e}")))?
+        .add_service(health_service)
+        .add_service(reflection)
+        .add_service(CaseServiceServer::with_interceptor(
+            services.cases,
+            check.clone(),
+        ))
+        .add_service(TwinServiceServer::with_interceptor(services.twins, check))
+        .serve_with_incoming_shutdown(incoming, shutdown)
+        .await
+        .map_err(|e| Error::Config(format!("gRPC server: {e}")))
+}
