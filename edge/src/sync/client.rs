@@ -429,8 +429,8 @@ impl SyncClient {
     /// by the watermarks of the acks.
     ///
     /// Back-pressure end to end: a lane has at most `max_in_flight_frames` frames without
-    /// an ack and a queue of as many ready behind them; when every lane is full the reader
-    /// of the outbox waits. A slow cluster therefore slows the sending, and the outbox on
+    /// an ack and one more ready behind them; when every lane is full the reader of the
+    /// outbox waits. A slow cluster therefore slows the sending, and the outbox on
     /// disk (within its budget) absorbs the difference; nothing in memory grows.
     async fn data(
         &self,
@@ -448,7 +448,10 @@ impl SyncClient {
         let mut lane_tasks = futures::stream::FuturesUnordered::new();
         for _ in 0..lanes {
             let (send, recv) = conn.open_bi().await.map_err(TransportError::from)?;
-            let (tx, rx) = mpsc::channel::<EdgeFrame>(window);
+            // One frame waits for the lane's window, no more: under load the next frame
+            // is built when the lane can take it, from everything accepted meanwhile, so
+            // frames grow with the backlog instead of queueing small.
+            let (tx, rx) = mpsc::channel::<EdgeFrame>(1);
             queues.push(tx);
             lane_tasks.push(self.lane(send, recv, rx, window, agreed, heard, &rewinds));
         }
