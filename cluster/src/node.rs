@@ -93,6 +93,7 @@ pub async fn run(config: ClusterConfig, shutdown: impl Future<Output = ()>) -> R
 
     let signals = Arc::new(CommandSignals::default());
     let clock: Arc<dyn Clock> = Arc::new(SystemClock);
+    let catalogue = Arc::new(Catalogue::builtin());
     let outside = Arc::new(EdgeGateway::new(
         store.clone(),
         signals.clone(),
@@ -102,7 +103,7 @@ pub async fn run(config: ClusterConfig, shutdown: impl Future<Output = ()>) -> R
         System::start(Components {
             store: store.clone(),
             clock: clock.clone(),
-            catalogue: Arc::new(Catalogue::builtin()),
+            catalogue: catalogue.clone(),
             device_env: None,
             services: config.services.clone(),
             host: config.host,
@@ -154,6 +155,7 @@ pub async fn run(config: ClusterConfig, shutdown: impl Future<Output = ()>) -> R
             system.clone(),
             Arc::new(move || sites.live_sites()),
         ),
+        catalogue: crate::grpc::catalogue::CatalogueApi::new(catalogue.clone()),
     };
     let identity = crate::grpc::identity(&config.sync.cert, &config.sync.key)?;
 

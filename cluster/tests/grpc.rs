@@ -14,6 +14,7 @@ use caretwin_actors::system::{Components, ServicesConfig, System};
 use caretwin_actors::twins::device::{DeviceMsg, DeviceReply};
 use caretwin_cluster::grpc::auth::{Scope, Tokens, mint};
 use caretwin_cluster::grpc::cases::{CaseApi, Cases};
+use caretwin_cluster::grpc::catalogue::CatalogueApi;
 use caretwin_cluster::grpc::twins::TwinApi;
 use caretwin_cluster::grpc::{Services, identity, serve};
 use caretwin_cluster::store::watch::Watched;
@@ -104,6 +105,7 @@ async fn node() -> Node {
     let services = Services {
         cases: CaseApi(Arc::new(Cases::new(system.clone(), store.clone(), signals))),
         twins: TwinApi::new(system.clone(), Arc::new(Vec::new)),
+        catalogue: CatalogueApi::new(Arc::new(Catalogue::builtin())),
     };
     let id = identity(&certs.join("cluster.pem"), &certs.join("cluster.key")).unwrap();
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
@@ -190,7 +192,12 @@ async fn next(stream: &mut tonic::Streaming<v1::CaseDelivery>) -> v1::CaseDelive
 async fn health_and_reflection_work_for_stock_clients() {
     let n = node().await;
     let mut health = tonic_health::pb::health_client::HealthClient::new(n.channel.clone());
-    for service in ["", "caretwin.v1.CaseService", "caretwin.v1.TwinService"] {
+    for service in [
+        "",
+        "caretwin.v1.CaseService",
+        "caretwin.v1.TwinService",
+        "caretwin.v1.CatalogueService",
+    ] {
         let r = health
             .check(tonic_health::pb::HealthCheckRequest {
                 service: service.into(),
@@ -226,6 +233,7 @@ async fn health_and_reflection_work_for_stock_clients() {
     for want in [
         "caretwin.v1.CaseService",
         "caretwin.v1.TwinService",
+        "caretwin.v1.CatalogueService",
         "grpc.health.v1.Health",
     ] {
         assert!(names.iter().any(|s| s == want), "{want} in {names:?}");
@@ -498,4 +506,83 @@ async fn cases_stream_with_context_and_resume_after_a_disconnect() {
         .await
         .unwrap_err();
     assert_eq!(e.code(), Code::InvalidArgument);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_catalogue_lists_every_model_with_its_playbooks() {
+    use caretwin_proto::v1::catalogue_service_client::CatalogueServiceClient;
+    let n = node().await;
+    let mut catalogue = CatalogueServiceClient::new(n.channel.clone());
+    // Scope catalogue:read (or admin) is needed.
+    let e = catalogue
+        .list_device_models(with(&n.desk, v1::ListDeviceModelsRequest::default()))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::PermissionDenied);
+    let mut ids = Vec::new();
+    let mut token = String::new();
+    loop {
+        let page = catalogue
+            .list_device_models(with(
+                &n.other_tenant,
+                v1::ListDeviceModelsRequest {
+                    category: String::new(),
+                    page: Some(v1::PageRequest {
+                        page_size: 3,
+                        page_token: token.clone(),
+                    }),
+                },
+            ))
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(page.models.len() <= 3);
+        ids.extend(page.models.into_iter().map(|m| m.model_id));
+        token = page.page.unwrap().next_page_token;
+        if token.is_empty() {
+            break;
+        }
+    }
+    let builtin: Vec<String> = Catalogue::builtin()
+        .models()
+        .iter()
+        .map(|m| m.id().to_owned())
+        .collect();
+    assert_eq!(ids.len(), builtin.len(), "{ids:?}");
+    assert!(
+        ids.windows(2).all(|w| w[0] < w[1]),
+        "by model id, no repeats"
+    );
+    let coffee = catalogue
+        .get_device_model(with(
+            &n.other_tenant,
+            v1::GetDeviceModelRequest {
+                model_id: "coffee.barista-200".into(),
+                revision: None,
+            },
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    let pressure = coffee
+        .signals
+        .iter()
+        .find(|s| s.name == "brew_pressure")
+        .unwrap();
+    assert!(pressure.failure_threshold.is_some());
+    assert!(
+        coffee.failure_modes.iter().any(|f| !f.playbook.is_empty()),
+        "playbooks travel with the model"
+    );
+    let e = catalogue
+        .get_device_model(with(
+            &n.other_tenant,
+            v1::GetDeviceModelRequest {
+                model_id: "no.such-model".into(),
+                revision: None,
+            },
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::NotFound);
 }

@@ -5,6 +5,7 @@
 //! # Layout
 //! - [`auth`] — tokens, scopes, the interceptor and the tenant check.
 //! - [`cases`] — `CaseService`: the handoff stream with its resume cursor, accept, resolve.
+//! - [`catalogue`] — `CatalogueService`: the device model catalogue.
 //! - [`twins`] — `TwinService`: get a twin, set desired state.
 //! - [`convert`] — the deciding code's types on the wire.
 //!
@@ -13,12 +14,14 @@
 
 pub mod auth;
 pub mod cases;
+pub mod catalogue;
 pub mod convert;
 pub mod twins;
 
 use crate::{Error, Result};
 use auth::Tokens;
 use caretwin_proto::v1::case_service_server::CaseServiceServer;
+use caretwin_proto::v1::catalogue_service_server::CatalogueServiceServer;
 use caretwin_proto::v1::twin_service_server::TwinServiceServer;
 use std::future::Future;
 use std::path::Path;
@@ -31,6 +34,8 @@ pub struct Services {
     pub cases: cases::CaseApi,
     /// The twins.
     pub twins: twins::TwinApi,
+    /// The catalogue.
+    pub catalogue: catalogue::CatalogueApi,
 }
 
 /// The TLS identity of the endpoint from PEM files (the node's certificate and key).
@@ -60,6 +65,9 @@ pub async fn serve(
     health
         .set_serving::<TwinServiceServer<twins::TwinApi>>()
         .await;
+    health
+        .set_serving::<CatalogueServiceServer<catalogue::CatalogueApi>>()
+        .await;
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(caretwin_proto::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
@@ -76,7 +84,14 @@ pub async fn serve(
             services.cases,
             check.clone(),
         ))
-        .add_service(TwinServiceServer::with_interceptor(services.twins, check))
+        .add_service(TwinServiceServer::with_interceptor(
+            services.twins,
+            check.clone(),
+        ))
+        .add_service(CatalogueServiceServer::with_interceptor(
+            services.catalogue,
+            check,
+        ))
         .serve_with_incoming_shutdown(incoming, shutdown)
         .await
         .map_err(|e| Error::Config(format!("gRPC server: {e}")))
