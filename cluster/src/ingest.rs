@@ -382,6 +382,7 @@ impl Ingest {
             Some(device_event::Kind::CommandResult(r)) => ItemKind::CommandResult {
                 command_id: r.command_id,
                 succeeded: r.outcome == v1::CommandOutcome::Succeeded as i32,
+                expired: r.outcome == v1::CommandOutcome::Expired as i32,
                 detail: r.detail,
             },
             None => {

@@ -365,4 +365,60 @@ async fn a_command_waits_in_the_sites_log_and_its_state_is_truthful() {
     let a = ack(f.ingest.data_frame(&home, result).await);
     assert_eq!(watermark(&a, DEVICE), Some(1));
     assert_eq!(state(&f).await, "succeeded");
+
+    // A second command reaches the edge too late to start: the edge ends it as expired,
+    // and a progress report arriving after that does not undo it.
+    let cmd = Mail {
+        id: "t1:alice/2".into(),
+        from: Address::Customer("t1:alice".into()),
+        to: Address::Device(DEVICE.into()),
+        body: Body::Command(DeviceCommand {
+            command_id: "t1:alice/case-1/step-1".into(),
+            device: DEVICE.into(),
+            name: "descale".into(),
+            args: vec![],
+            expires_at_ms: T0 + HOUR_MS,
+        }),
+    };
+    f.system
+        .devices()
+        .call(DEVICE, DeviceMsg::Mail(Box::new(cmd)))
+        .await
+        .unwrap();
+    f.system.settle(5).await.unwrap();
+    let second = |f: &Fixture| {
+        let sys = f.system.clone();
+        async move {
+            sys.devices()
+                .inspect(DEVICE, |t| t.unwrap().commands()[1].state.clone())
+                .await
+                .unwrap()
+        }
+    };
+    let expired = EdgeFrame {
+        body: Some(edge_frame::Body::Event(DeviceEvent {
+            device_id: DEVICE.into(),
+            seq: 2,
+            device_time_ms: T0 as i64,
+            kind: Some(device_event::Kind::CommandResult(v1::CommandResult {
+                command_id: "t1:alice/case-1/step-1".into(),
+                outcome: v1::CommandOutcome::Expired as i32,
+                detail: "expired before it reached the device".into(),
+                finished_at_ms: T0 as i64,
+            })),
+        })),
+    };
+    let a = ack(f.ingest.data_frame(&home, expired).await);
+    assert_eq!(watermark(&a, DEVICE), Some(2));
+    assert_eq!(second(&f).await, "expired");
+    let late = EdgeFrame {
+        body: Some(edge_frame::Body::CommandStatus(v1::CommandStatus {
+            command_id: "t1:alice/case-1/step-1".into(),
+            position: 2,
+            state: v1::CommandState::DeliveredToDevice as i32,
+            ..Default::default()
+        })),
+    };
+    assert!(f.ingest.control_frame(&home, late, T0).await.is_none());
+    assert_eq!(second(&f).await, "expired", "an outcome is final");
 }

@@ -270,6 +270,7 @@ async fn descaling_before_the_coffee_tastes_wrong() {
                 vec![ItemKind::CommandResult {
                     command_id: cmd_id,
                     succeeded: true,
+                    expired: false,
                     detail: "descale cycle complete".into(),
                 }],
             )

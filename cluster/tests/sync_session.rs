@@ -47,6 +47,7 @@ impl Router for Nowhere {
 
 struct Cluster {
     dir: tempfile::TempDir,
+    clock: Arc<ManualClock>,
     system: Arc<System>,
     store: Arc<dyn Store>,
     addr: SocketAddr,
@@ -75,7 +76,8 @@ async fn cluster() -> Cluster {
     let store: Arc<dyn Store> =
         Arc::new(EmbeddedStore::open(&EmbeddedConfig::at(dir.path().join("data"))).unwrap());
     let signals = Arc::new(CommandSignals::default());
-    let clock: Arc<dyn Clock> = Arc::new(ManualClock::new(1_795_392_000_000));
+    let manual = Arc::new(ManualClock::new(1_795_392_000_000));
+    let clock: Arc<dyn Clock> = manual.clone();
     let system = Arc::new(
         System::start(Components {
             store: store.clone(),
@@ -122,6 +124,7 @@ async fn cluster() -> Cluster {
     }));
     Cluster {
         dir,
+        clock: manual,
         system,
         store,
         addr,
@@ -331,6 +334,7 @@ async fn eventually<F: std::future::Future<Output = bool>>(
 /// An edge for site t1:home-1: its outbox, the downlink it hands to devices, and a stop.
 struct Edge {
     stats: Arc<caretwin_edge::sync::client::ClientStats>,
+    progress: Arc<tokio::sync::Notify>,
     outbox: Arc<Outbox>,
     new_items: Arc<tokio::sync::Notify>,
     downlink: tokio::sync::mpsc::Receiver<Downlink>,
@@ -370,6 +374,7 @@ fn start_edge_at(
         tx,
     );
     let stats = client.stats();
+    let progress = client.command_progress();
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let running = tokio::spawn(async move {
         client
@@ -380,6 +385,7 @@ fn start_edge_at(
     });
     let edge = Edge {
         stats,
+        progress,
         outbox,
         new_items,
         downlink,
@@ -526,6 +532,21 @@ async fn a_command_sent_while_the_edge_is_offline_arrives_after_it_connects() {
         1,
         "stored durably at the edge"
     );
+    // The adapter hands it to the device and says so; the cluster hears it.
+    assert!(
+        outbox
+            .set_command_state(
+                &got.command_id,
+                caretwin_edge::outbox::CommandState::DeliveredToDevice
+            )
+            .await
+            .unwrap()
+    );
+    edge.progress.notify_one();
+    eventually("delivered_to_device", || async {
+        state().await == "delivered_to_device"
+    })
+    .await;
 
     // The device runs it; the result travels up as an item of the device's log.
     outbox
@@ -535,6 +556,7 @@ async fn a_command_sent_while_the_edge_is_offline_arrives_after_it_connects() {
             ItemKind::CommandResult {
                 command_id: got.command_id.clone(),
                 succeeded: true,
+                expired: false,
                 detail: "cycle complete".into(),
             },
         )])
@@ -633,12 +655,23 @@ struct SlowCluster {
     frames: tokio::sync::mpsc::UnboundedReceiver<(usize, EdgeFrame)>,
     /// Heartbeats seen on the control stream.
     heartbeats: tokio::sync::mpsc::UnboundedReceiver<()>,
+    /// Every other frame of the control stream.
+    control: tokio::sync::mpsc::UnboundedReceiver<EdgeFrame>,
     /// Acks to send, per data stream, in order.
     acks: Vec<tokio::sync::mpsc::UnboundedSender<ClusterFrame>>,
     _endpoint: quinn::Endpoint,
 }
 
 async fn slow_cluster(certs: &Path, limits: v1::SessionLimits) -> SlowCluster {
+    slow_cluster_sending(certs, limits, Vec::new()).await
+}
+
+/// [`slow_cluster`] that sends `commands` on the control stream after its Welcome.
+async fn slow_cluster_sending(
+    certs: &Path,
+    limits: v1::SessionLimits,
+    commands: Vec<v1::Command>,
+) -> SlowCluster {
     let config = server_config_from_files(
         &certs.join("ca.pem"),
         &certs.join("cluster.pem"),
@@ -649,6 +682,7 @@ async fn slow_cluster(certs: &Path, limits: v1::SessionLimits) -> SlowCluster {
         caretwin_cluster::sync::transport::bind("127.0.0.1:0".parse().unwrap(), config).unwrap();
     let (frame_tx, frames) = tokio::sync::mpsc::unbounded_channel();
     let (hb_tx, heartbeats) = tokio::sync::mpsc::unbounded_channel();
+    let (control_tx, control) = tokio::sync::mpsc::unbounded_channel();
     let lanes = limits.max_data_streams as usize;
     let (ack_txs, mut ack_rxs): (Vec<_>, Vec<_>) = (0..lanes)
         .map(|_| tokio::sync::mpsc::unbounded_channel::<ClusterFrame>())
@@ -667,6 +701,12 @@ async fn slow_cluster(certs: &Path, limits: v1::SessionLimits) -> SlowCluster {
             })),
         };
         send_frame(&mut csend, &welcome).await.unwrap();
+        for c in commands {
+            let frame = ClusterFrame {
+                body: Some(cluster_frame::Body::Command(c)),
+            };
+            send_frame(&mut csend, &frame).await.unwrap();
+        }
         tokio::spawn(async move {
             // Alive, just slow: heartbeats are answered, or the edge would leave.
             while let Ok(Some(f)) = creader.next::<EdgeFrame>().await {
@@ -679,6 +719,8 @@ async fn slow_cluster(certs: &Path, limits: v1::SessionLimits) -> SlowCluster {
                     };
                     send_frame(&mut csend, &ack).await.unwrap();
                     let _ = hb_tx.send(());
+                } else {
+                    let _ = control_tx.send(f);
                 }
             }
         });
@@ -704,6 +746,7 @@ async fn slow_cluster(certs: &Path, limits: v1::SessionLimits) -> SlowCluster {
         addr,
         frames,
         heartbeats,
+        control,
         acks: ack_txs,
         _endpoint: endpoint,
     }
@@ -719,10 +762,16 @@ async fn next_frame(slow: &mut SlowCluster) -> (usize, EdgeFrame) {
 /// The ack a durable cluster would send for `frame`: every device's last seq in it.
 fn ack_for(frame: &EdgeFrame) -> ClusterFrame {
     let mut marks: std::collections::BTreeMap<String, u64> = Default::default();
-    if let Some(edge_frame::Body::Batch(b)) = &frame.body {
-        for r in &b.readings {
-            marks.insert(r.device_id.clone(), r.seq);
+    match &frame.body {
+        Some(edge_frame::Body::Batch(b)) => {
+            for r in &b.readings {
+                marks.insert(r.device_id.clone(), r.seq);
+            }
         }
+        Some(edge_frame::Body::Event(e)) => {
+            marks.insert(e.device_id.clone(), e.seq);
+        }
+        _ => {}
     }
     ClusterFrame {
         body: Some(cluster_frame::Body::Ack(v1::Ack {
@@ -867,6 +916,128 @@ async fn the_session_survives_the_edge_changing_its_address() {
         1,
         "the same QUIC connection carried on: no new session"
     );
+    let _ = edge.stop.send(());
+    edge.running.await.unwrap();
+}
+
+/// A command of the customer twin for `DEVICE`, expiring at `expires_at_ms`.
+async fn queue_command(c: &Cluster, n: u32, expires_at_ms: u64) {
+    let cmd = Mail {
+        id: format!("t1:alice/{n}"),
+        from: Address::Customer("t1:alice".into()),
+        to: Address::Device(DEVICE.into()),
+        body: Body::Command(DeviceCommand {
+            command_id: format!("t1:alice/case-1/step-{n}"),
+            device: DEVICE.into(),
+            name: "descale".into(),
+            args: vec![],
+            expires_at_ms,
+        }),
+    };
+    let r = c
+        .system
+        .devices()
+        .call(DEVICE, DeviceMsg::Mail(Box::new(cmd)))
+        .await
+        .unwrap();
+    assert_eq!(r, DeviceReply::Ok);
+    c.system.settle(5).await.unwrap();
+}
+
+async fn command_state(c: &Cluster, n: usize) -> String {
+    c.system
+        .devices()
+        .inspect(DEVICE, move |t| t.unwrap().commands()[n].state.clone())
+        .await
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn commands_whose_time_runs_out_end_as_expired_never_as_delivered() {
+    let c = cluster().await;
+    let t0 = c.clock.now_ms();
+    // 1. Queued while the site is offline, and the site stays away past the deadline: the
+    //    twin ends it itself, and the edge never receives it.
+    queue_command(&c, 1, t0 + HOUR_MS).await;
+    assert_eq!(command_state(&c, 0).await, "queued");
+    c.clock.advance(2 * HOUR_MS);
+    c.system.settle(5).await.unwrap();
+    assert_eq!(command_state(&c, 0).await, "expired");
+
+    // The edge never got it: nothing was sent while it was queued past its deadline.
+    let edge = start_edge(&c);
+    let outbox = edge.outbox.clone();
+    eventually("a session", || async {
+        edge.stats
+            .sessions
+            .load(std::sync::atomic::Ordering::Relaxed)
+            == 1
+    })
+    .await;
+    assert!(outbox.commands_pending().await.unwrap().is_empty());
+    assert_eq!(command_state(&c, 0).await, "expired");
+    let _ = edge.stop.send(());
+    edge.running.await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_edge_ends_a_command_it_received_too_late_as_expired() {
+    let c = cluster().await;
+    let limits = v1::SessionLimits {
+        max_batch_readings: 100,
+        max_frame_bytes: 1 << 20,
+        heartbeat_interval_ms: 100,
+        max_data_streams: 1,
+        max_in_flight_frames: 4,
+        max_clock_skew_ms: 60_000,
+    };
+    let late = v1::Command {
+        command_id: "t1:alice/case-9/step-0".into(),
+        position: 1,
+        device_id: DEVICE.into(),
+        payload: Some(v1::CommandPayload {
+            kind: Some(v1::command_payload::Kind::RemoteRemedy(v1::RemoteRemedy {
+                name: "descale".into(),
+                ..Default::default()
+            })),
+        }),
+        priority: v1::Priority::Normal as i32,
+        issued_at_ms: 1_000,
+        // Long past by the edge's clock.
+        expires_at_ms: 2_000,
+    };
+    let mut slow = slow_cluster_sending(&c.certs(), limits, vec![late]).await;
+    let (mut edge, _endpoint) =
+        start_edge_at(slow.addr, &c.certs(), &c.dir.path().join("edge"), false);
+    // Stored, confirmed as SENT_TO_EDGE (the cluster must stop resending it) ...
+    let status = tokio::time::timeout(DEADLINE, slow.control.recv())
+        .await
+        .unwrap()
+        .unwrap();
+    let Some(edge_frame::Body::CommandStatus(st)) = status.body else {
+        panic!("expected a command status, got {status:?}")
+    };
+    assert_eq!(st.state, v1::CommandState::SentToEdge as i32);
+    // ... never handed to the device, and ended in the device's log as EXPIRED.
+    let (lane, frame) = next_frame(&mut slow).await;
+    let Some(edge_frame::Body::Event(e)) = &frame.body else {
+        panic!("expected the result event, got {frame:?}")
+    };
+    let Some(v1::device_event::Kind::CommandResult(r)) = &e.kind else {
+        panic!("expected a command result, got {e:?}")
+    };
+    assert_eq!(r.command_id, "t1:alice/case-9/step-0");
+    assert_eq!(r.outcome, v1::CommandOutcome::Expired as i32);
+    assert!(
+        edge.downlink.try_recv().is_err(),
+        "nothing reached the device"
+    );
+    slow.acks[lane].send(ack_for(&frame)).unwrap();
+    let outbox = edge.outbox.clone();
+    eventually("the result acknowledged", || async {
+        outbox.commands_pending().await.unwrap().is_empty() && outbox.stats().backlog_items == 0
+    })
+    .await;
     let _ = edge.stop.send(());
     edge.running.await.unwrap();
 }

@@ -134,7 +134,10 @@ pub async fn run(
                 sim,
                 catalogue.clone(),
                 outbox.clone(),
-                new_items.clone(),
+                Wake {
+                    new_items: new_items.clone(),
+                    progress: client.command_progress(),
+                },
                 cmd_rx,
                 config.simulate_for,
                 stop_rx.clone(),
@@ -161,16 +164,27 @@ pub async fn run(
     Ok(())
 }
 
+/// Whom a device adapter wakes: the sync client, for new items and for commands that
+/// reached their device.
+struct Wake {
+    new_items: Arc<Notify>,
+    progress: Arc<Notify>,
+}
+
 /// The simulator as a device adapter: readings into the outbox, commands to the devices.
 async fn simulate(
     mut sim: Simulator,
     catalogue: Arc<Catalogue>,
     outbox: Arc<Outbox>,
-    new_items: Arc<Notify>,
+    wake: Wake,
     mut commands: mpsc::Receiver<Downlink>,
     simulate_for: Option<Duration>,
     mut stop: tokio::sync::watch::Receiver<bool>,
 ) -> Result<()> {
+    let Wake {
+        new_items,
+        progress,
+    } = wake;
     let models: std::collections::HashMap<String, String> = sim
         .devices()
         .map(|(d, m)| (d.to_owned(), m.to_owned()))
@@ -189,6 +203,11 @@ async fn simulate(
                 let now = now_ms();
                 match down {
                     Downlink::Command(cmd) => {
+                        // Handed to the device: recorded, then the cluster is told.
+                        outbox
+                            .set_command_state(&cmd.command_id, crate::outbox::CommandState::DeliveredToDevice)
+                            .await?;
+                        progress.notify_one();
                         if let Some(out) = sim.command(&cmd.device, &cmd.command_id, &cmd.name, now) {
                             accept(&outbox, &catalogue, &models, vec![out]).await?;
                             new_items.notify_waiters();
@@ -265,10 +284,12 @@ async fn accept(
                 DeviceKind::CommandResult {
                     command_id,
                     succeeded,
+                    expired,
                     detail,
                 } => ItemKind::CommandResult {
                     command_id,
                     succeeded,
+                    expired,
                     detail,
                 },
                 DeviceKind::Reported { fields } => {

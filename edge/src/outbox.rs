@@ -261,6 +261,9 @@ pub enum ItemKind {
         command_id: String,
         /// Whether it was carried out successfully.
         succeeded: bool,
+        /// It was never started: its time to live ran out before the device got it
+        /// (`succeeded` is then false).
+        expired: bool,
         /// Explanation, may be empty.
         detail: String,
     },
@@ -654,10 +657,16 @@ pub fn encode_item(item: &Item) -> Vec<u8> {
         ItemKind::CommandResult {
             command_id,
             succeeded,
+            expired,
             detail,
         } => {
             str(&mut out, command_id);
-            out.push(u8::from(*succeeded));
+            // 0 failed, 1 succeeded, 2 expired.
+            out.push(match (*succeeded, *expired) {
+                (true, _) => 1,
+                (false, true) => 2,
+                (false, false) => 0,
+            });
             str(&mut out, detail);
         }
         ItemKind::Reported { field, value } => {
@@ -755,11 +764,21 @@ pub fn decode_item(device: &str, value: &[u8]) -> Result<Item> {
         4 => ItemKind::Question {
             question_id: c.string()?,
         },
-        5 => ItemKind::CommandResult {
-            command_id: c.string()?,
-            succeeded: c.flag()?,
-            detail: c.string()?,
-        },
+        5 => {
+            let command_id = c.string()?;
+            let (succeeded, expired) = match c.u8()? {
+                0 => (false, false),
+                1 => (true, false),
+                2 => (false, true),
+                o => return Err(OutboxError::Corrupt(format!("unknown command outcome {o}"))),
+            };
+            ItemKind::CommandResult {
+                command_id,
+                succeeded,
+                expired,
+                detail: c.string()?,
+            }
+        }
         6 => ItemKind::Reported {
             field: c.string()?,
             value: match c.u8()? {
@@ -1247,15 +1266,16 @@ impl Writer {
             if let ItemKind::CommandResult {
                 command_id,
                 succeeded,
+                expired,
                 ..
             } = &item.kind
                 && let Some(mut r) = self.command(command_id)
             {
                 if !r.command.state.is_terminal() {
-                    r.command.state = if *succeeded {
-                        CommandState::Succeeded
-                    } else {
-                        CommandState::Failed
+                    r.command.state = match (*succeeded, *expired) {
+                        (true, _) => CommandState::Succeeded,
+                        (false, true) => CommandState::Expired,
+                        (false, false) => CommandState::Failed,
                     };
                 }
                 r.result_seq = Some(a.seq);
@@ -1797,6 +1817,7 @@ mod tests {
             ItemKind::CommandResult {
                 command_id: command_id.into(),
                 succeeded,
+                expired: false,
                 detail: String::new(),
             },
         )
@@ -2148,6 +2169,7 @@ mod tests {
             ItemKind::CommandResult {
                 command_id: "c-1".into(),
                 succeeded: true,
+                expired: false,
                 detail: "done".into(),
             },
             ItemKind::Reported {

@@ -178,6 +178,9 @@ pub enum ItemKind {
         command_id: String,
         /// Whether it succeeded.
         succeeded: bool,
+        /// It was never started: its time to live ran out before the device got it
+        /// (`succeeded` is then false).
+        expired: bool,
         /// What the device said.
         detail: String,
     },
@@ -329,8 +332,12 @@ pub struct CommandEntry {
     pub id: String,
     /// Its name.
     pub name: String,
-    /// `queued`, `succeeded`, `failed`.
+    /// Where it stands: `queued` (not yet confirmed by the edge), `sent_to_edge` (stored
+    /// on the edge), `delivered_to_device`, then one of `succeeded`, `failed`, `expired`.
     pub state: String,
+    /// When it expires if the device has not started it, Unix ms (its expiry timer).
+    #[serde(default)]
+    pub expires_at_ms: TimeMs,
 }
 
 /// Remaining-life state for models that define one.
@@ -742,10 +749,18 @@ impl DeviceTwin {
             ItemKind::CommandResult {
                 command_id,
                 succeeded,
+                expired,
                 detail,
             } => {
                 if let Some(c) = self.commands.iter_mut().find(|c| c.id == *command_id) {
-                    c.state = if *succeeded { "succeeded" } else { "failed" }.into();
+                    c.state = match (*succeeded, *expired) {
+                        (true, _) => "succeeded",
+                        (false, true) => "expired",
+                        (false, false) => "failed",
+                    }
+                    .into();
+                    // Ended: its expiry timer has nothing left to do.
+                    ctx.disarm(c.expires_at_ms, &expiry_tag(command_id));
                 }
                 self.tell_customer(
                     ctx,
@@ -945,10 +960,14 @@ impl DeviceTwin {
             id: cmd.command_id.clone(),
             name: cmd.name.clone(),
             state: "queued".into(),
+            expires_at_ms: cmd.expires_at_ms,
         });
         if self.commands.len() > MAX_COMMANDS {
             self.commands.remove(0);
         }
+        // If the edge never confirms it before its time to live runs out (the site stayed
+        // offline), the twin ends it as expired itself; past the edge, the edge decides.
+        ctx.arm(cmd.expires_at_ms, &expiry_tag(&cmd.command_id));
         self.send(ctx, Address::Edge(site), Body::Command(cmd));
         ctx.changed();
         DeviceReply::Ok
@@ -1034,7 +1053,7 @@ impl Twin for DeviceTwin {
                 }
                 match self.commands.iter_mut().find(|c| c.id == command_id) {
                     // Results are final; a late progress report does not undo them.
-                    Some(c) if c.state != "succeeded" && c.state != "failed" => {
+                    Some(c) if !matches!(c.state.as_str(), "succeeded" | "failed" | "expired") => {
                         c.state = state;
                         ctx.changed();
                         DeviceReply::Ok
@@ -1052,5 +1071,34 @@ impl Twin for DeviceTwin {
         }
     }
 
-    fn on_timer(&mut self, _tag: &str, _ctx: &mut Ctx, _env: &DeviceEnv) {}
+    fn on_timer(&mut self, tag: &str, ctx: &mut Ctx, _env: &DeviceEnv) {
+        let Some(command_id) = tag.strip_prefix(EXPIRY_TAG) else {
+            tracing::warn!(device = %self.id, tag, "unknown timer");
+            return;
+        };
+        let Some(c) = self.commands.iter_mut().find(|c| c.id == command_id) else {
+            return;
+        };
+        // Only a command the edge never confirmed: one it holds ends with the edge's own
+        // result (delivered in time, or expired there).
+        if c.state != "queued" {
+            return;
+        }
+        c.state = "expired".into();
+        ctx.changed();
+        let body = Body::CommandOutcome {
+            device: self.id.clone(),
+            command_id: command_id.to_owned(),
+            succeeded: false,
+            detail: "expired before the site received it".into(),
+        };
+        self.tell_customer(ctx, body);
+    }
+}
+
+/// Prefix of a command's expiry timer tag.
+const EXPIRY_TAG: &str = "cmd-expiry/";
+
+fn expiry_tag(command_id: &str) -> String {
+    format!("{EXPIRY_TAG}{command_id}")
 }

@@ -231,6 +231,7 @@ impl Simulator {
             kind: ItemKind::CommandResult {
                 command_id: command_id.to_owned(),
                 succeeded,
+                expired: false,
                 detail,
             },
         })

@@ -98,6 +98,7 @@ fn descale_restores_brew_pressure_and_heating_time() {
         command_id,
         succeeded,
         detail,
+        ..
     } = &result.kind
     else {
         panic!("{result:?}")

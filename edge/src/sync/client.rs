@@ -130,6 +130,9 @@ pub struct SyncClient {
     commands: mpsc::Sender<Downlink>,
     stats: Arc<ClientStats>,
     instance: String,
+    /// Signalled by the device adapters when a command reached its device (they record
+    /// it with `Outbox::set_command_state` first); the session then tells the cluster.
+    progress: Arc<Notify>,
 }
 
 /// Longest wait for the cluster to answer a connection attempt.
@@ -186,7 +189,14 @@ impl SyncClient {
             commands,
             stats: Arc::new(ClientStats::default()),
             instance,
+            progress: Arc::new(Notify::new()),
         }
+    }
+
+    /// What the device adapters signal after recording that a command reached its device
+    /// (`Outbox::set_command_state(.., DeliveredToDevice)`), so the cluster hears of it.
+    pub fn command_progress(&self) -> Arc<Notify> {
+        self.progress.clone()
     }
 
     /// The client's counters.
@@ -198,6 +208,20 @@ impl SyncClient {
     /// exponential backoff after every failure.
     pub async fn run(&self, shutdown: impl Future<Output = ()>) {
         tokio::pin!(shutdown);
+        // Commands stored before a restart but never handed to their device (the process
+        // stopped in between) go to the adapters now; the cluster will not send them again.
+        match self.outbox.commands_pending().await {
+            Ok(pending) => {
+                for c in pending {
+                    if c.state == CommandState::SentToEdge
+                        && let Err(e) = self.deliver(&c).await
+                    {
+                        tracing::warn!(command = %c.command_id, error = %e, "stored command not handed over");
+                    }
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "cannot read stored commands"),
+        }
         let mut backoff = Duration::from_millis(100);
         loop {
             let outcome = tokio::select! {
@@ -317,13 +341,25 @@ impl SyncClient {
         heard: &AtomicU64,
     ) -> Result<()> {
         let mut codec = agreed.codec();
-        while let Some(frame) = reader.next::<ClusterFrame>().await? {
+        // The latest status of every unfinished command, once per session (the protocol:
+        // after every Welcome), then each command that reaches its device.
+        let mut reported: HashMap<String, CommandState> = HashMap::new();
+        self.report_progress(control, &mut reported).await?;
+        loop {
+            let frame = tokio::select! {
+                frame = reader.next::<ClusterFrame>() => frame?,
+                () = self.progress.notified() => {
+                    self.report_progress(control, &mut reported).await?;
+                    continue;
+                }
+            };
+            let Some(frame) = frame else { break };
             let frame = codec.expand(frame)?;
             heard.store(now_ms(), Ordering::Relaxed);
             match frame.body {
                 Some(cluster_frame::Body::Command(c)) => {
                     let payload = c.payload.clone().unwrap_or_default();
-                    let Some(v1::command_payload::Kind::RemoteRemedy(r)) = payload.kind.clone()
+                    let Some(v1::command_payload::Kind::RemoteRemedy(_)) = payload.kind.clone()
                     else {
                         continue;
                     };
@@ -339,7 +375,7 @@ impl SyncClient {
                     };
                     // Stored durably before it is confirmed; confirmed even when already
                     // known, since the cluster resends until it hears back.
-                    let new = self.outbox.store_command(stored).await?;
+                    let new = self.outbox.store_command(stored.clone()).await?;
                     let status = EdgeFrame {
                         body: Some(edge_frame::Body::CommandStatus(v1::CommandStatus {
                             command_id: c.command_id.clone(),
@@ -350,18 +386,10 @@ impl SyncClient {
                         })),
                     };
                     send_control(control, &status).await?;
-                    if new {
-                        let cmd = IncomingCommand {
-                            command_id: c.command_id,
-                            device: c.device_id,
-                            name: r.name,
-                            args: r.args,
-                            expires_at_ms: c.expires_at_ms,
-                        };
+                    reported.insert(c.command_id.clone(), CommandState::SentToEdge);
+                    if new && !self.deliver(&stored).await? {
                         // The adapters went away: the edge is shutting down.
-                        if self.commands.send(Downlink::Command(cmd)).await.is_err() {
-                            return Ok(());
-                        }
+                        return Ok(());
                     }
                 }
                 Some(cluster_frame::Body::DesiredState(d)) => {
@@ -390,6 +418,79 @@ impl SyncClient {
                 Some(cluster_frame::Body::Error(e)) => return Err(refused(&e)),
                 _ => {}
             }
+        }
+        Ok(())
+    }
+
+    /// Hands a stored command to the device adapters, or, when its time to live has run
+    /// out, ends it as expired with a result in the device's log (so the cluster learns
+    /// it exactly once). Returns false when the adapters are gone.
+    async fn deliver(&self, c: &StoredCommand) -> Result<bool> {
+        let now = now_ms();
+        if c.expires_at_ms != 0 && c.expires_at_ms <= now {
+            let result = crate::outbox::Item::new(
+                c.device.clone(),
+                now,
+                ItemKind::CommandResult {
+                    command_id: c.command_id.clone(),
+                    succeeded: false,
+                    expired: true,
+                    detail: format!(
+                        "expired at {} before it reached the device",
+                        c.expires_at_ms
+                    ),
+                },
+            );
+            match self.outbox.accept(vec![result]).await {
+                Ok(_) | Err(crate::outbox::OutboxError::ResultAlreadyRecorded { .. }) => {}
+                Err(e) => return Err(e.into()),
+            }
+            self.new_items.notify_waiters();
+            tracing::info!(command = %c.command_id, device = %c.device, "command expired before delivery");
+            return Ok(true);
+        }
+        let payload = v1::CommandPayload::decode(c.payload.as_slice()).unwrap_or_default();
+        let Some(v1::command_payload::Kind::RemoteRemedy(r)) = payload.kind else {
+            return Ok(true);
+        };
+        let cmd = IncomingCommand {
+            command_id: c.command_id.clone(),
+            device: c.device.clone(),
+            name: r.name,
+            args: r.args,
+            expires_at_ms: c.expires_at_ms as i64,
+        };
+        Ok(self.commands.send(Downlink::Command(cmd)).await.is_ok())
+    }
+
+    /// Tells the cluster where each unfinished command stands, if it has not heard it in
+    /// this session yet (SENT_TO_EDGE, DELIVERED_TO_DEVICE; outcomes travel in the device
+    /// log).
+    async fn report_progress(
+        &self,
+        control: &Mutex<(SendStream, Codec)>,
+        reported: &mut HashMap<String, CommandState>,
+    ) -> Result<()> {
+        for c in self.outbox.commands_pending().await? {
+            let wire = match c.state {
+                CommandState::SentToEdge => v1::CommandState::SentToEdge,
+                CommandState::DeliveredToDevice => v1::CommandState::DeliveredToDevice,
+                _ => continue,
+            };
+            if reported.get(&c.command_id) == Some(&c.state) {
+                continue;
+            }
+            let status = EdgeFrame {
+                body: Some(edge_frame::Body::CommandStatus(v1::CommandStatus {
+                    command_id: c.command_id.clone(),
+                    position: c.position,
+                    state: wire as i32,
+                    at_ms: now_ms() as i64,
+                    detail: String::new(),
+                })),
+            };
+            send_control(control, &status).await?;
+            reported.insert(c.command_id, c.state);
         }
         Ok(())
     }
@@ -426,119 +527,119 @@ impl SyncClient {
 
     /// Sends the outbox above `sent` on the session's data streams ("lanes"), each device
     /// always on the same lane so the cluster sees its log in order, and trims the outbox
-    /// by the watermarks of the acks.
-    ///
-    /// Back-pressure end to end: a lane has at most `max_in_flight_frames` frames without
-    /// an ack and one more ready behind them; when every lane is full the reader of the
-    /// outbox waits. A slow cluster therefore slows the sending, and the outbox on
-    /// disk (within its budget) absorbs the difference; nothing in memory grows.
+    /// by the watermarks of the acks. Every lane drives itself: lanes never wait for each
+    /// other.
     async fn data(
         &self,
         conn: &quinn::Connection,
-        mut sent: HashMap<String, u64>,
+        sent: HashMap<String, u64>,
         agreed: &Agreed,
         heard: &AtomicU64,
     ) -> Result<()> {
         let lanes = agreed.limits.max_data_streams.clamp(1, MAX_LANES) as usize;
-        let window = agreed.limits.max_in_flight_frames.clamp(1, MAX_WINDOW) as usize;
-        let max_batch = agreed.limits.max_batch_readings.max(1) as usize;
+        let mut per_lane: Vec<HashMap<String, u64>> = (0..lanes).map(|_| HashMap::new()).collect();
+        for (device, at) in sent {
+            per_lane[lane_of(&device, lanes)].insert(device, at);
+        }
+        let mut running = futures::stream::FuturesUnordered::new();
+        for (lane, sent) in per_lane.into_iter().enumerate() {
+            let (send, recv) = conn.open_bi().await.map_err(TransportError::from)?;
+            let lane = Lane {
+                index: lane,
+                of: lanes,
+                window: agreed.limits.max_in_flight_frames.clamp(1, MAX_WINDOW) as usize,
+                max_batch: agreed.limits.max_batch_readings.max(1) as usize,
+            };
+            running.push(self.lane(lane, send, recv, sent, agreed, heard));
+        }
+        // A lane only ends with an error: the session ends with it.
+        match running.next().await {
+            Some(r) => r,
+            None => Ok(()),
+        }
+    }
+
+    /// One data stream. Its writer waits until the window has room, then builds as many
+    /// frames as there are free slots from everything pending for its devices, and sends
+    /// them; its reader handles the acks in order and opens the window again.
+    ///
+    /// Back-pressure end to end: at most `max_in_flight_frames` frames per lane wait for
+    /// an ack, and nothing is read from the outbox while the window is full, so a slow
+    /// cluster slows the sending and the outbox on disk (within its budget) absorbs the
+    /// difference; nothing in memory grows. Under load a frame is built only when a slot
+    /// opens, from everything accepted meanwhile, so frames grow with the backlog (as
+    /// Nagle's algorithm does for TCP), while an idle lane sends at once.
+    async fn lane(
+        &self,
+        lane: Lane,
+        mut send: SendStream,
+        recv: quinn::RecvStream,
+        mut sent: HashMap<String, u64>,
+        agreed: &Agreed,
+        heard: &AtomicU64,
+    ) -> Result<()> {
+        let permits = Semaphore::new(lane.window);
+        let in_flight: std::sync::Mutex<VecDeque<InFlight>> =
+            std::sync::Mutex::new(VecDeque::with_capacity(lane.window));
         // Devices to send again from a position, on a frame refused whole or a gap.
         let rewinds: std::sync::Mutex<HashMap<String, u64>> = Default::default();
-        let mut queues = Vec::with_capacity(lanes);
-        let mut lane_tasks = futures::stream::FuturesUnordered::new();
-        for _ in 0..lanes {
-            let (send, recv) = conn.open_bi().await.map_err(TransportError::from)?;
-            // One frame waits for the lane's window, no more: under load the next frame
-            // is built when the lane can take it, from everything accepted meanwhile, so
-            // frames grow with the backlog instead of queueing small.
-            let (tx, rx) = mpsc::channel::<EdgeFrame>(1);
-            queues.push(tx);
-            lane_tasks.push(self.lane(send, recv, rx, window, agreed, heard, &rewinds));
-        }
-        let produce = async {
-            let mut batch_id = 0u64;
+        let rewound = Notify::new();
+        let write = async {
+            let mut codec = agreed.codec();
+            let mut batch_id = lane.index as u64;
             let mut round = 0usize;
             loop {
                 // Register before looking, so items accepted meanwhile wake us.
                 let notified = self.new_items.notified();
                 tokio::pin!(notified);
                 notified.as_mut().enable();
+                let Ok(first) = permits.acquire().await else {
+                    return Err::<(), _>(Error::Protocol("lane closed".into()));
+                };
+                first.forget();
+                let mut slots = 1;
+                while slots < lane.window {
+                    match permits.try_acquire() {
+                        Ok(p) => {
+                            p.forget();
+                            slots += 1;
+                        }
+                        Err(_) => break,
+                    }
+                }
                 for (device, from) in rewinds.lock().expect("rewinds lock").drain() {
                     let at = sent.entry(device).or_insert(from);
                     *at = (*at).min(from);
                 }
                 let frames = self
-                    .next_frames(&mut sent, max_batch, &mut batch_id, lanes, window, round)
+                    .next_frames(&mut sent, &lane, slots, &mut batch_id, round)
                     .await?;
                 round = round.wrapping_add(1);
-                if frames.iter().all(Vec::is_empty) {
+                permits.add_permits(slots - frames.len());
+                if frames.is_empty() {
                     tokio::select! {
                         () = &mut notified => {}
+                        () = rewound.notified() => {}
                         () = tokio::time::sleep(Duration::from_secs(1)) => {}
                     }
                     continue;
                 }
-                // Lanes take frames as their windows open; a full lane holds the reader of
-                // the outbox here.
-                let sends = frames
-                    .into_iter()
-                    .zip(&queues)
-                    .map(|(frames, queue)| async move {
-                        for f in frames {
-                            if queue.send(f).await.is_err() {
-                                return Err(Error::Protocol("data lane closed".into()));
-                            }
-                        }
-                        Ok::<(), Error>(())
-                    });
-                futures::future::try_join_all(sends).await?;
+                for frame in &frames {
+                    let bytes = codec.encode(frame);
+                    in_flight
+                        .lock()
+                        .expect("in-flight lock")
+                        .push_back(InFlight {
+                            at: Instant::now(),
+                            starts: starts_of(frame),
+                        });
+                    send.write_all(&bytes).await.map_err(TransportError::from)?;
+                    self.stats.frames_sent.fetch_add(1, Ordering::Relaxed);
+                    self.stats
+                        .bytes_sent
+                        .fetch_add(bytes.len() as u64, Ordering::Relaxed);
+                }
             }
-        };
-        tokio::select! {
-            r = produce => r,
-            Some(r) = lane_tasks.next() => r,
-        }
-    }
-
-    /// One data stream: writes the frames it is given, at most `window` without an ack,
-    /// and handles the acks in order.
-    #[allow(clippy::too_many_arguments)]
-    async fn lane(
-        &self,
-        mut send: SendStream,
-        recv: quinn::RecvStream,
-        mut frames: mpsc::Receiver<EdgeFrame>,
-        window: usize,
-        agreed: &Agreed,
-        heard: &AtomicU64,
-        rewinds: &std::sync::Mutex<HashMap<String, u64>>,
-    ) -> Result<()> {
-        let permits = Semaphore::new(window);
-        let in_flight: std::sync::Mutex<VecDeque<InFlight>> =
-            std::sync::Mutex::new(VecDeque::with_capacity(window));
-        let write = async {
-            let mut codec = agreed.codec();
-            while let Some(frame) = frames.recv().await {
-                permits
-                    .acquire()
-                    .await
-                    .map_err(|_| Error::Protocol("lane closed".into()))?
-                    .forget();
-                let bytes = codec.encode(&frame);
-                in_flight
-                    .lock()
-                    .expect("in-flight lock")
-                    .push_back(InFlight {
-                        at: Instant::now(),
-                        starts: starts_of(&frame),
-                    });
-                send.write_all(&bytes).await.map_err(TransportError::from)?;
-                self.stats.frames_sent.fetch_add(1, Ordering::Relaxed);
-                self.stats
-                    .bytes_sent
-                    .fetch_add(bytes.len() as u64, Ordering::Relaxed);
-            }
-            Ok::<(), Error>(())
         };
         let read = async {
             let mut codec = agreed.codec();
@@ -557,7 +658,9 @@ impl SyncClient {
                 heard.store(now_ms(), Ordering::Relaxed);
                 match reply.body {
                     Some(cluster_frame::Body::Ack(ack)) => {
-                        self.on_ack(ack, frame, rewinds).await?;
+                        if self.on_ack(ack, frame, &rewinds).await? {
+                            rewound.notify_one();
+                        }
                     }
                     Some(cluster_frame::Body::Error(e)) => return Err(refused(&e)),
                     other => {
@@ -572,13 +675,14 @@ impl SyncClient {
         tokio::try_join!(write, read).map(|_| ())
     }
 
-    /// Trims the outbox by an ack's watermarks, and arranges resending what it refused.
+    /// Trims the outbox by an ack's watermarks, and arranges resending what it refused;
+    /// returns whether something must be sent again.
     async fn on_ack(
         &self,
         ack: v1::Ack,
         frame: InFlight,
         rewinds: &std::sync::Mutex<HashMap<String, u64>>,
-    ) -> Result<()> {
+    ) -> Result<bool> {
         // All of an ack's trims at once: the outbox writes them with one fsync.
         let trims = ack
             .watermarks
@@ -589,6 +693,7 @@ impl SyncClient {
                 .acknowledged
                 .fetch_add(trimmed?, Ordering::Relaxed);
         }
+        let mut again = false;
         for r in &ack.rejections {
             let code = ErrorCode::try_from(r.code).unwrap_or(ErrorCode::Unspecified);
             if code == ErrorCode::SequenceGap
@@ -598,16 +703,10 @@ impl SyncClient {
                 let mut rw = rewinds.lock().expect("rewinds lock");
                 let at = rw.entry(d.clone()).or_insert(u64::MAX);
                 *at = (*at).min(seq.saturating_sub(1));
+                again = true;
             } else if code != ErrorCode::Duplicate {
                 tracing::warn!(device = ?r.device_id, seq = ?r.seq, code = ?code, message = %r.message, "item refused by the cluster");
             }
-        }
-        if ack
-            .rejections
-            .iter()
-            .any(|r| r.code == ErrorCode::SequenceGap as i32)
-        {
-            self.new_items.notify_one();
         }
         if let Some(e) = ack.frame_error {
             // Nothing of the frame was kept: send its devices again from where it started,
@@ -623,79 +722,124 @@ impl SyncClient {
             }
             let wait = e.retry_after_ms.unwrap_or(500).clamp(10, 10_000) as u64;
             tokio::time::sleep(Duration::from_millis(wait)).await;
-            self.new_items.notify_one();
+            again = true;
         }
-        Ok(())
+        Ok(again)
     }
 
-    /// Pending items as frames per lane, at most `per_lane` frames each, every device's
-    /// items in sequence order on its own lane. Devices are visited from a different one
-    /// each round, so a long backlog of the first devices does not starve the others.
+    /// Up to `slots` frames of the lane's pending items, every device's in sequence
+    /// order. Devices are visited from a different one each round, so a long backlog of
+    /// the first devices does not starve the others.
     async fn next_frames(
         &self,
         sent: &mut HashMap<String, u64>,
-        max_batch: usize,
+        lane: &Lane,
+        slots: usize,
         batch_id: &mut u64,
-        lanes: usize,
-        per_lane: usize,
         round: usize,
-    ) -> Result<Vec<Vec<EdgeFrame>>> {
-        let mut frames: Vec<Vec<EdgeFrame>> = (0..lanes).map(|_| Vec::new()).collect();
-        let mut readings: Vec<Vec<Reading>> = (0..lanes).map(|_| Vec::new()).collect();
-        let mut devices = self.outbox.devices().await?;
+    ) -> Result<Vec<EdgeFrame>> {
+        let mut frames: Vec<EdgeFrame> = Vec::new();
+        let mut readings: Vec<Reading> = Vec::new();
+        let next_id = |id: &mut u64| {
+            let this = *id;
+            *id += lane.of as u64;
+            this
+        };
+        let mut devices: Vec<_> = self
+            .outbox
+            .devices()
+            .await?
+            .into_iter()
+            .filter(|d| lane_of(&d.device, lane.of) == lane.index)
+            .collect();
         if !devices.is_empty() {
             let n = devices.len();
             devices.rotate_left(round % n);
         }
-        for d in devices {
-            if frames.iter().all(|f| f.len() >= per_lane) {
-                break;
-            }
-            let lane = lane_of(&d.device, lanes);
-            if frames[lane].len() >= per_lane {
-                continue;
-            }
+        'devices: for d in devices {
             let after = *sent.get(&d.device).unwrap_or(&0);
             let after = after.max(d.first_pending_seq.saturating_sub(1));
+            if d.last_seq <= after {
+                continue;
+            }
             let items = self
                 .outbox
-                .pending(&d.device, after, PER_DEVICE.min(max_batch))
+                .pending(&d.device, after, PER_DEVICE.min(lane.max_batch))
                 .await?;
             for item in items {
-                if frames[lane].len() >= per_lane {
-                    break;
+                if frames.len() >= slots {
+                    break 'devices;
                 }
                 sent.insert(d.device.clone(), item.seq);
                 debug_assert!(item.seq > after);
                 match to_frame(&d.device, item) {
                     Piece::Reading(r) => {
-                        readings[lane].push(r);
-                        if readings[lane].len() >= max_batch {
-                            *batch_id += 1;
-                            let full = std::mem::take(&mut readings[lane]);
-                            frames[lane].push(batch_frame(*batch_id, full));
+                        readings.push(r);
+                        if readings.len() >= lane.max_batch {
+                            let id = next_id(batch_id);
+                            frames.push(batch_frame(id, std::mem::take(&mut readings)));
                         }
                     }
                     Piece::Frame(f) => {
                         // Keep the device's order: its readings so far go first.
-                        if !readings[lane].is_empty() {
-                            *batch_id += 1;
-                            let part = std::mem::take(&mut readings[lane]);
-                            frames[lane].push(batch_frame(*batch_id, part));
+                        if !readings.is_empty() {
+                            let id = next_id(batch_id);
+                            frames.push(batch_frame(id, std::mem::take(&mut readings)));
+                            if frames.len() >= slots {
+                                // No slot left for the event: send it next time.
+                                sent.insert(d.device.clone(), f_seq(&f).saturating_sub(1));
+                                break 'devices;
+                            }
                         }
-                        frames[lane].push(f);
+                        frames.push(f);
                     }
                 }
             }
         }
-        for (lane, rest) in readings.into_iter().enumerate() {
-            if !rest.is_empty() {
-                *batch_id += 1;
-                frames[lane].push(batch_frame(*batch_id, rest));
+        if !readings.is_empty() && frames.len() < slots {
+            let id = next_id(batch_id);
+            frames.push(batch_frame(id, readings));
+        } else if !readings.is_empty() {
+            // No slot left: these readings go next time, from the first of each device.
+            for (device, first) in first_seqs(&readings) {
+                let at = sent.entry(device).or_insert(first);
+                *at = (*at).min(first.saturating_sub(1));
             }
         }
         Ok(frames)
     }
+}
+
+/// A data stream's place among the session's.
+struct Lane {
+    /// Which lane.
+    index: usize,
+    /// How many lanes.
+    of: usize,
+    /// Frames in flight at most.
+    window: usize,
+    /// Readings per batch at most.
+    max_batch: usize,
+}
+
+/// The sequence number of a device log frame that is not a batch.
+fn f_seq(f: &EdgeFrame) -> u64 {
+    match &f.body {
+        Some(edge_frame::Body::Event(e)) => e.seq,
+        Some(edge_frame::Body::ReportedState(r)) => r.seq,
+        _ => 0,
+    }
+}
+
+/// Each device of `readings` with its first sequence number there.
+fn first_seqs(readings: &[Reading]) -> Vec<(String, u64)> {
+    let mut firsts: Vec<(String, u64)> = Vec::new();
+    for r in readings {
+        if !firsts.iter().any(|(d, _)| *d == r.device_id) {
+            firsts.push((r.device_id.clone(), r.seq));
+        }
+    }
+    firsts
 }
 
 /// The data stream a device's items travel on, for the whole session.
@@ -798,13 +942,14 @@ fn to_frame(device: &str, s: Sequenced) -> Piece {
         ItemKind::CommandResult {
             command_id,
             succeeded,
+            expired,
             detail,
         } => event(device_event::Kind::CommandResult(v1::CommandResult {
             command_id,
-            outcome: if succeeded {
-                v1::CommandOutcome::Succeeded
-            } else {
-                v1::CommandOutcome::Failed
+            outcome: match (succeeded, expired) {
+                (true, _) => v1::CommandOutcome::Succeeded,
+                (false, true) => v1::CommandOutcome::Expired,
+                (false, false) => v1::CommandOutcome::Failed,
             } as i32,
             detail,
             finished_at_ms: ts,
