@@ -584,6 +584,7 @@ impl SyncClient {
         // Devices to send again from a position, on a frame refused whole or a gap.
         let rewinds: std::sync::Mutex<HashMap<String, u64>> = Default::default();
         let rewound = Notify::new();
+        let acked = Notify::new();
         let write = async {
             let mut codec = agreed.codec();
             let mut batch_id = lane.index as u64;
@@ -611,14 +612,18 @@ impl SyncClient {
                     let at = sent.entry(device).or_insert(from);
                     *at = (*at).min(from);
                 }
+                // Nagle's rule: while frames are in flight, a frame goes out only when it
+                // is full; the others wait for the next ack, gathering what arrives.
+                let busy = !in_flight.lock().expect("in-flight lock").is_empty();
                 let frames = self
-                    .next_frames(&mut sent, &lane, slots, &mut batch_id, round)
+                    .next_frames(&mut sent, &lane, slots, busy, &mut batch_id, round)
                     .await?;
                 round = round.wrapping_add(1);
                 permits.add_permits(slots - frames.len());
                 if frames.is_empty() {
                     tokio::select! {
-                        () = &mut notified => {}
+                        () = &mut notified, if !busy => {}
+                        () = acked.notified(), if busy => {}
                         () = rewound.notified() => {}
                         () = tokio::time::sleep(Duration::from_secs(1)) => {}
                     }
@@ -670,6 +675,7 @@ impl SyncClient {
                     }
                 }
                 permits.add_permits(1);
+                acked.notify_one();
             }
         };
         tokio::try_join!(write, read).map(|_| ())
@@ -728,13 +734,15 @@ impl SyncClient {
     }
 
     /// Up to `slots` frames of the lane's pending items, every device's in sequence
-    /// order. Devices are visited from a different one each round, so a long backlog of
-    /// the first devices does not starve the others.
+    /// order; none when `only_full` and less than a full batch is pending. Devices are
+    /// visited from a different one each round, so a long backlog of the first devices
+    /// does not starve the others.
     async fn next_frames(
         &self,
         sent: &mut HashMap<String, u64>,
         lane: &Lane,
         slots: usize,
+        only_full: bool,
         batch_id: &mut u64,
         round: usize,
     ) -> Result<Vec<EdgeFrame>> {
@@ -752,6 +760,22 @@ impl SyncClient {
             .into_iter()
             .filter(|d| lane_of(&d.device, lane.of) == lane.index)
             .collect();
+        if only_full {
+            let pending: u64 = devices
+                .iter()
+                .map(|d| {
+                    let after = sent
+                        .get(&d.device)
+                        .copied()
+                        .unwrap_or(0)
+                        .max(d.first_pending_seq.saturating_sub(1));
+                    d.last_seq.saturating_sub(after)
+                })
+                .sum();
+            if pending < lane.max_batch as u64 {
+                return Ok(Vec::new());
+            }
+        }
         if !devices.is_empty() {
             let n = devices.len();
             devices.rotate_left(round % n);
