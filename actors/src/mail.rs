@@ -116,6 +116,28 @@ pub struct CaseContext {
     pub withheld: Vec<ConsentScope>,
 }
 
+/// An agent's work on a case.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", tag = "kind")]
+pub enum AgentWork {
+    /// A note on the case.
+    Note {
+        /// Unique within the case; a note with a known id is a retry and changes nothing.
+        note_id: String,
+        /// The note, 1 to 10,000 characters.
+        text: String,
+        /// Whether the customer may see it.
+        customer_visible: bool,
+    },
+    /// The case is resolved.
+    Resolve {
+        /// How (`repaired_on_site`, `fixed_remotely`, …).
+        code: String,
+        /// What was done, for people.
+        summary: String,
+    },
+}
+
 /// What mail says.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case", tag = "type")]
@@ -257,6 +279,16 @@ pub enum Body {
         reason: String,
         /// Everything the agent needs.
         context: CaseContext,
+    },
+    /// A human agent's work on a handed-off case (from the gRPC service): a note, or the
+    /// resolution with how and what was done.
+    CaseWork {
+        /// The case.
+        case_id: String,
+        /// The agent.
+        agent: String,
+        /// What the agent did.
+        work: AgentWork,
     },
     /// A human agent picked up or closed a handed-off case.
     HandoffUpdate {

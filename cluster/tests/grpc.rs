@@ -479,8 +479,50 @@ async fn cases_stream_with_context_and_resume_after_a_disconnect() {
         .unwrap()
         .into_inner();
     assert_eq!(resolved.state, v1::CaseState::Resolved as i32);
+    let resolution = resolved.resolution.unwrap();
+    assert_eq!(resolution.code, v1::ResolutionCode::RepairedOnSite as i32);
+    assert_eq!(resolution.summary, "pump replaced");
+    assert_eq!(resolution.resolved_by, "agent-ann");
     let r3 = next(&mut stream).await;
     assert_eq!(r3.event, v1::CaseEventKind::Resolved as i32);
+
+    // Notes: kept once per idempotency key, delivered as an update, in the case for all.
+    let note = |key: &str| v1::AddNoteRequest {
+        case_id: "t1:alice/case-2".into(),
+        author_id: "agent-bob".into(),
+        text: "called the store; the alarm was a test".into(),
+        visibility: v1::NoteVisibility::Internal as i32,
+        idempotency_key: key.into(),
+    };
+    let n1 = cases
+        .add_note(with(&n.desk, note("n-1")))
+        .await
+        .unwrap()
+        .into_inner();
+    let again = cases
+        .add_note(with(&n.desk, note("n-1")))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(n1, again, "a retried note is the same note");
+    let r4 = next(&mut stream).await;
+    assert_eq!(r4.event, v1::CaseEventKind::Updated as i32);
+    assert_eq!(r4.case.unwrap().notes, std::slice::from_ref(&n1));
+    let case2 = cases
+        .get_case(with(
+            &n.desk,
+            v1::GetCaseRequest {
+                case_id: "t1:alice/case-2".into(),
+            },
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(case2.notes, [n1]);
+    let mut empty = note("n-2");
+    empty.text.clear();
+    let e = cases.add_note(with(&n.desk, empty)).await.unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument);
     let listed = cases
         .list_cases(with(
             &n.desk,

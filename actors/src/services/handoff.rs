@@ -23,7 +23,7 @@ use super::{
     decode_snapshot, default_max_records, default_retain, make_room, refuse, send, tenant_id,
 };
 use crate::host::{Ctx, Twin};
-use crate::mail::{Address, Body, CaseContext, Mail, tenant_of};
+use crate::mail::{Address, AgentWork, Body, CaseContext, Mail, tenant_of};
 use crate::model::{Priority, TimeMs};
 use crate::store::{Key, MAX_VALUE_BYTES, Op};
 use crate::{Error, Result};
@@ -159,6 +159,8 @@ pub enum CaseEventKind {
     Accepted,
     /// An agent closed it.
     Resolved,
+    /// An agent added a note.
+    Noted,
 }
 
 impl CaseEventKind {
@@ -169,6 +171,7 @@ impl CaseEventKind {
             CaseEventKind::Escalated => "escalated",
             CaseEventKind::Accepted => "accepted",
             CaseEventKind::Resolved => "resolved",
+            CaseEventKind::Noted => "noted",
         }
     }
 }
@@ -201,6 +204,12 @@ pub struct CaseEvent {
     /// failing that, the context itself) were left out.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub truncated: bool,
+    /// The note (`noted` only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub note: Option<AgentWork>,
+    /// How it was resolved (`resolved` by an agent who said so).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resolution: Option<AgentWork>,
 }
 
 impl CaseEvent {
@@ -273,6 +282,9 @@ pub struct Case {
     /// When it last changed.
     #[serde(rename = "t")]
     pub at: TimeMs,
+    /// Ids of its notes, to take each once.
+    #[serde(rename = "n", default, skip_serializing_if = "Vec::is_empty")]
+    pub notes: Vec<String>,
 }
 
 #[derive(Debug, Default, Serialize, Deserialize)]
@@ -306,7 +318,8 @@ impl HandoffQueue {
     /// Appends `event` of `case_id` to the log and, unless it is the handoff itself, tells
     /// the customer twin.
     fn record(&mut self, ctx: &mut Ctx, case_id: &str, event: CaseEvent) {
-        let update = (event.event != CaseEventKind::HandedOff).then(|| Body::HandoffUpdate {
+        let tell = !matches!(event.event, CaseEventKind::HandedOff | CaseEventKind::Noted);
+        let update = tell.then(|| Body::HandoffUpdate {
             case_id: case_id.to_owned(),
             state: event.event.as_str().to_owned(),
             agent: event.agent.clone(),
@@ -335,6 +348,8 @@ impl HandoffQueue {
             context: None,
             agent: None,
             truncated: false,
+            note: None,
+            resolution: None,
         }
     }
 
@@ -390,6 +405,7 @@ impl HandoffQueue {
                 state: CaseState::Open,
                 sla_due,
                 at: now,
+                notes: Vec::new(),
             },
         );
         let mut event = self.event(&case_id, CaseEventKind::HandedOff, now);
@@ -405,6 +421,7 @@ impl HandoffQueue {
         case_id: String,
         state: &str,
         agent: Option<String>,
+        resolution: Option<AgentWork>,
     ) -> std::result::Result<Status, String> {
         let kind = match state {
             "accepted" => CaseEventKind::Accepted,
@@ -437,10 +454,54 @@ impl HandoffQueue {
         case.at = now;
         let mut event = self.event(&case_id, kind, now);
         event.agent = agent;
+        event.resolution = resolution;
+        self.record(ctx, &case_id, event);
+        Ok(Status::Done)
+    }
+
+    /// An agent's note: recorded once per note id, on a case the queue knows.
+    fn note(
+        &mut self,
+        ctx: &mut Ctx,
+        case_id: String,
+        agent: String,
+        note: AgentWork,
+    ) -> std::result::Result<Status, String> {
+        let AgentWork::Note { note_id, text, .. } = &note else {
+            return Err("not a note".into());
+        };
+        check_key("agent", &agent)?;
+        check_key("note id", note_id)?;
+        let chars = text.chars().count();
+        if chars == 0 || chars > MAX_NOTE_CHARS {
+            return Err(format!(
+                "a note has 1 to {MAX_NOTE_CHARS} characters, not {chars}"
+            ));
+        }
+        let now = ctx.now();
+        let Some(case) = self.state.cases.get_mut(&case_id) else {
+            return Ok(Status::Ignored);
+        };
+        if case.notes.iter().any(|n| n == note_id) {
+            return Ok(Status::Duplicate);
+        }
+        if case.notes.len() >= MAX_NOTES {
+            return Err(format!("case {case_id:?} has {MAX_NOTES} notes already"));
+        }
+        case.notes.push(note_id.clone());
+        case.at = now;
+        let mut event = self.event(&case_id, CaseEventKind::Noted, now);
+        event.agent = Some(agent);
+        event.note = Some(note);
         self.record(ctx, &case_id, event);
         Ok(Status::Done)
     }
 }
+
+/// Longest note, in characters.
+pub const MAX_NOTE_CHARS: usize = 10_000;
+/// Most notes on one case.
+pub const MAX_NOTES: usize = 1_000;
 
 impl Twin for HandoffQueue {
     type Msg = Mail;
@@ -487,7 +548,16 @@ impl Twin for HandoffQueue {
                 case_id,
                 state,
                 agent,
-            } => self.update(ctx, case_id, &state, agent),
+            } => self.update(ctx, case_id, &state, agent, None),
+            Body::CaseWork {
+                case_id,
+                agent,
+                work,
+            } => match work {
+                AgentWork::Resolve { .. } => check_key("agent", &agent)
+                    .and_then(|()| self.update(ctx, case_id, "resolved", Some(agent), Some(work))),
+                AgentWork::Note { .. } => self.note(ctx, case_id, agent, work),
+            },
             other => Err(format!(
                 "the handoff queue does not take {}",
                 body_name(&other)
@@ -832,6 +902,8 @@ mod tests {
             context: Some(context),
             agent: None,
             truncated: false,
+            note: None,
+            resolution: None,
         };
         let bytes = event.encode();
         assert!(bytes.len() <= MAX_VALUE_BYTES);

@@ -13,9 +13,9 @@
 use super::auth::{Principal, Scope};
 use super::convert;
 use crate::store::watch::LogSignals;
-use caretwin_actors::mail::{Address, Body, Mail};
+use caretwin_actors::mail::{Address, AgentWork, Body, Mail};
 use caretwin_actors::services::Status as DeskStatus;
-use caretwin_actors::services::handoff::{CaseEvent, CaseEventKind, cases_log};
+use caretwin_actors::services::handoff::{CaseEvent, CaseEventKind, MAX_NOTE_CHARS, cases_log};
 use caretwin_actors::store::{IdempotencyMode, Key, Op, Store, WriteBatch};
 use caretwin_actors::system::System;
 use caretwin_proto::v1::{self, case_service_server::CaseService};
@@ -190,15 +190,22 @@ fn fold(tenant: &str, case_id: &str, events: &[(u64, CaseEvent)], upto: u64) -> 
         case.version = *index;
         case.priority = convert::priority(ev.priority) as i32;
         let (state, text) = match ev.event {
-            CaseEventKind::HandedOff => (v1::CaseState::HandedOff, "handed to a human"),
-            CaseEventKind::Escalated => (v1::CaseState::HandedOff, "escalated"),
-            CaseEventKind::Accepted => (v1::CaseState::Accepted, "accepted"),
-            CaseEventKind::Resolved => (v1::CaseState::Resolved, "resolved"),
+            CaseEventKind::HandedOff => (Some(v1::CaseState::HandedOff), "handed to a human"),
+            CaseEventKind::Escalated => (Some(v1::CaseState::HandedOff), "escalated"),
+            CaseEventKind::Accepted => (Some(v1::CaseState::Accepted), "accepted"),
+            CaseEventKind::Resolved => (Some(v1::CaseState::Resolved), "resolved"),
+            CaseEventKind::Noted => (None, "note added"),
         };
-        case.state = state as i32;
+        if let Some(state) = state {
+            case.state = state as i32;
+        }
         case.timeline.push(v1::TimelineEntry {
             at_ms: ev.at_ms as i64,
-            kind: v1::TimelineEntryKind::StateChange as i32,
+            kind: if state.is_some() {
+                v1::TimelineEntryKind::StateChange
+            } else {
+                v1::TimelineEntryKind::Note
+            } as i32,
             actor: if ev.agent.is_some() {
                 v1::Actor::Agent
             } else {
@@ -281,12 +288,43 @@ fn fold(tenant: &str, case_id: &str, events: &[(u64, CaseEvent)], upto: u64) -> 
                 case.accepted_at_ms = Some(ev.at_ms as i64);
             }
             CaseEventKind::Resolved => {
+                let (code, summary) = match &ev.resolution {
+                    Some(AgentWork::Resolve { code, summary }) => (
+                        v1::ResolutionCode::from_str_name(&format!(
+                            "RESOLUTION_CODE_{}",
+                            code.to_ascii_uppercase()
+                        ))
+                        .unwrap_or(v1::ResolutionCode::Other),
+                        summary.clone(),
+                    ),
+                    _ => (v1::ResolutionCode::Other, String::new()),
+                };
                 case.resolution = Some(v1::Resolution {
-                    code: v1::ResolutionCode::Other as i32,
-                    summary: String::new(),
+                    code: code as i32,
+                    summary,
                     resolved_by: ev.agent.clone().unwrap_or_default(),
                     resolved_at_ms: ev.at_ms as i64,
                 });
+            }
+            CaseEventKind::Noted => {
+                if let Some(AgentWork::Note {
+                    note_id,
+                    text,
+                    customer_visible,
+                }) = &ev.note
+                {
+                    case.notes.push(v1::Note {
+                        note_id: note_id.clone(),
+                        author_id: ev.agent.clone().unwrap_or_default(),
+                        text: text.clone(),
+                        visibility: if *customer_visible {
+                            v1::NoteVisibility::CustomerVisible
+                        } else {
+                            v1::NoteVisibility::Internal
+                        } as i32,
+                        created_at_ms: ev.at_ms as i64,
+                    });
+                }
             }
         }
     }
@@ -316,6 +354,7 @@ fn event_kind(k: CaseEventKind) -> v1::CaseEventKind {
         CaseEventKind::Escalated => v1::CaseEventKind::Escalated,
         CaseEventKind::Accepted => v1::CaseEventKind::Accepted,
         CaseEventKind::Resolved => v1::CaseEventKind::Resolved,
+        CaseEventKind::Noted => v1::CaseEventKind::Updated,
     }
 }
 
@@ -497,9 +536,32 @@ impl CaseService for CaseApi {
         &self,
         req: Request<v1::AddNoteRequest>,
     ) -> Result<Response<v1::Note>, Status> {
-        let p = Principal::of(&req)?;
+        let p = Principal::of(&req)?.clone();
         p.require(Scope::CasesHandle)?;
-        Err(Status::unimplemented("notes are not implemented yet"))
+        let r = req.into_inner();
+        p.own("case", &r.case_id)?;
+        check_name("author_id", &r.author_id, 128)?;
+        let chars = r.text.chars().count();
+        if chars == 0 || chars > MAX_NOTE_CHARS {
+            return Err(Status::invalid_argument(format!(
+                "text must have 1 to {MAX_NOTE_CHARS} characters, not {chars}"
+            )));
+        }
+        check_name("idempotency_key", &r.idempotency_key, 128)?;
+        self.current(&p, &r.case_id).await?;
+        let note_id = format!("note-{}", r.idempotency_key);
+        let work = AgentWork::Note {
+            note_id: note_id.clone(),
+            text: r.text,
+            customer_visible: r.visibility == v1::NoteVisibility::CustomerVisible as i32,
+        };
+        self.work(&p, &r.case_id, &r.author_id, work).await?;
+        let case = self.current(&p, &r.case_id).await?;
+        case.notes
+            .into_iter()
+            .find(|n| n.note_id == note_id)
+            .map(Response::new)
+            .ok_or_else(|| Status::internal("the note was taken but is not in the case"))
     }
 
     async fn resolve_case(
@@ -515,8 +577,25 @@ impl CaseService for CaseApi {
         if current.state == v1::CaseState::Resolved as i32 {
             return Ok(Response::new(current));
         }
-        self.act(&p, &r.case_id, "resolved", &r.agent_id, &r.idempotency_key)
-            .await?;
+        let code = v1::ResolutionCode::try_from(r.code)
+            .ok()
+            .filter(|c| *c != v1::ResolutionCode::Unspecified)
+            .ok_or_else(|| {
+                Status::invalid_argument(format!("invalid resolution code {}", r.code))
+            })?;
+        if r.summary.chars().count() > MAX_NOTE_CHARS {
+            return Err(Status::invalid_argument(format!(
+                "summary is over {MAX_NOTE_CHARS} characters"
+            )));
+        }
+        let work = AgentWork::Resolve {
+            code: code
+                .as_str_name()
+                .trim_start_matches("RESOLUTION_CODE_")
+                .to_ascii_lowercase(),
+            summary: r.summary,
+        };
+        self.work(&p, &r.case_id, &r.agent_id, work).await?;
         Ok(Response::new(self.current(&p, &r.case_id).await?))
     }
 
@@ -607,6 +686,34 @@ impl CaseApi {
             .case_as_of(&p.tenant, case_id, u64::MAX)
             .await
             .ok_or_else(|| Status::not_found(format!("case {case_id:?} not found")))
+    }
+
+    /// Hands an agent's work to the handoff queue, which decides.
+    async fn work(
+        &self,
+        p: &Principal,
+        case_id: &str,
+        agent: &str,
+        work: AgentWork,
+    ) -> Result<(), Status> {
+        let mail = Mail {
+            id: format!("grpc/{}/{case_id}/work/{agent}", p.name),
+            from: Address::Handoff(p.tenant.clone()),
+            to: Address::Handoff(p.tenant.clone()),
+            body: Body::CaseWork {
+                case_id: case_id.to_owned(),
+                agent: agent.to_owned(),
+                work,
+            },
+        };
+        match self.0.system.handoff().call(&p.tenant, mail).await {
+            Ok(DeskStatus::Refused(why)) => Err(Status::invalid_argument(why)),
+            Ok(DeskStatus::Ignored) => Err(Status::failed_precondition(format!(
+                "case {case_id:?} cannot take that now"
+            ))),
+            Ok(DeskStatus::Done | DeskStatus::Duplicate) => Ok(()),
+            Err(e) => Err(internal(e)),
+        }
     }
 
     /// Tells the handoff queue, and waits until the projection has the queue's decision.
