@@ -37,11 +37,13 @@ impl LogSignals {
     }
 }
 
-/// A store whose committed appends to logs named with `prefixes` are signalled.
+/// A store whose committed appends to logs named with `prefixes` are signalled, and
+/// whose committed mail (outbox enqueues) wakes the mail dispatcher.
 pub struct Watched {
     inner: Arc<dyn Store>,
     prefixes: Vec<String>,
     signals: Arc<LogSignals>,
+    mail: Arc<tokio::sync::Notify>,
 }
 
 impl Watched {
@@ -51,7 +53,14 @@ impl Watched {
             inner,
             prefixes: prefixes.iter().map(|p| (*p).to_owned()).collect(),
             signals: Arc::new(LogSignals::default()),
+            mail: Arc::new(tokio::sync::Notify::new()),
         }
+    }
+
+    /// Notified after every commit that enqueued mail: the node delivers it at once
+    /// instead of at its next tick.
+    pub fn mail_signal(&self) -> Arc<tokio::sync::Notify> {
+        self.mail.clone()
     }
 
     /// The signals, to subscribe to.
@@ -75,9 +84,13 @@ impl Store for Watched {
                 _ => None,
             })
             .collect();
+        let mail = batch.ops.iter().any(|op| matches!(op, Op::Enqueue { .. }));
         let applied = self.inner.commit(batch).await?;
         for log in &grown {
             self.signals.grew(log);
+        }
+        if mail {
+            self.mail.notify_one();
         }
         Ok(applied)
     }
@@ -178,6 +191,24 @@ mod tests {
                 .unwrap()
                 .len(),
             1
+        );
+        // Mail wakes the dispatcher once it is durable, and only mail does.
+        use futures::FutureExt as _;
+        let mail = store.mail_signal();
+        assert!(mail.notified().now_or_never().is_none(), "no mail yet");
+        let enqueue = WriteBatch {
+            fence: None,
+            ops: vec![Op::Enqueue {
+                queue: Key::new("outbox/shard-1"),
+                value: b"m".to_vec(),
+            }],
+        };
+        store.commit(enqueue).await.unwrap();
+        assert!(mail.notified().now_or_never().is_some(), "mail committed");
+        store.commit(append("cases/t1")).await.unwrap();
+        assert!(
+            mail.notified().now_or_never().is_none(),
+            "a log append is not mail"
         );
     }
 }
