@@ -145,13 +145,13 @@ pub async fn run(config: ClusterConfig, shutdown: impl Future<Output = ()>) -> R
         crate::grpc::auth::Tokens::default()
     };
     tracing::info!(addr = %grpc_addr, tokens = tokens.len(), "gRPC listening");
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let sites = server.clone();
     let services = crate::grpc::Services {
-        cases: crate::grpc::cases::CaseApi(Arc::new(crate::grpc::cases::Cases::new(
-            system.clone(),
-            store.clone(),
-            log_signals,
-        ))),
+        cases: crate::grpc::cases::CaseApi(Arc::new(
+            crate::grpc::cases::Cases::new(system.clone(), store.clone(), log_signals)
+                .with_shutdown(stop_rx.clone()),
+        )),
         twins: crate::grpc::twins::TwinApi::new(
             system.clone(),
             Arc::new(move || sites.live_sites()),
@@ -160,7 +160,6 @@ pub async fn run(config: ClusterConfig, shutdown: impl Future<Output = ()>) -> R
     };
     let identity = crate::grpc::identity(&config.sync.cert, &config.sync.key)?;
 
-    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let mut stop_server = stop_rx.clone();
     let serving = tokio::spawn(server.serve(endpoint, async move {
         let _ = stop_server.wait_for(|s| *s).await;
@@ -178,10 +177,16 @@ pub async fn run(config: ClusterConfig, shutdown: impl Future<Output = ()>) -> R
     let lease = serve(&*store, &system, &config, lease, &mail, shutdown).await;
     let _ = stop_tx.send(true);
     let _ = serving.await;
-    match grpc.await {
-        Ok(Err(e)) => tracing::warn!(error = %e, "gRPC endpoint failed"),
-        Err(e) => tracing::warn!(error = %e, "gRPC endpoint task failed"),
-        Ok(Ok(())) => {}
+    // Calls in flight get a moment to finish; streams end by themselves on shutdown.
+    let abort = grpc.abort_handle();
+    match tokio::time::timeout(std::time::Duration::from_secs(5), grpc).await {
+        Ok(Ok(Err(e))) => tracing::warn!(error = %e, "gRPC endpoint failed"),
+        Ok(Err(e)) => tracing::warn!(error = %e, "gRPC endpoint task failed"),
+        Ok(Ok(Ok(()))) => {}
+        Err(_) => {
+            tracing::warn!("gRPC calls still running after 5 s; cut off");
+            abort.abort();
+        }
     }
     let lease = lease?;
     match Arc::try_unwrap(system) {

@@ -9,8 +9,10 @@
 //! (the mark only moves by compare-and-set in the same write as the reading's effect).
 
 use caretwin_actors::store::{Key, Store};
+use caretwin_cluster::grpc::auth::{Scope, TokensFile, mint};
 use caretwin_cluster::store::{EmbeddedConfig, EmbeddedStore};
 use caretwin_edge::outbox::{Outbox, OutboxConfig};
+use caretwin_proto::v1::{self, case_service_client::CaseServiceClient};
 use caretwin_tests::{Process, bin, strip_ansi};
 use std::path::Path;
 
@@ -27,6 +29,13 @@ fn write(path: &Path, text: &str) {
 
 /// Starts the cluster on `listen`; returns it and the address it bound.
 fn start_cluster(dir: &Path, listen: &str) -> (Process, String) {
+    let (p, addr, _) = start_cluster_grpc(dir, listen);
+    (p, addr)
+}
+
+/// [`start_cluster`], also returning the address of its gRPC endpoint (integrator tokens
+/// from `tokens.toml` in `dir`, when there is one).
+fn start_cluster_grpc(dir: &Path, listen: &str) -> (Process, String, String) {
     let config = dir.join("cluster.toml");
     let certs = dir.join("certs");
     write(
@@ -45,7 +54,9 @@ cert = "{cert}"
 key = "{key}"
 [grpc]
 listen = "127.0.0.1:0"
+tokens = "{tokens}"
 "#,
+            tokens = dir.join("tokens.toml").display(),
             provision = dir.join("devices.toml").display(),
             store = dir.join("cluster-data").display(),
             ca = certs.join("ca.pem").display(),
@@ -59,13 +70,16 @@ listen = "127.0.0.1:0"
         &[],
     )
     .unwrap();
-    let line = strip_ansi(&p.wait_for("sync listening").unwrap());
-    let addr = line
-        .split_whitespace()
-        .find_map(|w| w.strip_prefix("addr="))
-        .expect("the bound address is logged")
-        .to_owned();
-    (p, addr)
+    let addr_of = |line: String| {
+        strip_ansi(&line)
+            .split_whitespace()
+            .find_map(|w| w.strip_prefix("addr="))
+            .expect("the bound address is logged")
+            .to_owned()
+    };
+    let addr = addr_of(p.wait_for("sync listening").unwrap());
+    let grpc = addr_of(p.wait_for("gRPC listening").unwrap());
+    (p, addr, grpc)
 }
 
 fn start_edge(dir: &Path, cluster: &str) -> Process {
@@ -210,8 +224,49 @@ async fn smoke_while_offline_is_acted_on_locally_then_reaches_a_person() {
     let local = edge.wait_for("SAFETY ALARM: acting locally").unwrap();
     assert!(strip_ansi(&local).contains("siren"), "{local}");
 
-    // The link returns: the alarm goes up, and the case is handed to a person.
-    let (mut cluster, _) = start_cluster(d, &addr);
+    // The link returns: the alarm goes up, and the case is handed to a person, who gets it
+    // on the agent desk's gRPC stream with what the edge did.
+    let (token, entry) = mint("desk", "t1", vec![Scope::CasesRead, Scope::CasesHandle]);
+    let tokens = TokensFile {
+        tokens: vec![entry],
+    };
+    write(&d.join("tokens.toml"), &toml::to_string(&tokens).unwrap());
+    let (mut cluster, _, grpc) = start_cluster_grpc(d, &addr);
+    let ca = std::fs::read(d.join("certs").join("ca.pem")).unwrap();
+    let channel = tonic::transport::Channel::from_shared(format!("https://{grpc}"))
+        .unwrap()
+        .tls_config(
+            tonic::transport::ClientTlsConfig::new()
+                .ca_certificate(tonic::transport::Certificate::from_pem(ca))
+                .domain_name("localhost"),
+        )
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut desk = CaseServiceClient::new(channel);
+    let mut subscribe = tonic::Request::new(v1::SubscribeCasesRequest {
+        subscriber_id: "desk".into(),
+        ..Default::default()
+    });
+    subscribe
+        .metadata_mut()
+        .insert("authorization", format!("Bearer {token}").parse().unwrap());
+    let mut stream = desk.subscribe_cases(subscribe).await.unwrap().into_inner();
+    let delivery = tokio::time::timeout(std::time::Duration::from_secs(60), stream.message())
+        .await
+        .expect("the case reaches the desk")
+        .unwrap()
+        .unwrap();
+    assert_eq!(delivery.event, v1::CaseEventKind::HandedOff as i32);
+    let case = delivery.case.unwrap();
+    assert_eq!(case.priority, v1::Priority::Safety as i32);
+    assert_eq!(case.handoff_reason, v1::HandoffReason::SafetyAlarm as i32);
+    assert_eq!(case.devices[0].device_id, "t1:hub-1");
+    assert!(
+        format!("{case:?}").contains("siren"),
+        "the desk sees what the edge did: {case:?}"
+    );
     edge.wait_for("outbox drained").unwrap();
     cluster.wait_for("Safety").unwrap(); // the safety notification goes out
     if std::env::var_os("CARETWIN_TEST_VERBOSE").is_some() {

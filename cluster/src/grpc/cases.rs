@@ -50,6 +50,9 @@ pub struct Cases {
     books: std::sync::Mutex<HashMap<String, Arc<Mutex<Book>>>>,
     /// Serialises acknowledgements, so a cursor never moves back.
     acks: Mutex<()>,
+    /// Becomes true when the node shuts down: every subscription stream then ends, so the
+    /// server's drain does not wait for clients that never hang up.
+    closing: tokio::sync::watch::Receiver<bool>,
 }
 
 fn internal(e: impl std::fmt::Display) -> Status {
@@ -70,7 +73,14 @@ impl Cases {
             signals,
             books: Default::default(),
             acks: Mutex::new(()),
+            closing: tokio::sync::watch::channel(false).1,
         }
+    }
+
+    /// Ends every subscription stream when `closing` becomes true (the node's shutdown).
+    pub fn with_shutdown(mut self, closing: tokio::sync::watch::Receiver<bool>) -> Self {
+        self.closing = closing;
+        self
     }
 
     fn book(&self, tenant: &str) -> Arc<Mutex<Book>> {
@@ -396,6 +406,7 @@ impl CaseService for CaseApi {
         // Subscribe before the first read, so an append in between wakes the loop.
         let mut grew = cases.signals.subscribe(&log);
         let (tx, rx) = tokio::sync::mpsc::channel(STREAM_BUFFER);
+        let mut closing = cases.closing.clone();
         tracing::info!(tenant = %p.tenant, subscriber = %r.subscriber_id, after, "case subscription");
         tokio::spawn(async move {
             let mut cursor = after;
@@ -452,6 +463,7 @@ impl CaseService for CaseApi {
                 tokio::select! {
                     changed = grew.changed() => if changed.is_err() { return },
                     () = tx.closed() => return,
+                    _ = closing.wait_for(|c| *c) => return,
                 }
             }
         });
