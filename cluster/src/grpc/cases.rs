@@ -52,7 +52,7 @@ pub struct Cases {
     acks: Mutex<()>,
     /// Becomes true when the node shuts down: every subscription stream then ends, so the
     /// server's drain does not wait for clients that never hang up.
-    closing: tokio::sync::watch::Receiver<bool>,
+    closing: Option<tokio::sync::watch::Receiver<bool>>,
 }
 
 fn internal(e: impl std::fmt::Display) -> Status {
@@ -73,13 +73,13 @@ impl Cases {
             signals,
             books: Default::default(),
             acks: Mutex::new(()),
-            closing: tokio::sync::watch::channel(false).1,
+            closing: None,
         }
     }
 
     /// Ends every subscription stream when `closing` becomes true (the node's shutdown).
     pub fn with_shutdown(mut self, closing: tokio::sync::watch::Receiver<bool>) -> Self {
-        self.closing = closing;
+        self.closing = Some(closing);
         self
     }
 
@@ -460,10 +460,17 @@ impl CaseService for CaseApi {
                         return; // the client went away
                     }
                 }
+                let node_closing = async {
+                    match closing.as_mut() {
+                        // A node that went away without saying so is closing too.
+                        Some(c) => drop(c.wait_for(|c| *c).await),
+                        None => std::future::pending().await,
+                    }
+                };
                 tokio::select! {
                     changed = grew.changed() => if changed.is_err() { return },
                     () = tx.closed() => return,
-                    _ = closing.wait_for(|c| *c) => return,
+                    () = node_closing => return,
                 }
             }
         });
