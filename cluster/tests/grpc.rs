@@ -368,6 +368,7 @@ async fn cases_stream_with_context_and_resume_after_a_disconnect() {
     assert_eq!(case.customer.unwrap().customer_id, "t1:alice");
     assert_eq!(case.devices[0].device_id, "t1:coffee-1");
     assert_eq!(case.devices[0].model_id, "coffee.barista-200");
+    assert_eq!(case.site_id, "t1:home-1");
     assert_eq!(case.insights[0].signal, "brew_pressure");
     assert_eq!(case.actions[0].description, "remote descale: failed");
     assert_eq!(

@@ -149,14 +149,32 @@ impl Cases {
                 .system
                 .devices()
                 .inspect(&id, |t| {
-                    t.map(|t| (t.model().map(str::to_owned), t.health(), t.high_water()))
+                    t.map(|t| {
+                        (
+                            t.model().map(str::to_owned),
+                            t.site().map(str::to_owned),
+                            t.health(),
+                            t.high_water(),
+                        )
+                    })
                 })
                 .await;
-            if let Ok(Some((model, health, seq))) = twin {
+            if let Ok(Some((model, site, health, seq))) = twin {
                 slot.model_id = model.unwrap_or_default();
+                slot.site_id = site.unwrap_or_default();
                 slot.health_index = health;
                 slot.applied_seq = seq;
             }
+        }
+        // The site of the devices involved (a case is about one customer's devices, which
+        // are at one site in every story; the first device's site otherwise).
+        if let Some(site) = case
+            .devices
+            .iter()
+            .map(|d| &d.site_id)
+            .find(|s| !s.is_empty())
+        {
+            case.site_id = site.clone();
         }
         case
     }
