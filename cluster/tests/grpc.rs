@@ -383,6 +383,8 @@ async fn cases_stream_with_context_and_resume_after_a_disconnect() {
         case.handoff_reason,
         v1::HandoffReason::RemediesExhausted as i32
     );
+    // High priority: an agent must take it within the SLA (30 minutes by default).
+    assert_eq!(case.sla_accept_by_ms, Some((T0 + HOUR_MS / 2) as i64));
 
     // An agent takes it; the stream says so. Another agent cannot take it any more.
     let accept = |agent: &str| v1::AcceptCaseRequest {
@@ -413,7 +415,12 @@ async fn cases_stream_with_context_and_resume_after_a_disconnect() {
     let d2 = next(&mut stream).await;
     assert_eq!(d2.event, v1::CaseEventKind::Accepted as i32);
     assert!(d2.cursor > d1.cursor);
-    assert_eq!(d2.case.unwrap().assigned_agent_id, "agent-ann");
+    let accepted = d2.case.unwrap();
+    assert_eq!(accepted.assigned_agent_id, "agent-ann");
+    assert_eq!(
+        accepted.sla_accept_by_ms, None,
+        "accepted: no deadline runs"
+    );
 
     // The desk acknowledges the first delivery only, then disconnects; meanwhile a new
     // case arrives.

@@ -210,6 +210,10 @@ pub struct CaseEvent {
     /// How it was resolved (`resolved` by an agent who said so).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub resolution: Option<AgentWork>,
+    /// When an agent must have accepted the case, Unix ms, as of this event (`handed_off`,
+    /// `escalated`); absent when no deadline runs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub accept_by_ms: Option<TimeMs>,
 }
 
 impl CaseEvent {
@@ -350,6 +354,7 @@ impl HandoffQueue {
             truncated: false,
             note: None,
             resolution: None,
+            accept_by_ms: case.sla_due,
         }
     }
 
@@ -904,6 +909,7 @@ mod tests {
             truncated: false,
             note: None,
             resolution: None,
+            accept_by_ms: None,
         };
         let bytes = event.encode();
         assert!(bytes.len() <= MAX_VALUE_BYTES);

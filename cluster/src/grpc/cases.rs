@@ -246,6 +246,12 @@ fn fold(tenant: &str, case_id: &str, events: &[(u64, CaseEvent)], upto: u64) -> 
             },
             reference_id: String::new(),
         });
+        if matches!(
+            ev.event,
+            CaseEventKind::HandedOff | CaseEventKind::Escalated
+        ) {
+            case.sla_accept_by_ms = ev.accept_by_ms.map(|t| t as i64);
+        }
         match ev.event {
             CaseEventKind::HandedOff => {
                 case.opened_at_ms = ev.at_ms as i64;
@@ -314,6 +320,7 @@ fn fold(tenant: &str, case_id: &str, events: &[(u64, CaseEvent)], upto: u64) -> 
             CaseEventKind::Accepted => {
                 case.assigned_agent_id = ev.agent.clone().unwrap_or_default();
                 case.accepted_at_ms = Some(ev.at_ms as i64);
+                case.sla_accept_by_ms = None;
             }
             CaseEventKind::Resolved => {
                 let (code, summary) = match &ev.resolution {
