@@ -178,31 +178,6 @@ impl Cases {
         }
         case
     }
-
-    async fn tell_queue(
-        &self,
-        p: &Principal,
-        case_id: &str,
-        state: &str,
-        agent: &str,
-        key: &str,
-    ) -> Result<DeskStatus, Status> {
-        let mail = Mail {
-            id: format!("grpc/{}/{case_id}/{state}/{key}", p.name),
-            from: Address::Handoff(p.tenant.clone()),
-            to: Address::Handoff(p.tenant.clone()),
-            body: Body::HandoffUpdate {
-                case_id: case_id.to_owned(),
-                state: state.to_owned(),
-                agent: Some(agent.to_owned()),
-            },
-        };
-        self.system
-            .handoff()
-            .call(&p.tenant, mail)
-            .await
-            .map_err(internal)
-    }
 }
 
 /// Folds a case's events up to `upto` into the contract's `Case`.
@@ -564,8 +539,23 @@ impl CaseService for CaseApi {
             }
             _ => {}
         }
-        self.act(&p, &r.case_id, "accepted", &r.agent_id, &r.idempotency_key)
-            .await?;
+        if r.idempotency_key.len() > 128 {
+            return Err(Status::invalid_argument(
+                "idempotency_key is over 128 bytes",
+            ));
+        }
+        let body = Body::HandoffUpdate {
+            case_id: r.case_id.clone(),
+            state: "accepted".into(),
+            agent: Some(r.agent_id.clone()),
+        };
+        self.tell(
+            &p,
+            &r.case_id,
+            format!("accepted/{}", r.idempotency_key),
+            body,
+        )
+        .await?;
         let after = self.current(&p, &r.case_id).await?;
         if after.assigned_agent_id != r.agent_id {
             return Err(Status::failed_precondition(format!(
@@ -732,7 +722,7 @@ impl CaseApi {
             .ok_or_else(|| Status::not_found(format!("case {case_id:?} not found")))
     }
 
-    /// Hands an agent's work to the handoff queue, which decides.
+    /// An agent's work on a case, for the handoff queue to decide.
     async fn work(
         &self,
         p: &Principal,
@@ -740,15 +730,28 @@ impl CaseApi {
         agent: &str,
         work: AgentWork,
     ) -> Result<(), Status> {
+        let body = Body::CaseWork {
+            case_id: case_id.to_owned(),
+            agent: agent.to_owned(),
+            work,
+        };
+        self.tell(p, case_id, format!("work/{agent}"), body).await
+    }
+
+    /// Sends `body` about `case_id` to the tenant's handoff queue, which decides; its
+    /// answer as the call's status.
+    async fn tell(
+        &self,
+        p: &Principal,
+        case_id: &str,
+        what: String,
+        body: Body,
+    ) -> Result<(), Status> {
         let mail = Mail {
-            id: format!("grpc/{}/{case_id}/work/{agent}", p.name),
+            id: format!("grpc/{}/{case_id}/{what}", p.name),
             from: Address::Handoff(p.tenant.clone()),
             to: Address::Handoff(p.tenant.clone()),
-            body: Body::CaseWork {
-                case_id: case_id.to_owned(),
-                agent: agent.to_owned(),
-                work,
-            },
+            body,
         };
         match self.0.system.handoff().call(&p.tenant, mail).await {
             Ok(DeskStatus::Refused(why)) => Err(Status::invalid_argument(why)),
@@ -757,29 +760,6 @@ impl CaseApi {
             ))),
             Ok(DeskStatus::Done | DeskStatus::Duplicate) => Ok(()),
             Err(e) => Err(internal(e)),
-        }
-    }
-
-    /// Tells the handoff queue, and waits until the projection has the queue's decision.
-    async fn act(
-        &self,
-        p: &Principal,
-        case_id: &str,
-        state: &str,
-        agent: &str,
-        key: &str,
-    ) -> Result<(), Status> {
-        if key.len() > 128 {
-            return Err(Status::invalid_argument(
-                "idempotency_key is over 128 bytes",
-            ));
-        }
-        match self.0.tell_queue(p, case_id, state, agent, key).await? {
-            DeskStatus::Refused(why) => Err(Status::invalid_argument(why)),
-            DeskStatus::Ignored => Err(Status::failed_precondition(format!(
-                "case {case_id:?} cannot be {state} now"
-            ))),
-            DeskStatus::Done | DeskStatus::Duplicate => Ok(()),
         }
     }
 }

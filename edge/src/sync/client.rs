@@ -877,15 +877,7 @@ fn lane_of(device: &str, lanes: usize) -> usize {
 /// Each device of a device log frame with the first sequence number it has there.
 fn starts_of(frame: &EdgeFrame) -> Vec<(String, u64)> {
     match &frame.body {
-        Some(edge_frame::Body::Batch(b)) => {
-            let mut starts: Vec<(String, u64)> = Vec::new();
-            for r in &b.readings {
-                if starts.last().is_none_or(|(d, _)| *d != r.device_id) {
-                    starts.push((r.device_id.clone(), r.seq));
-                }
-            }
-            starts
-        }
+        Some(edge_frame::Body::Batch(b)) => first_seqs(&b.readings),
         Some(edge_frame::Body::Event(e)) => vec![(e.device_id.clone(), e.seq)],
         Some(edge_frame::Body::ReportedState(r)) => vec![(r.device_id.clone(), r.seq)],
         _ => Vec::new(),
