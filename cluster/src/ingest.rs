@@ -26,6 +26,7 @@ use caretwin_proto::v1::{
 };
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use tokio::sync::Notify;
 
@@ -166,6 +167,8 @@ pub struct Ingest {
     limits: SessionLimits,
     /// Agree on zstd when the edge offers it.
     compression: bool,
+    /// Readings applied by the twins, for the node's counters.
+    readings_applied: AtomicU64,
 }
 
 fn error(code: ErrorCode, message: impl Into<String>) -> SyncError {
@@ -220,7 +223,13 @@ impl Ingest {
             node_id: node_id.to_owned(),
             limits: default_limits(),
             compression: true,
+            readings_applied: AtomicU64::new(0),
         }
+    }
+
+    /// Readings the twins have applied (durably) through this ingest since it started.
+    pub fn readings_applied(&self) -> u64 {
+        self.readings_applied.load(Ordering::Relaxed)
     }
 
     /// Sets the heartbeat interval edges are asked to keep.
@@ -435,7 +444,11 @@ impl Ingest {
             items,
         };
         match self.system.devices().call(device, msg).await {
-            Ok(DeviceReply::Applied(report)) => Self::report(device, report, ack),
+            Ok(DeviceReply::Applied(report)) => {
+                self.readings_applied
+                    .fetch_add(u64::from(report.readings), Ordering::Relaxed);
+                Self::report(device, report, ack);
+            }
             Ok(DeviceReply::UnknownDevice) => ack.rejections.push(item_error(
                 ErrorCode::UnknownDevice,
                 device,

@@ -11,12 +11,13 @@ use caretwin_actors::catalogue::Catalogue;
 use caretwin_actors::host::clock::Clock;
 use caretwin_actors::host::dispatch::{Delivery, Router};
 use caretwin_actors::mail::Mail;
-use caretwin_actors::model::{DAY_MS, TimeMs};
+use caretwin_actors::model::DAY_MS;
 use caretwin_actors::store::{Key, Lease, Store};
 use caretwin_actors::system::{Components, LocalSupplier, System};
 use caretwin_actors::twins::customer::{CustomerMsg, CustomerReply};
 use caretwin_actors::twins::device::{DeviceMsg, DeviceReply};
 use std::future::Future;
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -67,136 +68,229 @@ impl Router for LogOutside {
     }
 }
 
-/// The wall clock.
-pub struct SystemClock;
+pub use caretwin_actors::host::clock::SystemClock;
 
-impl Clock for SystemClock {
-    fn now_ms(&self) -> TimeMs {
-        now_ms()
+/// What a caller embedding a node may choose; the binary uses [`NodeOptions::default`].
+pub struct NodeOptions {
+    /// Where the node reads `now`: the wall clock, or (the demo) a scaled clock shared with
+    /// the edges. Leases always use the wall clock: they are about processes being alive.
+    pub clock: Arc<dyn Clock>,
+    /// Where effects with no integration of their own go (notifications): by default the
+    /// log.
+    pub outside: Arc<dyn Router>,
+}
+
+impl Default for NodeOptions {
+    fn default() -> Self {
+        Self {
+            clock: Arc::new(SystemClock),
+            outside: Arc::new(LogOutside),
+        }
     }
 }
 
-/// Runs a node until `shutdown` resolves: opens its store, takes its membership lease
-/// (refusing to start if another process is live under the same id), hosts the twins,
-/// serves the edge sync, fires timers and delivers mail; on shutdown it stops accepting
-/// sites, drains the twins, releases its lease and closes the store cleanly.
+/// A running node: its twins, its endpoints, and the task that serves them.
+pub struct Node {
+    system: Arc<System>,
+    ingest: Arc<Ingest>,
+    sync_addr: SocketAddr,
+    grpc_addr: SocketAddr,
+    stop: tokio::sync::oneshot::Sender<()>,
+    task: tokio::task::JoinHandle<Result<()>>,
+}
+
+/// Runs a node until `shutdown` resolves (see [`Node::start`] and [`Node::stop`]).
 pub async fn run(config: ClusterConfig, shutdown: impl Future<Output = ()>) -> Result<()> {
-    config.validate()?;
-    let backend = crate::store::open(&config.store)?;
-    // The twins write through the watched store, so the gRPC case streams wake as soon as
-    // a case event is durable.
-    let watched = crate::store::watch::Watched::new(backend, &["cases/"]);
-    let log_signals = watched.signals();
-    let mail = watched.mail_signal();
-    let store: Arc<dyn Store> = Arc::new(watched);
-    let lease = register(&*store, &config).await?;
-    tracing::info!(node = %config.node_id, token = lease.token, "node registered");
-
-    let signals = Arc::new(CommandSignals::default());
-    let clock: Arc<dyn Clock> = Arc::new(SystemClock);
-    let catalogue = Arc::new(Catalogue::builtin());
-    let outside = Arc::new(EdgeGateway::new(
-        store.clone(),
-        signals.clone(),
-        Arc::new(LogOutside),
-    ));
-    let system = Arc::new(
-        System::start(Components {
-            store: store.clone(),
-            clock: clock.clone(),
-            catalogue: catalogue.clone(),
-            device_env: None,
-            services: config.services.clone(),
-            host: config.host,
-            outside,
-            local_supplier: Some(Arc::new(LocalSupplier::new(2 * DAY_MS))),
-        })
-        .await?,
-    );
-    if let Some(path) = &config.provision {
-        provision(&system, path).await?;
-    }
-    ensure_dev_pki(&config.sync)?;
-    let server_config = crate::sync::tls::server_config_from_files(
-        &config.sync.ca,
-        &config.sync.cert,
-        &config.sync.key,
-    )
-    .map_err(|e| Error::Config(format!("sync TLS: {e}")))?;
-    let (endpoint, addr) = crate::sync::transport::bind(config.sync.listen, server_config)
-        .map_err(|e| Error::Config(format!("sync endpoint: {e}")))?;
-    tracing::info!(%addr, "sync listening");
-    let ingest = Arc::new(
-        Ingest::new(system.clone(), store.clone(), &config.node_id)
-            .with_heartbeat(config.sync.heartbeat),
-    );
-    let server = SyncServer::new(ingest, signals, clock);
-
-    let grpc_listener = tokio::net::TcpListener::bind(config.grpc.listen)
+    Node::start(config, NodeOptions::default())
+        .await?
+        .run_until(shutdown)
         .await
-        .map_err(|e| Error::Config(format!("gRPC endpoint {}: {e}", config.grpc.listen)))?;
-    let grpc_addr = grpc_listener
-        .local_addr()
-        .map_err(|e| Error::Config(format!("gRPC endpoint: {e}")))?;
-    let tokens = if config.grpc.tokens.exists() {
-        crate::grpc::auth::Tokens::load(&config.grpc.tokens)
-            .map_err(|e| Error::Config(e.to_string()))?
-    } else {
-        crate::grpc::auth::Tokens::default()
-    };
-    tracing::info!(addr = %grpc_addr, tokens = tokens.len(), "gRPC listening");
-    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    let sites = server.clone();
-    let services = crate::grpc::Services {
-        cases: crate::grpc::cases::CaseApi(Arc::new(
-            crate::grpc::cases::Cases::new(system.clone(), store.clone(), log_signals)
-                .with_shutdown(stop_rx.clone()),
-        )),
-        twins: crate::grpc::twins::TwinApi::new(
-            system.clone(),
-            Arc::new(move || sites.live_sites()),
-        ),
-        catalogue: crate::grpc::catalogue::CatalogueApi::new(catalogue.clone()),
-    };
-    let identity = crate::grpc::identity(&config.sync.cert, &config.sync.key)?;
+}
 
-    let mut stop_server = stop_rx.clone();
-    let serving = tokio::spawn(server.serve(endpoint, async move {
-        let _ = stop_server.wait_for(|s| *s).await;
-    }));
-    let mut stop_grpc = stop_rx.clone();
-    let grpc = tokio::spawn(crate::grpc::serve(
-        grpc_listener,
-        identity,
-        Arc::new(tokens),
-        services,
-        async move {
-            let _ = stop_grpc.wait_for(|s| *s).await;
-        },
-    ));
-    let lease = serve(&*store, &system, &config, lease, &mail, shutdown).await;
-    let _ = stop_tx.send(true);
-    let _ = serving.await;
-    // Calls in flight get a moment to finish; streams end by themselves on shutdown.
-    let abort = grpc.abort_handle();
-    match tokio::time::timeout(std::time::Duration::from_secs(5), grpc).await {
-        Ok(Ok(Err(e))) => tracing::warn!(error = %e, "gRPC endpoint failed"),
-        Ok(Err(e)) => tracing::warn!(error = %e, "gRPC endpoint task failed"),
-        Ok(Ok(Ok(()))) => {}
-        Err(_) => {
-            tracing::warn!("gRPC calls still running after 5 s; cut off");
-            abort.abort();
+impl Node {
+    /// Starts a node: opens its store, takes its membership lease (refusing to start if
+    /// another process is live under the same id), hosts the twins, serves the edge sync
+    /// and the integrator gRPC endpoint, fires timers and delivers mail.
+    pub async fn start(config: ClusterConfig, options: NodeOptions) -> Result<Self> {
+        config.validate()?;
+        let backend = crate::store::open(&config.store)?;
+        // The twins write through the watched store, so the gRPC case streams wake as soon
+        // as a case event is durable.
+        let watched = crate::store::watch::Watched::new(backend, &["cases/"]);
+        let log_signals = watched.signals();
+        let mail = watched.mail_signal();
+        let store: Arc<dyn Store> = Arc::new(watched);
+        let lease = register(&*store, &config).await?;
+        tracing::info!(node = %config.node_id, token = lease.token, "node registered");
+
+        let signals = Arc::new(CommandSignals::default());
+        let clock = options.clock;
+        let catalogue = Arc::new(Catalogue::builtin());
+        let outside = Arc::new(EdgeGateway::new(
+            store.clone(),
+            signals.clone(),
+            options.outside,
+        ));
+        let system = Arc::new(
+            System::start(Components {
+                store: store.clone(),
+                clock: clock.clone(),
+                catalogue: catalogue.clone(),
+                device_env: None,
+                services: config.services.clone(),
+                host: config.host,
+                outside,
+                local_supplier: Some(Arc::new(LocalSupplier::new(2 * DAY_MS))),
+            })
+            .await?,
+        );
+        if let Some(path) = &config.provision {
+            provision(&system, path).await?;
+        }
+        ensure_dev_pki(&config.sync)?;
+        let server_config = crate::sync::tls::server_config_from_files(
+            &config.sync.ca,
+            &config.sync.cert,
+            &config.sync.key,
+        )
+        .map_err(|e| Error::Config(format!("sync TLS: {e}")))?;
+        let (endpoint, sync_addr) =
+            crate::sync::transport::bind(config.sync.listen, server_config)
+                .map_err(|e| Error::Config(format!("sync endpoint: {e}")))?;
+        tracing::info!(addr = %sync_addr, "sync listening");
+        let ingest = Arc::new(
+            Ingest::new(system.clone(), store.clone(), &config.node_id)
+                .with_heartbeat(config.sync.heartbeat),
+        );
+        let server = SyncServer::new(ingest.clone(), signals, clock);
+
+        let grpc_listener = tokio::net::TcpListener::bind(config.grpc.listen)
+            .await
+            .map_err(|e| Error::Config(format!("gRPC endpoint {}: {e}", config.grpc.listen)))?;
+        let grpc_addr = grpc_listener
+            .local_addr()
+            .map_err(|e| Error::Config(format!("gRPC endpoint: {e}")))?;
+        let tokens = if config.grpc.tokens.exists() {
+            crate::grpc::auth::Tokens::load(&config.grpc.tokens)
+                .map_err(|e| Error::Config(e.to_string()))?
+        } else {
+            crate::grpc::auth::Tokens::default()
+        };
+        tracing::info!(addr = %grpc_addr, tokens = tokens.len(), "gRPC listening");
+        let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+        let sites = server.clone();
+        let services = crate::grpc::Services {
+            cases: crate::grpc::cases::CaseApi(Arc::new(
+                crate::grpc::cases::Cases::new(system.clone(), store.clone(), log_signals)
+                    .with_shutdown(stop_rx.clone()),
+            )),
+            twins: crate::grpc::twins::TwinApi::new(
+                system.clone(),
+                Arc::new(move || sites.live_sites()),
+            ),
+            catalogue: crate::grpc::catalogue::CatalogueApi::new(catalogue.clone()),
+        };
+        let identity = crate::grpc::identity(&config.sync.cert, &config.sync.key)?;
+
+        let mut stop_server = stop_rx.clone();
+        let serving = tokio::spawn(server.serve(endpoint, async move {
+            let _ = stop_server.wait_for(|s| *s).await;
+        }));
+        let mut stop_grpc = stop_rx.clone();
+        let grpc = tokio::spawn(crate::grpc::serve(
+            grpc_listener,
+            identity,
+            Arc::new(tokens),
+            services,
+            async move {
+                let _ = stop_grpc.wait_for(|s| *s).await;
+            },
+        ));
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let twins = system.clone();
+        let task = tokio::spawn(async move {
+            let shutdown = async move {
+                let _ = stopped.await;
+            };
+            let lease = serve(&*store, &twins, &config, lease, &mail, shutdown).await;
+            let _ = stop_tx.send(true);
+            let _ = serving.await;
+            // Calls in flight get a moment to finish; streams end by themselves on shutdown.
+            let abort = grpc.abort_handle();
+            match tokio::time::timeout(std::time::Duration::from_secs(5), grpc).await {
+                Ok(Ok(Err(e))) => tracing::warn!(error = %e, "gRPC endpoint failed"),
+                Ok(Err(e)) => tracing::warn!(error = %e, "gRPC endpoint task failed"),
+                Ok(Ok(Ok(()))) => {}
+                Err(_) => {
+                    tracing::warn!("gRPC calls still running after 5 s; cut off");
+                    abort.abort();
+                }
+            }
+            let lease = lease?;
+            match Arc::try_unwrap(twins) {
+                Ok(system) => system.stop().await,
+                Err(_) => tracing::warn!("twins still referenced at shutdown; dropping them"),
+            }
+            store.release_lease(&lease).await?;
+            tracing::info!(node = %config.node_id, "node left the cluster");
+            drain(store);
+            Ok(())
+        });
+        Ok(Self {
+            system,
+            ingest,
+            sync_addr,
+            grpc_addr,
+            stop,
+            task,
+        })
+    }
+
+    /// The twins and desks this node hosts.
+    pub fn system(&self) -> &Arc<System> {
+        &self.system
+    }
+
+    /// Where edges connect (QUIC).
+    pub fn sync_addr(&self) -> SocketAddr {
+        self.sync_addr
+    }
+
+    /// Where integrators connect (gRPC over TLS).
+    pub fn grpc_addr(&self) -> SocketAddr {
+        self.grpc_addr
+    }
+
+    /// Readings the twins applied since the node started.
+    pub fn readings_applied(&self) -> u64 {
+        self.ingest.readings_applied()
+    }
+
+    /// Serves until `shutdown` resolves, then stops; returns early with the error if the
+    /// node fails (its lease lost, its store gone).
+    pub async fn run_until(mut self, shutdown: impl Future<Output = ()>) -> Result<()> {
+        tokio::select! {
+            () = shutdown => self.stop().await,
+            r = &mut self.task => r.map_err(|e| Error::Config(format!("node task: {e}")))?,
         }
     }
-    let lease = lease?;
-    match Arc::try_unwrap(system) {
-        Ok(system) => system.stop().await,
-        Err(_) => tracing::warn!("twins still referenced at shutdown; dropping them"),
+
+    /// Stops the node: it stops accepting sites and calls, drains the twins, releases its
+    /// lease and closes the store cleanly.
+    pub async fn stop(self) -> Result<()> {
+        let Self {
+            system,
+            ingest,
+            stop,
+            task,
+            ..
+        } = self;
+        // The serving task holds the last handles of the twins once these are gone.
+        drop((system, ingest));
+        let _ = stop.send(());
+        task.await
+            .map_err(|e| Error::Config(format!("node task: {e}")))?
     }
-    store.release_lease(&lease).await?;
-    tracing::info!(node = %config.node_id, "node left the cluster");
-    drain(store);
-    Ok(())
 }
 
 /// On a fresh checkout, `run` must work with no manual step: when the sync certificates

@@ -48,7 +48,8 @@ pub struct EdgeConfig {
     /// A device simulator's configuration (TOML), run as this edge's device adapter.
     #[serde(default)]
     pub simulator: Option<PathBuf>,
-    /// Stop generating simulated readings after this long (for tests and demos); the edge
+    /// Stop generating simulated readings after this long in device time (for tests and
+    /// demos; the demo's clock runs faster than the wall clock); the edge
     /// keeps syncing until everything is acknowledged, then says "outbox drained".
     #[serde(default, with = "humantime_serde")]
     pub simulate_for: Option<std::time::Duration>,

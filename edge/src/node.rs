@@ -14,6 +14,7 @@ use crate::outbox::{FieldValue, Item, ItemKind, Outbox, OutboxConfig};
 use crate::sim::{SimConfig, SimOutput, Simulator};
 use crate::sync::client::{ClientSettings, Downlink, SyncClient};
 use caretwin_actors::catalogue::Catalogue;
+use caretwin_actors::host::clock::{Clock, SystemClock};
 use caretwin_actors::twins::device::ItemKind as DeviceKind;
 use std::future::Future;
 use std::net::SocketAddr;
@@ -21,147 +22,193 @@ use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::{Notify, mpsc};
 
-/// Wall-clock time in Unix milliseconds.
-pub fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
-}
-
 /// How often the simulator is advanced.
 const SIM_STEP: Duration = Duration::from_millis(100);
 
-/// Runs the edge until `shutdown` resolves.
+/// A running edge node: its outbox, adapters and sync client.
+pub struct Edge {
+    outbox: Arc<Outbox>,
+    stop: tokio::sync::oneshot::Sender<()>,
+    task: tokio::task::JoinHandle<Result<()>>,
+}
+
+/// Runs the edge until `shutdown` resolves (see [`Edge::start`]).
 pub async fn run(
     config: EdgeConfig,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<()> {
-    let outbox = Arc::new(Outbox::open(&OutboxConfig {
-        limit_bytes: config.outbox_limit_mib * 1024 * 1024,
-        ..OutboxConfig::at(config.data_dir.join("outbox"))
-    })?);
-    let catalogue = Arc::new(Catalogue::builtin());
-    let new_items = Arc::new(Notify::new());
-    let (cmd_tx, cmd_rx) = mpsc::channel::<Downlink>(1024);
-
-    let cluster: SocketAddr = tokio::net::lookup_host(&config.cluster_addr)
+    Edge::start(config, Arc::new(SystemClock))
+        .await?
+        .run_until(shutdown)
         .await
-        .map_err(|e| Error::io(format!("cannot resolve {}", config.cluster_addr), e))?
-        .next()
-        .ok_or_else(|| {
-            Error::Config(format!(
-                "cluster_addr {} resolves to nothing",
-                config.cluster_addr
-            ))
-        })?;
-    let client_config =
-        crate::sync::tls::client_config_from_files(&config.ca, &config.cert, &config.key)?;
-    let bind = if cluster.is_ipv4() {
-        SocketAddr::from(([0, 0, 0, 0], 0))
-    } else {
-        SocketAddr::from((std::net::Ipv6Addr::UNSPECIFIED, 0))
-    };
-    let endpoint = crate::sync::transport::client_endpoint(bind, client_config)?;
-    let client = SyncClient::new(
-        ClientSettings {
-            site_id: config.site_id.clone(),
-            cluster,
-            server_name: config.server_name.clone(),
-            max_backoff: Duration::from_secs(5),
-            compress: config.compress,
-        },
-        endpoint.clone(),
-        outbox.clone(),
-        new_items.clone(),
-        cmd_tx,
-    );
+}
 
-    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    let http = match config.http_listen {
-        Some(addr) => {
-            let listener = tokio::net::TcpListener::bind(addr)
-                .await
-                .map_err(|e| Error::io(format!("cannot listen for HTTP on {addr}"), e))?;
-            let bound = listener
-                .local_addr()
-                .map_err(|e| Error::io("no local address", e))?;
-            tracing::info!(addr = %bound, "HTTP ingest listening");
-            let app = crate::http::router(outbox.clone(), new_items.clone());
-            let mut stop = stop_rx.clone();
-            Some(tokio::spawn(async move {
-                axum::serve(listener, app)
-                    .with_graceful_shutdown(async move {
-                        let _ = stop.changed().await;
-                    })
-                    .await
-            }))
+impl Edge {
+    /// What the outbox holds and has taken since the edge started.
+    pub fn stats(&self) -> crate::outbox::OutboxStats {
+        self.outbox.stats()
+    }
+
+    /// Serves until `shutdown` resolves, then stops; returns early if the edge fails.
+    pub async fn run_until(mut self, shutdown: impl Future<Output = ()>) -> Result<()> {
+        tokio::select! {
+            () = shutdown => self.stop().await,
+            r = &mut self.task => r?,
         }
-        None => None,
-    };
-    let mqtt = match config.mqtt_listen {
-        Some(addr) => {
-            let listener = tokio::net::TcpListener::bind(addr)
-                .await
-                .map_err(|e| Error::io(format!("cannot listen for MQTT on {addr}"), e))?;
-            let bound = listener
-                .local_addr()
-                .map_err(|e| Error::io("no local address", e))?;
-            tracing::info!(addr = %bound, "MQTT ingest listening");
-            let mut stop = stop_rx.clone();
-            Some(tokio::spawn(crate::mqtt::serve(
-                listener,
-                outbox.clone(),
-                new_items.clone(),
-                async move {
-                    let _ = stop.changed().await;
-                },
-            )))
-        }
-        None => None,
-    };
-    let adapters = match &config.simulator {
-        Some(path) => {
-            let text = std::fs::read_to_string(path).map_err(|e| {
-                Error::io(
-                    format!("cannot read simulator config {}", path.display()),
-                    e,
-                )
+    }
+
+    /// Stops the edge: the sync session ends, the adapters stop, the outbox is closed with
+    /// everything accepted kept on disk.
+    pub async fn stop(self) -> Result<()> {
+        let _ = self.stop.send(());
+        self.task.await?
+    }
+
+    /// Starts the edge: opens its outbox, starts the device adapters (HTTP, MQTT, the
+    /// simulator) and the sync client. Device time comes from `clock` (the wall clock, or
+    /// the demo's scaled clock shared with the cluster).
+    pub async fn start(config: EdgeConfig, clock: Arc<dyn Clock>) -> Result<Self> {
+        let outbox = Arc::new(Outbox::open(&OutboxConfig {
+            limit_bytes: config.outbox_limit_mib * 1024 * 1024,
+            ..OutboxConfig::at(config.data_dir.join("outbox"))
+        })?);
+        let catalogue = Arc::new(Catalogue::builtin());
+        let new_items = Arc::new(Notify::new());
+        let (cmd_tx, cmd_rx) = mpsc::channel::<Downlink>(1024);
+
+        let cluster: SocketAddr = tokio::net::lookup_host(&config.cluster_addr)
+            .await
+            .map_err(|e| Error::io(format!("cannot resolve {}", config.cluster_addr), e))?
+            .next()
+            .ok_or_else(|| {
+                Error::Config(format!(
+                    "cluster_addr {} resolves to nothing",
+                    config.cluster_addr
+                ))
             })?;
-            let sim_config = SimConfig::from_toml(&text)?;
-            let sim = Simulator::new(&catalogue, &sim_config, now_ms())?;
-            tracing::info!(devices = sim.len(), "simulator started");
-            let task = simulate(
-                sim,
-                catalogue.clone(),
-                outbox.clone(),
-                Wake {
-                    new_items: new_items.clone(),
-                    progress: client.command_progress(),
-                },
-                cmd_rx,
-                config.simulate_for,
-                stop_rx.clone(),
-            );
-            Some(tokio::spawn(task))
-        }
-        None => None,
-    };
-    client.run(shutdown).await;
-    let _ = stop_tx.send(true);
-    if let Some(a) = adapters {
-        a.await??;
+        let client_config =
+            crate::sync::tls::client_config_from_files(&config.ca, &config.cert, &config.key)?;
+        let bind = if cluster.is_ipv4() {
+            SocketAddr::from(([0, 0, 0, 0], 0))
+        } else {
+            SocketAddr::from((std::net::Ipv6Addr::UNSPECIFIED, 0))
+        };
+        let endpoint = crate::sync::transport::client_endpoint(bind, client_config)?;
+        let client = SyncClient::new(
+            ClientSettings {
+                site_id: config.site_id.clone(),
+                cluster,
+                server_name: config.server_name.clone(),
+                max_backoff: Duration::from_secs(5),
+                compress: config.compress,
+            },
+            endpoint.clone(),
+            outbox.clone(),
+            new_items.clone(),
+            cmd_tx,
+        )
+        .with_clock(clock.clone());
+
+        let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+        let http = match config.http_listen {
+            Some(addr) => {
+                let listener = tokio::net::TcpListener::bind(addr)
+                    .await
+                    .map_err(|e| Error::io(format!("cannot listen for HTTP on {addr}"), e))?;
+                let bound = listener
+                    .local_addr()
+                    .map_err(|e| Error::io("no local address", e))?;
+                tracing::info!(addr = %bound, "HTTP ingest listening");
+                let app = crate::http::router(outbox.clone(), new_items.clone());
+                let mut stop = stop_rx.clone();
+                Some(tokio::spawn(async move {
+                    axum::serve(listener, app)
+                        .with_graceful_shutdown(async move {
+                            let _ = stop.changed().await;
+                        })
+                        .await
+                }))
+            }
+            None => None,
+        };
+        let mqtt = match config.mqtt_listen {
+            Some(addr) => {
+                let listener = tokio::net::TcpListener::bind(addr)
+                    .await
+                    .map_err(|e| Error::io(format!("cannot listen for MQTT on {addr}"), e))?;
+                let bound = listener
+                    .local_addr()
+                    .map_err(|e| Error::io("no local address", e))?;
+                tracing::info!(addr = %bound, "MQTT ingest listening");
+                let mut stop = stop_rx.clone();
+                Some(tokio::spawn(crate::mqtt::serve(
+                    listener,
+                    outbox.clone(),
+                    new_items.clone(),
+                    async move {
+                        let _ = stop.changed().await;
+                    },
+                )))
+            }
+            None => None,
+        };
+        let adapters = match &config.simulator {
+            Some(path) => {
+                let text = std::fs::read_to_string(path).map_err(|e| {
+                    Error::io(
+                        format!("cannot read simulator config {}", path.display()),
+                        e,
+                    )
+                })?;
+                let sim_config = SimConfig::from_toml(&text)?;
+                let sim = Simulator::new(&catalogue, &sim_config, clock.now_ms())?;
+                tracing::info!(devices = sim.len(), "simulator started");
+                let task = simulate(
+                    sim,
+                    catalogue.clone(),
+                    outbox.clone(),
+                    Wake {
+                        new_items: new_items.clone(),
+                        progress: client.command_progress(),
+                    },
+                    cmd_rx,
+                    Pace {
+                        clock: clock.clone(),
+                        simulate_for: config.simulate_for,
+                    },
+                    stop_rx.clone(),
+                );
+                Some(tokio::spawn(task))
+            }
+            None => None,
+        };
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let box_ = outbox.clone();
+        let task = tokio::spawn(async move {
+            client
+                .run(async move {
+                    let _ = stopped.await;
+                })
+                .await;
+            let _ = stop_tx.send(true);
+            if let Some(a) = adapters {
+                a.await??;
+            }
+            if let Some(h) = http {
+                h.await?.map_err(|e| Error::io("HTTP ingest failed", e))?;
+            }
+            if let Some(m) = mqtt {
+                m.await?;
+            }
+            endpoint.close(quinn::VarInt::from_u32(0), b"edge shutting down");
+            // Flush the close, so the cluster ends the session now rather than after its
+            // timeout.
+            let _ = tokio::time::timeout(Duration::from_secs(1), endpoint.wait_idle()).await;
+            tracing::info!(backlog = box_.stats().backlog_items, "edge stopped");
+            Ok(())
+        });
+        Ok(Self { outbox, stop, task })
     }
-    if let Some(h) = http {
-        h.await?.map_err(|e| Error::io("HTTP ingest failed", e))?;
-    }
-    if let Some(m) = mqtt {
-        m.await?;
-    }
-    endpoint.close(quinn::VarInt::from_u32(0), b"edge shutting down");
-    // Flush the close, so the cluster ends the session now rather than after its timeout.
-    let _ = tokio::time::timeout(Duration::from_secs(1), endpoint.wait_idle()).await;
-    tracing::info!(backlog = outbox.stats().backlog_items, "edge stopped");
-    Ok(())
 }
 
 /// Whom a device adapter wakes: the sync client, for new items and for commands that
@@ -171,6 +218,12 @@ struct Wake {
     progress: Arc<Notify>,
 }
 
+/// The simulator's time: device time from `clock`, generating for `simulate_for` of it.
+struct Pace {
+    clock: Arc<dyn Clock>,
+    simulate_for: Option<Duration>,
+}
+
 /// The simulator as a device adapter: readings into the outbox, commands to the devices.
 async fn simulate(
     mut sim: Simulator,
@@ -178,7 +231,7 @@ async fn simulate(
     outbox: Arc<Outbox>,
     wake: Wake,
     mut commands: mpsc::Receiver<Downlink>,
-    simulate_for: Option<Duration>,
+    pace: Pace,
     mut stop: tokio::sync::watch::Receiver<bool>,
 ) -> Result<()> {
     let Wake {
@@ -189,7 +242,11 @@ async fn simulate(
         .devices()
         .map(|(d, m)| (d.to_owned(), m.to_owned()))
         .collect();
-    let started = now_ms();
+    let Pace {
+        clock,
+        simulate_for,
+    } = pace;
+    let started = clock.now_ms();
     let until = simulate_for.map(|d| started + d.as_millis() as u64);
     let mut step = tokio::time::interval(SIM_STEP);
     let mut drained_said = false;
@@ -200,7 +257,7 @@ async fn simulate(
         tokio::select! {
             _ = stop.changed() => return Ok(()),
             Some(down) = commands.recv() => {
-                let now = now_ms();
+                let now = clock.now_ms();
                 match down {
                     Downlink::Command(cmd) => {
                         // Handed to the device: recorded, then the cluster is told.
@@ -233,7 +290,7 @@ async fn simulate(
                 }
             }
             _ = step.tick() => {
-                let now = now_ms();
+                let now = clock.now_ms();
                 if until.is_none_or(|u| now < u) {
                     let out = sim.advance(until.map_or(now, |u| now.min(u)));
                     if !out.is_empty() {

@@ -450,6 +450,8 @@ pub struct OutboxStats {
     pub fsync_groups: u64,
     /// Write requests answered since open.
     pub requests: u64,
+    /// Readings durably accepted since open (all devices).
+    pub readings_accepted: u64,
 }
 
 /// Where a command stands on the edge. It only moves forward.
@@ -844,6 +846,8 @@ struct Shared {
     poisoned: AtomicBool,
     groups: AtomicU64,
     requests: AtomicU64,
+    /// Readings durably accepted since open.
+    readings: AtomicU64,
 }
 
 impl Shared {
@@ -1484,6 +1488,7 @@ impl Outbox {
             poisoned: AtomicBool::new(false),
             groups: AtomicU64::new(0),
             requests: AtomicU64::new(0),
+            readings: AtomicU64::new(0),
         };
         let state = shared.load()?;
         tracing::info!(
@@ -1546,16 +1551,23 @@ impl Outbox {
             })?;
         }
         let values = items.iter().map(encode_item).collect();
+        let readings = items
+            .iter()
+            .filter(|i| matches!(i.kind, ItemKind::Reading { .. }))
+            .count() as u64;
         let (reply, rx) = oneshot::channel();
-        self.call(
-            Request::Accept {
-                items,
-                values,
-                reply,
-            },
-            rx,
-        )
-        .await
+        let accepted = self
+            .call(
+                Request::Accept {
+                    items,
+                    values,
+                    reply,
+                },
+                rx,
+            )
+            .await?;
+        self.shared.readings.fetch_add(readings, Ordering::Relaxed);
+        Ok(accepted)
     }
 
     /// Items of `device` with `seq > after_seq`, in order, at most `limit`.
@@ -1658,6 +1670,7 @@ impl Outbox {
                 .min(),
             fsync_groups: self.shared.groups.load(Ordering::Relaxed),
             requests: self.shared.requests.load(Ordering::Relaxed),
+            readings_accepted: self.shared.readings.load(Ordering::Relaxed),
         }
     }
 

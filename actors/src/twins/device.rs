@@ -285,6 +285,8 @@ pub struct Rejection {
 pub struct ApplyReport {
     /// Items applied.
     pub applied: u32,
+    /// Readings among the applied items.
+    pub readings: u32,
     /// Items at or below the high-water mark, ignored.
     pub duplicates: u32,
     /// Items refused (the mark moved past them), with the reason.
@@ -599,17 +601,19 @@ impl DeviceTwin {
                 break;
             }
             self.high_water = item.seq;
-            report.applied += 1;
-            if let Err(why) = self.apply_item(&item, model, rt, ctx) {
-                report.applied -= 1;
-                match why {
+            match self.apply_item(&item, model, rt, ctx) {
+                Ok(()) => {
+                    report.applied += 1;
+                    report.readings += u32::from(matches!(item.kind, ItemKind::Reading { .. }));
+                }
+                Err(why) => match why {
                     Refusal::Withheld => report.withheld += 1,
                     Refusal::Invalid(kind, reason) => report.rejected.push(Rejection {
                         seq: item.seq,
                         kind,
                         reason,
                     }),
-                }
+                },
             }
         }
         if self.high_water > start {

@@ -11,6 +11,7 @@ use crate::error::{Error, Result};
 use crate::outbox::{
     CommandState, FieldValue, ItemKind, Outbox, Priority, Sequenced, StoredCommand,
 };
+use caretwin_actors::host::clock::{Clock, SystemClock};
 use caretwin_proto::frame::Codec;
 use caretwin_proto::v1::{
     self, ClusterFrame, Compression, DeviceEvent, DeviceResume, EdgeFrame, ErrorCode, Hello,
@@ -133,6 +134,8 @@ pub struct SyncClient {
     /// Signalled by the device adapters when a command reached its device (they record
     /// it with `Outbox::set_command_state` first); the session then tells the cluster.
     progress: Arc<Notify>,
+    /// Device time.
+    clock: Arc<dyn Clock>,
 }
 
 /// Longest wait for the cluster to answer a connection attempt.
@@ -190,7 +193,15 @@ impl SyncClient {
             stats: Arc::new(ClientStats::default()),
             instance,
             progress: Arc::new(Notify::new()),
+            clock: Arc::new(SystemClock),
         }
+    }
+
+    /// Reads device time (command states, command expiry) from `clock` instead of the
+    /// machine's; heartbeats and backoff stay in real time.
+    pub fn with_clock(mut self, clock: Arc<dyn Clock>) -> Self {
+        self.clock = clock;
+        self
     }
 
     /// What the device adapters signal after recording that a command reached its device
@@ -381,7 +392,7 @@ impl SyncClient {
                             command_id: c.command_id.clone(),
                             position: c.position,
                             state: v1::CommandState::SentToEdge as i32,
-                            at_ms: now_ms() as i64,
+                            at_ms: self.clock.now_ms() as i64,
                             detail: String::new(),
                         })),
                     };
@@ -426,7 +437,7 @@ impl SyncClient {
     /// out, ends it as expired with a result in the device's log (so the cluster learns
     /// it exactly once). Returns false when the adapters are gone.
     async fn deliver(&self, c: &StoredCommand) -> Result<bool> {
-        let now = now_ms();
+        let now = self.clock.now_ms();
         if c.expires_at_ms != 0 && c.expires_at_ms <= now {
             let result = crate::outbox::Item::new(
                 c.device.clone(),
@@ -485,7 +496,7 @@ impl SyncClient {
                     command_id: c.command_id.clone(),
                     position: c.position,
                     state: wire as i32,
-                    at_ms: now_ms() as i64,
+                    at_ms: self.clock.now_ms() as i64,
                     detail: String::new(),
                 })),
             };
