@@ -216,6 +216,34 @@ pub fn local_time(now: TimeMs, utc_offset_min: i16) -> (u16, u8) {
     (min, weekday)
 }
 
+/// A time as a person reads it, in their local time: `Thu 3 Dec 2026 14:30`.
+pub fn civil_time(at: TimeMs, utc_offset_min: i16) -> String {
+    const DAYS: [&str; 7] = ["Mon", "Tue", "Wed", "Thu", "Fri", "Sat", "Sun"];
+    const MONTHS: [&str; 12] = [
+        "Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec",
+    ];
+    let local_ms = at as i64 + i64::from(utc_offset_min) * 60_000;
+    let days = local_ms.div_euclid(DAY_MS as i64);
+    let (min, weekday) = local_time(at, utc_offset_min);
+    // Days since 1970-01-01 to (year, month, day): Hinnant's `civil_from_days`.
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{} {day} {} {year} {:02}:{:02}",
+        DAYS[usize::from(weekday)],
+        MONTHS[(month - 1) as usize],
+        min / 60,
+        min % 60
+    )
+}
+
 /// If `now` is inside the quiet hours, when they end.
 fn quiet_until(now: TimeMs, prefs: &Preferences) -> Option<TimeMs> {
     let q = prefs.quiet_hours?;
@@ -283,6 +311,16 @@ mod tests {
 
     fn contact() -> Consent {
         Consent::of(&[ConsentScope::Contact, ConsentScope::Diagnostics])
+    }
+
+    #[test]
+    fn civil_time_reads_like_a_calendar() {
+        assert_eq!(civil_time(MONDAY, 0), "Mon 23 Nov 2026 00:00");
+        assert_eq!(civil_time(0, 0), "Thu 1 Jan 1970 00:00");
+        // 2024-02-29 12:34 UTC, a leap day; an hour east it is 13:34.
+        assert_eq!(civil_time(1_709_210_040_000, 60), "Thu 29 Feb 2024 13:34");
+        // West of UTC, 2027-01-01 00:30 UTC is New Year's Eve.
+        assert_eq!(civil_time(1_798_763_400_000, -300), "Thu 31 Dec 2026 19:30");
     }
 
     #[test]

@@ -8,8 +8,10 @@
 //! - [`config`] — the chaos tool's configuration.
 //! - [`crash`] — SIGKILL a writing process, reopen its store, find every acknowledged
 //!   write.
+//! - [`demo`] — a node, sites with simulated devices and an agents' desk, in fast time.
 
 #![forbid(unsafe_code)]
 
 pub mod config;
 pub mod crash;
+pub mod demo;

@@ -154,9 +154,8 @@ impl Node {
             &config.sync.key,
         )
         .map_err(|e| Error::Config(format!("sync TLS: {e}")))?;
-        let (endpoint, sync_addr) =
-            crate::sync::transport::bind(config.sync.listen, server_config)
-                .map_err(|e| Error::Config(format!("sync endpoint: {e}")))?;
+        let (endpoint, sync_addr) = crate::sync::transport::bind(config.sync.listen, server_config)
+            .map_err(|e| Error::Config(format!("sync endpoint: {e}")))?;
         tracing::info!(addr = %sync_addr, "sync listening");
         let ingest = Arc::new(
             Ingest::new(system.clone(), store.clone(), &config.node_id)

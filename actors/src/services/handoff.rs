@@ -314,6 +314,11 @@ fn sla_tag(case_id: &str) -> String {
 }
 
 impl HandoffQueue {
+    /// Every case the queue still keeps, by id.
+    pub fn cases(&self) -> impl Iterator<Item = &Case> {
+        self.state.cases.values()
+    }
+
     /// A case, by id.
     pub fn case(&self, case_id: &str) -> Option<&Case> {
         self.state.cases.get(case_id)

@@ -256,6 +256,11 @@ impl PartsDesk {
         self.state.orders.get(key)
     }
 
+    /// Every order the desk still keeps, by idempotency key.
+    pub fn orders(&self) -> impl Iterator<Item = (&str, &Order)> {
+        self.state.orders.iter().map(|(k, o)| (k.as_str(), o))
+    }
+
     /// Units of `part_number` in local stock.
     pub fn stock(&self, part_number: &str) -> u32 {
         self.state.stock.get(part_number).copied().unwrap_or(0)

@@ -397,6 +397,11 @@ impl Scheduler {
         self.state.bookings.get(key)
     }
 
+    /// Every booking the scheduler still keeps, by key.
+    pub fn bookings(&self) -> impl Iterator<Item = (&str, &Booking)> {
+        self.state.bookings.iter().map(|(k, b)| (k.as_str(), b))
+    }
+
     /// A technician's visits, sorted by start.
     pub fn calendar(&self, technician: &str) -> &[(TimeMs, TimeMs)] {
         self.state

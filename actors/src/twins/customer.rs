@@ -22,7 +22,8 @@ use crate::host::{Ctx, Twin};
 use crate::mail::{Address, Body, CaseContext, DeviceCommand, Mail, tenant_of};
 use crate::model::{ConsentScope, DAY_MS, Insight, InsightKind, Priority, TimeMs};
 use crate::policy::{
-    Consent, NotifyDecision, Preferences, SentLog, ValueTier, decide_notification, local_time,
+    Consent, NotifyDecision, Preferences, SentLog, ValueTier, civil_time, decide_notification,
+    local_time,
 };
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, VecDeque};
@@ -324,7 +325,8 @@ impl CustomerTwin {
                     priority,
                     question_id,
                 });
-                format!("notification deferred to {due}: {text}")
+                let when = civil_time(due, self.profile.preferences.utc_offset_min);
+                format!("notification deferred to {when}: {text}")
             }
             NotifyDecision::Suppress(why) => format!("notification suppressed ({why}): {text}"),
         }
@@ -433,13 +435,14 @@ impl CustomerTwin {
                     match (technician, slot) {
                         (Some(t), Some((start, _))) => {
                             let case_id = self.cases[i].id.clone();
+                            let when = civil_time(start, self.profile.preferences.utc_offset_min);
                             self.cases[i]
                                 .actions
-                                .push(format!("technician {t} booked at {start} ({detail})"));
+                                .push(format!("technician {t} booked for {when} ({detail})"));
                             // The minimum-gesture approval: "we booked X; tap to confirm".
                             let done = self.notify(
                                 ctx,
-                                format!("A technician visits on {start}; tap to confirm"),
+                                format!("A technician visits on {when}; tap to confirm"),
                                 Priority::Normal,
                                 Some(format!("{case_id}/confirm-visit")),
                             );

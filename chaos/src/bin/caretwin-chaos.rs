@@ -23,6 +23,27 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Run the whole system in one process, in fast time: a cluster node on the embedded
+    /// store, homes with simulated devices syncing over QUIC, and a human agents' desk
+    /// subscribed to cases over gRPC. Shows predictions, remote remedies, part orders,
+    /// visits and handed-off cases as they happen, then a summary. Ctrl-C ends it.
+    Demo {
+        /// How long the devices run, in real time (`30s`, `2m`).
+        #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
+        duration: std::time::Duration,
+        /// How much faster than real time the shared clock runs (3600: an hour a second).
+        #[arg(long, default_value_t = 3600.0)]
+        speed: f64,
+        /// Homes, each with a customer and five devices.
+        #[arg(long, default_value_t = 2)]
+        sites: usize,
+        /// Keep the store, certificates and outboxes here instead of a temporary directory.
+        #[arg(long)]
+        dir: Option<PathBuf>,
+        /// Print nothing while running; print one JSON object with the counts at the end.
+        #[arg(long)]
+        json: bool,
+    },
     /// Kill a process writing to an embedded store with SIGKILL mid-stream, reopen the
     /// store, and check that every write it acknowledged is there, complete and once.
     CrashStore {
@@ -47,10 +68,17 @@ enum Command {
 
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
+    // The demo talks to a person on stdout: its parts only log problems.
+    let quiet = std::env::args().nth(1).is_some_and(|a| a == "demo");
+    let default_filter = if quiet {
+        "error"
+    } else {
+        "info,fjall=warn,lsm_tree=warn"
+    };
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| "info,fjall=warn,lsm_tree=warn".into()),
+                .unwrap_or_else(|_| default_filter.into()),
         )
         .with_writer(std::io::stderr)
         .init();
@@ -74,6 +102,21 @@ async fn real_main() -> anyhow::Result<bool> {
     };
     let config = ChaosConfig::load(&text, std::env::vars())?;
     match cli.command {
+        Command::Demo {
+            duration,
+            speed,
+            sites,
+            dir,
+            json,
+        } => {
+            let options = caretwin_chaos::demo::DemoOptions {
+                duration,
+                speed,
+                sites,
+                dir,
+            };
+            return demo(options, json).await;
+        }
         Command::Config => print!("{}", toml::to_string(&config)?),
         Command::StoreWriter { dir } => {
             caretwin_chaos::crash::store_writer(&dir, config.writers).await?;
@@ -103,4 +146,107 @@ async fn real_main() -> anyhow::Result<bool> {
         }
     }
     Ok(true)
+}
+
+/// Runs the demo, printing what happens (or, with `json`, only the counts at the end);
+/// `Ok(false)` when an effect was taken twice.
+async fn demo(options: caretwin_chaos::demo::DemoOptions, json: bool) -> anyhow::Result<bool> {
+    use caretwin_chaos::demo::{Event, hours_since};
+    let start =
+        caretwin_actors::host::clock::Clock::now_ms(&caretwin_actors::host::clock::SystemClock);
+    if !json {
+        println!(
+            "CareTwin demo: {} homes, {} s of real time at {}x ({:.0} h of device time). Ctrl-C ends it.\n",
+            options.sites,
+            options.duration.as_secs(),
+            options.speed,
+            options.duration.as_secs_f64() * options.speed / 3600.0
+        );
+    }
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    let summary = caretwin_chaos::demo::run(options, ctrl_c, |e| {
+        if json {
+            return;
+        }
+        let h = |at: u64| format!("[{:>6.1} h]", hours_since(start, at));
+        match e {
+            Event::Prediction { at_ms, case_id, device, mode, insight } => {
+                println!("{} PREDICTION  {device}: {mode} — {insight} (case {case_id})", h(*at_ms));
+            }
+            Event::Action { at_ms, case_id, what } => {
+                println!("{}   action    {case_id}: {what}", h(*at_ms));
+            }
+            Event::PartOrder { at_ms, key, part_number, state } => {
+                println!("{} PART ORDER  {part_number} — {state} (key {key})", h(*at_ms));
+            }
+            Event::Appointment { at_ms, key, technician, start_ms, work_order } => {
+                println!(
+                    "{} VISIT       {technician} booked for +{:.1} h, work order {work_order} (key {key})",
+                    h(*at_ms),
+                    hours_since(start, *start_ms)
+                );
+            }
+            Event::Notification { at_ms, customer, text } => {
+                println!("{} NOTIFY      {customer}: {text}", h(*at_ms));
+            }
+            Event::DeskCase { at_ms, case } => {
+                let cause = case.root_cause.as_ref();
+                println!(
+                    "{} DESK        case {} ({:?}) for {}: {}",
+                    h(*at_ms),
+                    case.case_id,
+                    case.priority(),
+                    case.customer.as_ref().map_or("?", |c| c.customer_id.as_str()),
+                    case.handoff_detail
+                );
+                if let Some(c) = cause {
+                    println!("              root cause {} on {} (confidence {:.2})", c.failure_mode_id, c.device_id, c.confidence);
+                }
+                for d in &case.devices {
+                    println!("              device {} {} health {:.2}", d.device_id, d.model_id, d.health_index);
+                }
+                for i in &case.insights {
+                    println!("              insight {:?} {} {}", i.kind(), i.signal, i.message);
+                }
+                for a in &case.actions {
+                    println!("              tried {}", a.description);
+                }
+                if let Some(s) = &case.suggested_next_step {
+                    println!("              next step: {}", s.description);
+                }
+            }
+        }
+    })
+    .await?;
+    if json {
+        println!("{}", serde_json::to_string(&summary)?);
+    } else {
+        println!("\nSummary");
+        println!(
+            "  simulated        {:.0} h on {} devices at {} homes",
+            summary.simulated_hours, summary.devices, summary.sites
+        );
+        println!(
+            "  readings         {} accepted at the edges, {} applied by the twins, {} pending",
+            summary.readings_accepted, summary.readings_applied, summary.readings_pending
+        );
+        println!("  predictions      {} cases opened", summary.predictions);
+        println!("  part orders      {}", summary.part_orders);
+        println!(
+            "  work orders      {} ({} visits booked)",
+            summary.work_orders, summary.appointments
+        );
+        println!("  notifications    {}", summary.notifications);
+        println!(
+            "  handed off       {} cases; the desk received {}",
+            summary.cases_handed_off, summary.cases_received_by_desk
+        );
+        println!("  duplicate effects {}", summary.duplicate_effects);
+        for d in &summary.duplicates {
+            println!("    {d}");
+        }
+    }
+    Ok(summary.duplicate_effects == 0)
 }

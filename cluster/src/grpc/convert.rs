@@ -47,9 +47,17 @@ pub fn insight(device: &str, n: usize, i: &Insight) -> v1::Insight {
     );
     let message = match (i.kind, i.eta_ms) {
         (InsightKind::Forecast, Some(eta)) => {
-            format!("{} crosses its failure threshold at {eta} ms", i.subject)
+            format!(
+                "{} crosses its failure threshold around {} UTC",
+                i.subject,
+                caretwin_actors::policy::civil_time(eta, 0)
+            )
         }
-        (InsightKind::ConsumableLow, Some(eta)) => format!("{} runs out at {eta} ms", i.subject),
+        (InsightKind::ConsumableLow, Some(eta)) => format!(
+            "{} runs out around {} UTC",
+            i.subject,
+            caretwin_actors::policy::civil_time(eta, 0)
+        ),
         (InsightKind::RemainingLife, _) => format!("{:.0} left", i.value),
         (InsightKind::Alarm, _) => format!("{} alarm", i.subject),
         (kind, _) => format!("{kind:?} on {}", i.subject).to_lowercase(),
