@@ -972,8 +972,10 @@ fn mail_from_another_tenant_is_refused() {
 #[test]
 fn an_erased_customer_forgets_everything_and_takes_no_more_mail() {
     let env = customer_env();
-    let mut prefs = Preferences::default();
-    prefs.standing_approvals = vec!["DESCALER-7".into()];
+    let prefs = Preferences {
+        standing_approvals: vec!["DESCALER-7".into()],
+        ..Preferences::default()
+    };
     let mut t = alice(&env, prefs);
     let add = CustomerMsg::AddDevice {
         device: DEVICE.into(),

@@ -603,6 +603,9 @@ fn writer_loop(
     }
 }
 
+/// One raw entry of [`EmbeddedStore::dump_raw`]: (keyspace, key, value).
+pub type RawEntry = (String, Vec<u8>, Vec<u8>);
+
 /// The embedded store. Cheap to share behind an `Arc`.
 pub struct EmbeddedStore {
     tables: Arc<Tables>,
@@ -670,7 +673,7 @@ impl EmbeddedStore {
     /// (keyspace, key, value): what the store holds, whatever the port lets one read.
     /// Test support, for proofs of what is not stored (an erasure); the database must not
     /// be open elsewhere.
-    pub fn dump_raw(path: &std::path::Path) -> Result<Vec<(String, Vec<u8>, Vec<u8>)>> {
+    pub fn dump_raw(path: &std::path::Path) -> Result<Vec<RawEntry>> {
         let db = Database::builder(path).open().map_err(backend)?;
         let mut names: Vec<String> = db
             .list_keyspace_names()
