@@ -87,7 +87,7 @@ pub struct PersonalRecord {
 }
 
 impl PersonalRecord {
-    /// Records a consent change, keeping the newest [`MAX_CONSENT_HISTORY`].
+    /// Records a consent change, keeping the newest 256.
     pub fn record_consent(&mut self, change: ConsentChange) {
         self.consent_history.push(change);
         let over = self
