@@ -64,6 +64,8 @@ struct Tokens {
     desk: String,
     /// t2: admin.
     other_tenant: String,
+    /// t1: customers:write.
+    writer: String,
 }
 
 fn tokens(d: &Path) -> Tokens {
@@ -77,8 +79,9 @@ fn tokens(d: &Path) -> Tokens {
         vec![Scope::CasesRead, Scope::CasesHandle, Scope::TwinsRead],
     );
     let (other_tenant, e6) = mint("other", "t2", vec![Scope::Admin]);
+    let (writer, e7) = mint("writer", "t1", vec![Scope::CustomersWrite]);
     let file = TokensFile {
-        tokens: vec![e1, e2, e3, e4, e5, e6],
+        tokens: vec![e1, e2, e3, e4, e5, e6, e7],
     };
     write(&d.join("tokens.toml"), &toml::to_string(&file).unwrap());
     Tokens {
@@ -88,6 +91,7 @@ fn tokens(d: &Path) -> Tokens {
         eraser,
         desk,
         other_tenant,
+        writer,
     }
 }
 
@@ -436,6 +440,103 @@ async fn an_erased_customer_leaves_nothing_personal_in_any_read_or_any_byte() {
         "another tenant lists none of t1's"
     );
 
+    // Preferences: bad input changes nothing; a masked update changes only its fields.
+    let prefs = |tz: &str, expected: Option<u64>| {
+        with(
+            &t.writer,
+            v1::UpdatePreferencesRequest {
+                customer_id: CUSTOMER.into(),
+                preferences: Some(v1::Preferences {
+                    quiet_hours: Some(v1::QuietHours {
+                        start_minute: 1320,
+                        end_minute: 420,
+                        timezone: tz.into(),
+                    }),
+                    notification_budget_per_week: 99,
+                    ..Default::default()
+                }),
+                update_mask: vec!["quiet_hours".into()],
+                expected_version: expected,
+                idempotency_key: "p1".into(),
+            },
+        )
+    };
+    // (The case's mail to the customer twin was delivered long before: the desk read the
+    // resolved case back through several calls since.)
+    let before = customers
+        .get_customer(with(&t.reader, get(CUSTOMER)))
+        .await
+        .unwrap()
+        .into_inner();
+    for (tz, expected, code) in [
+        ("Mars/Olympus", None, Code::InvalidArgument),
+        (
+            "UTC+01:00",
+            Some(before.version + 100),
+            Code::FailedPrecondition,
+        ),
+    ] {
+        let e = customers
+            .update_preferences(prefs(tz, expected))
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), code, "{e:?}");
+    }
+    let e = customers
+        .update_preferences(with(&t.reader, v1::UpdatePreferencesRequest::default()))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::PermissionDenied);
+    let unchanged = customers
+        .get_customer(with(&t.reader, get(CUSTOMER)))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        unchanged.version, before.version,
+        "bad input changed nothing"
+    );
+    let updated = customers
+        .update_preferences(prefs("UTC+01:00", Some(before.version)))
+        .await
+        .unwrap()
+        .into_inner();
+    let p = updated.preferences.unwrap();
+    assert_eq!(p.quiet_hours.unwrap().timezone, "UTC+01:00");
+    assert_eq!(p.notification_budget_per_week, 3, "not in the mask");
+    assert!(updated.version > before.version);
+
+    // Consent: withdrawn through the twin, in effect when the call returns.
+    let consent = v1::UpdateConsentRequest {
+        customer_id: CUSTOMER.into(),
+        withdraw: vec![v1::ConsentScope::Marketing as i32],
+        source: v1::ConsentSource::Customer as i32,
+        evidence: "form-881".into(),
+        idempotency_key: "c1".into(),
+        ..Default::default()
+    };
+    let both = v1::UpdateConsentRequest {
+        grant: vec![v1::ConsentScope::Marketing as i32],
+        ..consent.clone()
+    };
+    let e = customers
+        .update_consent(with(&t.writer, both))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument);
+    let changed = customers
+        .update_consent(with(&t.writer, consent))
+        .await
+        .unwrap()
+        .into_inner();
+    let marketing = changed
+        .consents
+        .iter()
+        .find(|g| g.scope == v1::ConsentScope::Marketing as i32)
+        .unwrap();
+    assert!(!marketing.granted);
+    assert_eq!(marketing.source, v1::ConsentSource::Customer as i32);
+
     // The export holds everything, the customer first and the manifest last.
     let export = |token: &str| {
         with(
@@ -482,6 +583,7 @@ async fn an_erased_customer_leaves_nothing_personal_in_any_read_or_any_byte() {
     ));
     assert_eq!(manifest.counts.get("device"), Some(&2));
     assert_eq!(manifest.counts.get("customer"), Some(&1));
+    assert_eq!(manifest.counts.get("consent_history"), Some(&1));
 
     // Erasure: only with the scope, only within the tenant.
     let erase = |token: &str| {
