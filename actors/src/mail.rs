@@ -124,7 +124,8 @@ pub enum AgentWork {
     Note {
         /// Unique within the case; a note with a known id is a retry and changes nothing.
         note_id: String,
-        /// The note, 1 to 10,000 characters.
+        /// The note: 1 to 10,000 characters from the agent, stored as given or sealed with
+        /// the customer's key (then up to `MAX_STORED_NOTE_BYTES`).
         text: String,
         /// Whether the customer may see it.
         customer_visible: bool,

@@ -14,6 +14,8 @@
 //! - [`grpc`] — the integrator gRPC endpoint: auth by token and scope, cases, twins,
 //!   health and reflection.
 //! - [`ingest`] — what the node does with a site's sync frames, whatever carries them.
+//! - [`pii`] — customers' personal data, sealed with a per-customer key so erasure can
+//!   destroy it (crypto-shredding), and the tenants' customer indexes.
 
 #![forbid(unsafe_code)]
 
@@ -22,6 +24,7 @@ pub mod error;
 pub mod grpc;
 pub mod ingest;
 pub mod node;
+pub mod pii;
 pub mod replay;
 pub mod store;
 pub mod sync;

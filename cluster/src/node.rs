@@ -33,13 +33,44 @@ pub fn member_key(node_id: &str) -> Key {
     Key::new(format!("member/{node_id}"))
 }
 
-/// Devices to provision at start.
+/// Customers and devices to provision at start.
 #[derive(Debug, Clone, Default, serde::Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ProvisionFile {
+    /// The customers (those only named by a device are created without a profile).
+    #[serde(default)]
+    pub customers: Vec<ProvisionCustomer>,
     /// The devices.
     #[serde(default)]
     pub devices: Vec<ProvisionDevice>,
+}
+
+/// One customer to provision. Personal fields are written once, when the customer has no
+/// personal record yet (afterwards the customer service owns them); an erased customer is
+/// skipped, never created again.
+#[derive(Debug, Clone, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProvisionCustomer {
+    /// The customer id (`tenant:customer`).
+    pub id: String,
+    /// Name to address the customer by.
+    #[serde(default)]
+    pub display_name: String,
+    /// The customer's id in the tenant's CRM.
+    #[serde(default)]
+    pub external_ref: String,
+    /// Language and region for messages (BCP 47).
+    #[serde(default)]
+    pub locale: String,
+    /// Addresses on each channel.
+    #[serde(default)]
+    pub contacts: Vec<crate::pii::Contact>,
+    /// Service level (set on every start when given).
+    #[serde(default)]
+    pub tier: Option<caretwin_actors::policy::ValueTier>,
+    /// Service region for technicians (set on every start when given).
+    #[serde(default)]
+    pub region: Option<String>,
 }
 
 /// One device to provision.
@@ -144,8 +175,9 @@ impl Node {
             })
             .await?,
         );
+        let vault = Arc::new(crate::pii::Vault::new(store.clone()));
         if let Some(path) = &config.provision {
-            provision(&system, path).await?;
+            provision(&system, &vault, path).await?;
         }
         ensure_dev_pki(&config.sync)?;
         let server_config = crate::sync::tls::server_config_from_files(
@@ -178,11 +210,20 @@ impl Node {
         tracing::info!(addr = %grpc_addr, tokens = tokens.len(), "gRPC listening");
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
         let sites = server.clone();
+        let cases = crate::grpc::cases::CaseApi(Arc::new(
+            crate::grpc::cases::Cases::new(system.clone(), store.clone(), log_signals)
+                .with_shutdown(stop_rx.clone())
+                .with_vault(vault.clone()),
+        ));
         let services = crate::grpc::Services {
-            cases: crate::grpc::cases::CaseApi(Arc::new(
-                crate::grpc::cases::Cases::new(system.clone(), store.clone(), log_signals)
-                    .with_shutdown(stop_rx.clone()),
-            )),
+            customers: crate::grpc::customers::CustomerApi::new(
+                system.clone(),
+                store.clone(),
+                vault.clone(),
+                cases.0.clone(),
+                catalogue.clone(),
+            ),
+            cases,
             twins: crate::grpc::twins::TwinApi::new(
                 system.clone(),
                 Arc::new(move || sites.live_sites()),
@@ -325,11 +366,40 @@ fn ensure_dev_pki(sync: &crate::config::SyncConfig) -> Result<()> {
     Ok(())
 }
 
-async fn provision(system: &System, path: &std::path::Path) -> Result<()> {
+async fn provision(
+    system: &System,
+    vault: &crate::pii::Vault,
+    path: &std::path::Path,
+) -> Result<()> {
     let text = std::fs::read_to_string(path)
         .map_err(|e| Error::Config(format!("cannot read {}: {e}", path.display())))?;
-    let file: ProvisionFile =
+    let mut file: ProvisionFile =
         toml::from_str(&text).map_err(|e| Error::Config(format!("{}: {e}", path.display())))?;
+    let bad_id = |id: &str| {
+        !id.split_once(':')
+            .is_some_and(|(t, r)| !t.is_empty() && !r.is_empty())
+    };
+    for c in &file.customers {
+        if bad_id(&c.id) {
+            return Err(Error::Config(format!(
+                "{}: customer id {:?} is not tenant:customer",
+                path.display(),
+                c.id
+            )));
+        }
+        provision_customer(system, vault, c).await?;
+    }
+    // An erased customer's devices are not linked to them again.
+    let mut kept = Vec::with_capacity(file.devices.len());
+    for d in file.devices {
+        if vault.is_erased(&d.customer).await? {
+            tracing::warn!(device = %d.id, customer = %d.customer, "customer erased; device not linked");
+            continue;
+        }
+        vault.index_customer(&d.customer, now_ms()).await?;
+        kept.push(d);
+    }
+    file.devices = kept;
     // Devices of different customers go in parallel; one customer's, one at a time (they
     // all write that customer's twin anyway).
     let mut by_customer: std::collections::BTreeMap<&str, Vec<&ProvisionDevice>> =
@@ -374,6 +444,52 @@ async fn provision(system: &System, path: &std::path::Path) -> Result<()> {
         }
     }
     tracing::info!(devices = file.devices.len(), "devices provisioned");
+    Ok(())
+}
+
+/// Creates a customer: personal record (once), index entry, tier and region.
+async fn provision_customer(
+    system: &System,
+    vault: &crate::pii::Vault,
+    c: &ProvisionCustomer,
+) -> Result<()> {
+    if vault.is_erased(&c.id).await? {
+        tracing::warn!(customer = %c.id, "customer erased; not provisioned again");
+        return Ok(());
+    }
+    if vault.personal(&c.id).await?.is_none() {
+        vault
+            .update_personal(&c.id, |r| {
+                r.display_name = c.display_name.clone();
+                r.external_ref = c.external_ref.clone();
+                r.locale = c.locale.clone();
+                r.contact_points = c.contacts.clone();
+            })
+            .await?;
+    }
+    vault.index_customer(&c.id, now_ms()).await?;
+    if c.tier.is_some() || c.region.is_some() {
+        let current = system
+            .customers()
+            .inspect(&c.id, |t| t.map(|t| t.profile().clone()))
+            .await?
+            .unwrap_or_default();
+        let mut profile = current.clone();
+        if let Some(tier) = c.tier {
+            profile.tier = tier;
+        }
+        if let Some(region) = &c.region {
+            profile.region = region.clone();
+        }
+        if profile != current
+            && let CustomerReply::Rejected(why) = system
+                .customers()
+                .call(&c.id, CustomerMsg::SetProfile(profile))
+                .await?
+        {
+            return Err(Error::Config(format!("customer {}: {why}", c.id)));
+        }
+    }
     Ok(())
 }
 

@@ -15,8 +15,10 @@ use caretwin_actors::twins::device::{DeviceMsg, DeviceReply};
 use caretwin_cluster::grpc::auth::{Scope, Tokens, mint};
 use caretwin_cluster::grpc::cases::{CaseApi, Cases};
 use caretwin_cluster::grpc::catalogue::CatalogueApi;
+use caretwin_cluster::grpc::customers::CustomerApi;
 use caretwin_cluster::grpc::twins::TwinApi;
 use caretwin_cluster::grpc::{Services, identity, serve};
+use caretwin_cluster::pii::Vault;
 use caretwin_cluster::store::watch::Watched;
 use caretwin_cluster::store::{EmbeddedConfig, EmbeddedStore};
 use caretwin_cluster::sync::dev::{DevPki, generate};
@@ -102,8 +104,16 @@ async fn node() -> Node {
     let tokens = Arc::new(Tokens::from_entries(vec![e1, e2, e3]).unwrap());
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
+    let cases = Arc::new(Cases::new(system.clone(), store.clone(), signals));
     let services = Services {
-        cases: CaseApi(Arc::new(Cases::new(system.clone(), store.clone(), signals))),
+        customers: CustomerApi::new(
+            system.clone(),
+            store.clone(),
+            Arc::new(Vault::new(store.clone())),
+            cases.clone(),
+            Arc::new(Catalogue::builtin()),
+        ),
+        cases: CaseApi(cases),
         twins: TwinApi::new(system.clone(), Arc::new(Vec::new)),
         catalogue: CatalogueApi::new(Arc::new(Catalogue::builtin())),
     };

@@ -482,10 +482,13 @@ impl HandoffQueue {
         };
         check_key("agent", &agent)?;
         check_key("note id", note_id)?;
-        let chars = text.chars().count();
-        if chars == 0 || chars > MAX_NOTE_CHARS {
+        // The agent's text is checked against MAX_NOTE_CHARS where it comes in (the gRPC
+        // service); here the bound is what is stored, which may be that text sealed with
+        // the customer's key (base64 of nonce, text and tag: longer than the text).
+        if text.is_empty() || text.len() > MAX_STORED_NOTE_BYTES {
             return Err(format!(
-                "a note has 1 to {MAX_NOTE_CHARS} characters, not {chars}"
+                "a stored note has 1 to {MAX_STORED_NOTE_BYTES} bytes, not {}",
+                text.len()
             ));
         }
         let now = ctx.now();
@@ -510,6 +513,10 @@ impl HandoffQueue {
 
 /// Longest note, in characters.
 pub const MAX_NOTE_CHARS: usize = 10_000;
+/// Longest note as stored, in bytes: a note of [`MAX_NOTE_CHARS`] characters of up to 4
+/// bytes each, sealed (nonce and tag, base64: × 4/3), fits, and so does its case event in
+/// one log entry.
+pub const MAX_STORED_NOTE_BYTES: usize = 56 * 1024;
 /// Most notes on one case.
 pub const MAX_NOTES: usize = 1_000;
 

@@ -93,6 +93,10 @@ pub enum CustomerMsg {
         /// Scopes to withdraw.
         withdraw: Vec<ConsentScope>,
     },
+    /// Erase the customer (the right to be forgotten): the twin forgets the profile, the
+    /// devices, the cases and the notification history, and stays a tombstone that takes
+    /// nothing any more, so later mail cannot bring the customer back.
+    Erase,
 }
 
 /// A customer twin's answer.
@@ -242,6 +246,9 @@ pub struct CustomerTwin {
     note_seq: u64,
     /// Insights not used because the customer did not consent to their data.
     withheld: u64,
+    /// Erased: a tombstone that takes no mail, timers or changes.
+    #[serde(default)]
+    erased: bool,
 }
 
 /// The sender key and sequence of a mail id `sender/seq`.
@@ -269,6 +276,43 @@ impl CustomerTwin {
     /// Insights not used for lack of consent.
     pub fn withheld(&self) -> u64 {
         self.withheld
+    }
+
+    /// The customer's devices: (device id, model id), by device id.
+    pub fn devices(&self) -> impl Iterator<Item = (&str, &str)> {
+        self.devices.iter().map(|(d, m)| (d.as_str(), m.as_str()))
+    }
+
+    /// Whether the customer was erased (the twin is a tombstone).
+    pub fn is_erased(&self) -> bool {
+        self.erased
+    }
+
+    /// Forgets everything about the customer but the counters that keep this twin's mail
+    /// and case ids unique, and becomes a tombstone.
+    fn erase(&mut self, ctx: &mut Ctx) {
+        let (id, mail_seq, case_seq, note_seq) =
+            (self.id.clone(), self.mail_seq, self.case_seq, self.note_seq);
+        // Pending timers (deferred notes, case waits) find nothing when they fire.
+        *self = Self {
+            id,
+            profile: Profile {
+                consent: Consent::default(),
+                ..Profile::default()
+            },
+            devices: BTreeMap::new(),
+            cases: Vec::new(),
+            history: VecDeque::new(),
+            sent: SentLog::default(),
+            pending: Vec::new(),
+            seen: BTreeMap::new(),
+            mail_seq,
+            case_seq,
+            note_seq,
+            withheld: 0,
+            erased: true,
+        };
+        ctx.changed();
     }
 
     fn me(&self) -> Address {
@@ -932,6 +976,7 @@ impl Twin for CustomerTwin {
             case_seq: 0,
             note_seq: 0,
             withheld: 0,
+            erased: false,
         })
     }
 
@@ -944,7 +989,19 @@ impl Twin for CustomerTwin {
     }
 
     fn handle(&mut self, msg: CustomerMsg, ctx: &mut Ctx, env: &CustomerEnv) -> CustomerReply {
+        if self.erased {
+            return match msg {
+                // Mail still in flight for the customer is dropped: it must not bring
+                // personal data back.
+                CustomerMsg::Mail(_) | CustomerMsg::Erase => CustomerReply::Ok,
+                _ => CustomerReply::Rejected(format!("customer {} is erased", self.id)),
+            };
+        }
         match msg {
+            CustomerMsg::Erase => {
+                self.erase(ctx);
+                CustomerReply::Ok
+            }
             CustomerMsg::Mail(mail) => self.handle_mail(mail, ctx, env),
             CustomerMsg::SetProfile(p) => {
                 let consent_changed = p.consent != self.profile.consent;
@@ -993,6 +1050,9 @@ impl Twin for CustomerTwin {
     }
 
     fn on_timer(&mut self, tag: &str, ctx: &mut Ctx, env: &CustomerEnv) {
+        if self.erased {
+            return;
+        }
         ctx.changed();
         if let Some(n) = tag
             .strip_prefix("note:")

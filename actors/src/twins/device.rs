@@ -220,6 +220,13 @@ pub enum DeviceMsg {
     },
     /// Mail from another twin (boxed: mail is large next to the other messages).
     Mail(Box<Mail>),
+    /// Forget this customer: their erasure. The device stays registered (model kept) with
+    /// no owner and no site, and what its twin learnt while it was theirs is dropped.
+    /// Nothing happens if the device is not (or no longer) theirs.
+    Detach {
+        /// The customer twin's id.
+        customer: String,
+    },
     /// Set a field of the device's desired state (from an integrator or operator). With
     /// `expected_version`, only if the field is at that version (0: not set yet).
     SetDesired {
@@ -552,26 +559,53 @@ impl DeviceTwin {
                 self.model.as_deref().unwrap_or_default()
             ));
         }
-        let rt = &env.runtimes[model.id()];
         if self.model.is_none() {
-            self.signals = rt.params.iter().map(SignalState::new).collect();
-            self.concern = vec![Debounce::default(); rt.params.len()];
-            self.reported = vec![None; rt.params.len()];
-            self.health = vec![1.0; rt.params.len()];
-            self.rul = model.rul().map(|_| {
-                Box::new(RulState {
-                    features: RulFeatures::new(),
-                    ts_ms: 0,
-                    values: vec![f64::NAN; model.signals().len()],
-                    seen: vec![false; model.signals().len()],
-                    estimate: None,
-                    maintenance_raised: false,
-                })
-            });
+            self.reset_learning(model, env);
         }
         self.model = Some(model.id().to_owned());
         self.customer = Some(customer);
         self.site = Some(site);
+        DeviceReply::Ok
+    }
+
+    /// Starts the reasoning state of `model` afresh, as for a new device.
+    fn reset_learning(&mut self, model: &DeviceModel, env: &DeviceEnv) {
+        let rt = &env.runtimes[model.id()];
+        self.signals = rt.params.iter().map(SignalState::new).collect();
+        self.concern = vec![Debounce::default(); rt.params.len()];
+        self.reported = vec![None; rt.params.len()];
+        self.health = vec![1.0; rt.params.len()];
+        self.rul = model.rul().map(|_| {
+            Box::new(RulState {
+                features: RulFeatures::new(),
+                ts_ms: 0,
+                values: vec![f64::NAN; model.signals().len()],
+                seen: vec![false; model.signals().len()],
+                estimate: None,
+                maintenance_raised: false,
+            })
+        });
+    }
+
+    /// Forgets `customer` (their erasure): the owner, the site (their home), and all the
+    /// twin learnt from the device while it was theirs. The model and the high-water mark
+    /// stay, so the device remains registered and a replayed reading is still refused.
+    fn detach(&mut self, customer: &str, ctx: &mut Ctx, env: &DeviceEnv) -> DeviceReply {
+        if self.customer.as_deref() != Some(customer) {
+            return DeviceReply::Ok; // not theirs (any more): nothing to forget
+        }
+        if let Some(model) = self.model.as_deref().and_then(|m| env.catalogue.model(m)) {
+            self.reset_learning(model, env);
+        }
+        self.customer = None;
+        self.site = None;
+        self.consent = Consent::of(&[ConsentScope::Diagnostics]);
+        self.commands.clear();
+        self.desired.clear();
+        self.reported_fields.clear();
+        self.withheld = 0;
+        self.last_seen_ms = 0;
+        ctx.changed();
         DeviceReply::Ok
     }
 
@@ -1067,6 +1101,7 @@ impl Twin for DeviceTwin {
                 }
             }
             DeviceMsg::Mail(mail) => self.handle_mail(*mail, ctx),
+            DeviceMsg::Detach { customer } => self.detach(&customer, ctx, env),
             DeviceMsg::SetDesired {
                 field,
                 value,

@@ -968,3 +968,125 @@ fn mail_from_another_tenant_is_refused() {
     assert!(matches!(r, CustomerReply::Rejected(_)));
     assert!(c.ops().is_empty() && t.cases().is_empty());
 }
+
+#[test]
+fn an_erased_customer_forgets_everything_and_takes_no_more_mail() {
+    let env = customer_env();
+    let prefs = Preferences {
+        standing_approvals: vec!["DESCALER-7".into()],
+        ..Preferences::default()
+    };
+    let mut t = alice(&env, prefs);
+    let add = CustomerMsg::AddDevice {
+        device: DEVICE.into(),
+        model: "coffee.barista-200".into(),
+    };
+    t.handle(add, &mut ctx(T0, CUSTOMER), &env);
+    let mut dev = MailFrom::of(Address::Device(DEVICE.into()));
+    t.handle(
+        dev.next(insight(
+            InsightKind::Forecast,
+            "brew_pressure",
+            "scale",
+            0.9,
+            ConsentScope::Diagnostics,
+        )),
+        &mut ctx(T0, CUSTOMER),
+        &env,
+    );
+    assert!(!t.cases().is_empty() || t.history().next().is_some());
+
+    let mut c = ctx(T0 + 1, CUSTOMER);
+    assert_eq!(
+        t.handle(CustomerMsg::Erase, &mut c, &env),
+        CustomerReply::Ok
+    );
+    assert!(
+        c.is_changed(),
+        "the tombstone is written over the old state"
+    );
+    assert!(t.is_erased());
+    assert!(t.cases().is_empty() && t.history().next().is_none());
+    assert_eq!(t.devices().count(), 0);
+    assert!(t.profile().preferences.standing_approvals.is_empty());
+    let snapshot = String::from_utf8(t.snapshot()).unwrap();
+    assert!(!snapshot.contains("DESCALER-7") && !snapshot.contains(DEVICE));
+
+    // Later mail, timers and changes bring nothing back.
+    let mut c = ctx(T0 + 2, CUSTOMER);
+    let late = dev.next(insight(
+        InsightKind::Forecast,
+        "brew_pressure",
+        "scale",
+        0.95,
+        ConsentScope::Diagnostics,
+    ));
+    assert_eq!(t.handle(late, &mut c, &env), CustomerReply::Ok);
+    t.on_timer("case:x:remedy", &mut c, &env);
+    assert!(c.ops().is_empty() && !c.is_changed());
+    let add = CustomerMsg::AddDevice {
+        device: DEVICE.into(),
+        model: "coffee.barista-200".into(),
+    };
+    assert!(matches!(
+        t.handle(add, &mut c, &env),
+        CustomerReply::Rejected(_)
+    ));
+    assert!(matches!(
+        t.handle(CustomerMsg::SetProfile(Profile::default()), &mut c, &env),
+        CustomerReply::Rejected(_)
+    ));
+    assert_eq!(
+        t.handle(CustomerMsg::Erase, &mut c, &env),
+        CustomerReply::Ok
+    );
+    assert!(
+        c.ops().is_empty() && !c.is_changed(),
+        "erasing again is free"
+    );
+    let restored = CustomerTwin::restore(CUSTOMER, &t.snapshot(), &env).unwrap();
+    assert!(restored.is_erased());
+}
+
+#[test]
+fn a_detached_device_forgets_its_owner_and_site_but_not_its_high_water() {
+    let env = device_env();
+    let mut d = coffee(&env);
+    let mut c = ctx(T0, DEVICE);
+    d.handle(
+        DeviceMsg::Apply(vec![reading(1, T0, "brew_pressure", 9.0)]),
+        &mut c,
+        &env,
+    );
+    let seen = d.high_water();
+    assert!(seen >= 1);
+    // Another customer's detach changes nothing.
+    let mut c = ctx(T0, DEVICE);
+    let other = DeviceMsg::Detach {
+        customer: "t1:bob".into(),
+    };
+    assert_eq!(d.handle(other, &mut c, &env), DeviceReply::Ok);
+    assert!(!c.is_changed() && d.customer() == Some(CUSTOMER));
+
+    let mut c = ctx(T0, DEVICE);
+    let detach = DeviceMsg::Detach {
+        customer: CUSTOMER.into(),
+    };
+    assert_eq!(d.handle(detach, &mut c, &env), DeviceReply::Ok);
+    assert!(c.is_changed());
+    assert_eq!((d.customer(), d.site()), (None, None));
+    assert_eq!(d.model(), Some("coffee.barista-200"));
+    assert_eq!(d.high_water(), seen, "a replay is still refused");
+    assert!(d.reported().iter().all(Option::is_none));
+    let snapshot = String::from_utf8(d.snapshot()).unwrap();
+    assert!(!snapshot.contains(CUSTOMER) && !snapshot.contains("t1:home-1"));
+    // The old site can no longer write to it.
+    let from_site = DeviceMsg::FromSite {
+        site: "t1:home-1".into(),
+        items: vec![reading(2, T0 + 1, "brew_pressure", 9.0)],
+    };
+    assert_eq!(
+        d.handle(from_site, &mut ctx(T0, DEVICE), &env),
+        DeviceReply::UnknownDevice
+    );
+}

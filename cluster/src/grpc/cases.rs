@@ -12,6 +12,7 @@
 
 use super::auth::{Principal, Scope};
 use super::convert;
+use crate::pii::Vault;
 use crate::store::watch::LogSignals;
 use caretwin_actors::mail::{Address, AgentWork, Body, Mail};
 use caretwin_actors::services::Status as DeskStatus;
@@ -53,6 +54,9 @@ pub struct Cases {
     /// Becomes true when the node shuts down: every subscription stream then ends, so the
     /// server's drain does not wait for clients that never hang up.
     closing: Option<tokio::sync::watch::Receiver<bool>>,
+    /// Where agents' free text is sealed with the customer's key (crypto-shredding), and
+    /// the customer's name read from; `None`: notes are kept in clear.
+    vault: Option<Arc<Vault>>,
 }
 
 fn internal(e: impl std::fmt::Display) -> Status {
@@ -74,7 +78,86 @@ impl Cases {
             books: Default::default(),
             acks: Mutex::new(()),
             closing: None,
+            vault: None,
         }
+    }
+
+    /// Seals agents' notes and resolution summaries with the customer's key in `vault`,
+    /// so erasing the customer makes them unreadable in the append-only case log.
+    pub fn with_vault(mut self, vault: Arc<Vault>) -> Self {
+        self.vault = Some(vault);
+        self
+    }
+
+    /// `text` as it goes into the case log: sealed for `customer` when there is a vault.
+    /// `None` when the customer was erased: nothing personal is written for them again.
+    async fn seal(&self, customer: &str, text: String) -> Result<Option<String>, Status> {
+        match &self.vault {
+            None => Ok(Some(text)),
+            Some(_) if customer.is_empty() => Ok(None),
+            Some(v) => v.seal(customer, &text).await.map_err(internal),
+        }
+    }
+
+    /// Opens a case's sealed fields, names its customer, and, once the customer is
+    /// erased, shows the case without them: the case stays (the service history), but
+    /// whose it was and what agents wrote about them do not.
+    async fn reveal(&self, mut case: v1::Case) -> Result<v1::Case, Status> {
+        let Some(vault) = &self.vault else {
+            return Ok(case);
+        };
+        let customer = case
+            .customer
+            .as_ref()
+            .map(|c| c.customer_id.clone())
+            .unwrap_or_default();
+        if customer.is_empty() {
+            return Ok(case);
+        }
+        for n in &mut case.notes {
+            n.text = vault.reveal(&customer, &n.text).await.map_err(internal)?;
+        }
+        if let Some(r) = &mut case.resolution {
+            r.summary = vault
+                .reveal(&customer, &r.summary)
+                .await
+                .map_err(internal)?;
+        }
+        if vault.is_erased(&customer).await.map_err(internal)? {
+            case.customer = Some(v1::CaseCustomer::default());
+            for d in &mut case.devices {
+                d.customer_id.clear();
+            }
+        } else if let Some(p) = vault.personal(&customer).await.map_err(internal)?
+            && let Some(c) = case.customer.as_mut()
+        {
+            c.display_name = p.display_name;
+        }
+        Ok(case)
+    }
+
+    /// Every case of `customer` of `tenant`, as of now, oldest first (for an export or an
+    /// erasure report).
+    pub async fn of_customer(&self, tenant: &str, customer: &str) -> Result<Vec<v1::Case>, Status> {
+        let book = self.catch_up(tenant).await?;
+        let ids: Vec<String> = {
+            let b = book.lock().await;
+            let mut v: Vec<(u64, String)> = b
+                .cases
+                .iter()
+                .filter(|(_, evs)| evs.iter().any(|(_, e)| e.customer == customer))
+                .filter_map(|(id, evs)| evs.first().map(|(i, _)| (*i, id.clone())))
+                .collect();
+            v.sort();
+            v.into_iter().map(|(_, id)| id).collect()
+        };
+        let mut out = Vec::with_capacity(ids.len());
+        for id in ids {
+            if let Some(c) = self.case_as_of(tenant, &id, u64::MAX).await {
+                out.push(c);
+            }
+        }
+        Ok(out)
     }
 
     /// Ends every subscription stream when `closing` becomes true (the node's shutdown).
@@ -138,7 +221,15 @@ impl Cases {
         let events = b.cases.get(case_id)?;
         let case = fold(tenant, case_id, events, upto)?;
         drop(b);
-        Some(self.with_devices(case).await)
+        let case = self.with_devices(case).await;
+        match self.reveal(case).await {
+            Ok(c) => Some(c),
+            Err(e) => {
+                // Never show a sealed field undecided: leave the case out.
+                tracing::warn!(tenant, case = case_id, error = %e, "case not revealed");
+                None
+            }
+        }
     }
 
     /// Adds the devices' current twins (summary) to a case.
@@ -582,11 +673,18 @@ impl CaseService for CaseApi {
             )));
         }
         check_name("idempotency_key", &r.idempotency_key, 128)?;
-        self.current(&p, &r.case_id).await?;
+        let current = self.current(&p, &r.case_id).await?;
+        let customer = current.customer.map(|c| c.customer_id).unwrap_or_default();
+        let Some(text) = self.0.seal(&customer, r.text).await? else {
+            return Err(Status::failed_precondition(format!(
+                "the customer of case {:?} was erased: no notes about them are taken",
+                r.case_id
+            )));
+        };
         let note_id = format!("note-{}", r.idempotency_key);
         let work = AgentWork::Note {
             note_id: note_id.clone(),
-            text: r.text,
+            text,
             customer_visible: r.visibility == v1::NoteVisibility::CustomerVisible as i32,
         };
         self.work(&p, &r.case_id, &r.author_id, work).await?;
@@ -622,12 +720,18 @@ impl CaseService for CaseApi {
                 "summary is over {MAX_NOTE_CHARS} characters"
             )));
         }
+        let customer = current.customer.map(|c| c.customer_id).unwrap_or_default();
+        // An erased customer's case is still resolved, without the summary about them.
+        let summary = match r.summary.is_empty() {
+            true => String::new(),
+            false => self.0.seal(&customer, r.summary).await?.unwrap_or_default(),
+        };
         let work = AgentWork::Resolve {
             code: code
                 .as_str_name()
                 .trim_start_matches("RESOLUTION_CODE_")
                 .to_ascii_lowercase(),
-            summary: r.summary,
+            summary,
         };
         self.work(&p, &r.case_id, &r.agent_id, work).await?;
         Ok(Response::new(self.current(&p, &r.case_id).await?))

@@ -6,6 +6,7 @@
 //! - [`auth`] — tokens, scopes, the interceptor and the tenant check.
 //! - [`cases`] — `CaseService`: the handoff stream with its resume cursor, accept, resolve.
 //! - [`catalogue`] — `CatalogueService`: the device model catalogue.
+//! - [`customers`] — `CustomerService`: profiles, preferences, consent, export, erasure.
 //! - [`twins`] — `TwinService`: get a twin, set desired state.
 //! - [`convert`] — the deciding code's types on the wire.
 //!
@@ -16,12 +17,14 @@ pub mod auth;
 pub mod cases;
 pub mod catalogue;
 pub mod convert;
+pub mod customers;
 pub mod twins;
 
 use crate::{Error, Result};
 use auth::Tokens;
 use caretwin_proto::v1::case_service_server::CaseServiceServer;
 use caretwin_proto::v1::catalogue_service_server::CatalogueServiceServer;
+use caretwin_proto::v1::customer_service_server::CustomerServiceServer;
 use caretwin_proto::v1::twin_service_server::TwinServiceServer;
 use std::future::Future;
 use std::path::Path;
@@ -36,6 +39,8 @@ pub struct Services {
     pub twins: twins::TwinApi,
     /// The catalogue.
     pub catalogue: catalogue::CatalogueApi,
+    /// The customers.
+    pub customers: customers::CustomerApi,
 }
 
 /// The TLS identity of the endpoint from PEM files (the node's certificate and key).
@@ -68,6 +73,9 @@ pub async fn serve(
     health
         .set_serving::<CatalogueServiceServer<catalogue::CatalogueApi>>()
         .await;
+    health
+        .set_serving::<CustomerServiceServer<customers::CustomerApi>>()
+        .await;
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(caretwin_proto::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
@@ -90,6 +98,10 @@ pub async fn serve(
         ))
         .add_service(CatalogueServiceServer::with_interceptor(
             services.catalogue,
+            check.clone(),
+        ))
+        .add_service(CustomerServiceServer::with_interceptor(
+            services.customers,
             check,
         ))
         .serve_with_incoming_shutdown(incoming, shutdown)

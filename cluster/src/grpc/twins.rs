@@ -51,7 +51,7 @@ fn text(v: &str) -> v1::SignalValue {
 
 /// The contract's twin (without its id, which the caller sets: the twin does not keep it
 /// in a form the closure can borrow cheaply).
-fn to_twin(t: &DeviceTwin, tenant: &str, online: &[String], full: bool) -> v1::Twin {
+pub(crate) fn to_twin(t: &DeviceTwin, tenant: &str, online: &[String], full: bool) -> v1::Twin {
     let site = t.site().unwrap_or_default().to_owned();
     let mut twin = v1::Twin {
         device_id: String::new(),

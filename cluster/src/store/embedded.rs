@@ -603,6 +603,9 @@ fn writer_loop(
     }
 }
 
+/// One raw entry of [`EmbeddedStore::dump_raw`]: (keyspace, key, value).
+pub type RawEntry = (String, Vec<u8>, Vec<u8>);
+
 /// The embedded store. Cheap to share behind an `Arc`.
 pub struct EmbeddedStore {
     tables: Arc<Tables>,
@@ -664,6 +667,45 @@ impl EmbeddedStore {
             writer: Some(writer),
             stats,
         })
+    }
+
+    /// Every key and value of every keyspace of the database at `path`, raw, as
+    /// (keyspace, key, value): what the store holds, whatever the port lets one read.
+    /// Test support, for proofs of what is not stored (an erasure); the database must not
+    /// be open elsewhere.
+    pub fn dump_raw(path: &std::path::Path) -> Result<Vec<RawEntry>> {
+        let db = Database::builder(path).open().map_err(backend)?;
+        let mut names: Vec<String> = db
+            .list_keyspace_names()
+            .iter()
+            .map(|n| n.to_string())
+            .collect();
+        // The backend's own keyspaces, should the listing leave any out.
+        for known in [
+            "snapshots",
+            "high_water",
+            "logs",
+            "outbox",
+            "idempotency",
+            "leases",
+            "meta",
+            "schedule",
+        ] {
+            if !names.iter().any(|n| n == known) && db.keyspace_exists(known) {
+                names.push(known.to_owned());
+            }
+        }
+        let mut out = Vec::new();
+        for name in names {
+            let ks = db
+                .keyspace(&name, KeyspaceCreateOptions::default)
+                .map_err(backend)?;
+            for guard in ks.iter() {
+                let (k, v) = guard.into_inner().map_err(backend)?;
+                out.push((name.clone(), k.to_vec(), v.to_vec()));
+            }
+        }
+        Ok(out)
     }
 
     /// The writer's counters.
