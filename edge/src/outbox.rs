@@ -2316,14 +2316,17 @@ mod tests {
         let outbox = Arc::new(open(&dir));
         let release = outbox.hold().await;
         let mut tasks = Vec::new();
+        // Each call is polled once here, which puts its request in the writer's queue (the
+        // queue has room, so the send completes in that poll), and only then handed to a
+        // task to wait for its answer: the order of the queue is the order of the calls.
         macro_rules! queue {
             ($o:ident => $call:expr) => {{
                 let queued = outbox.queued();
                 let $o = outbox.clone();
-                tasks.push(tokio::spawn(async move { format!("{:?}", $call.await) }));
-                while outbox.queued() == queued {
-                    tokio::task::yield_now().await;
-                }
+                let mut call = Box::pin(async move { format!("{:?}", $call.await) });
+                assert!(futures::poll!(&mut call).is_pending());
+                assert_eq!(outbox.queued(), queued + 1, "the call is queued");
+                tasks.push(tokio::spawn(call));
             }};
         }
         queue!(o => o.accept(vec![reading("a", 1.0), reading("a", 2.0), reading("a", 3.0)]));
