@@ -523,9 +523,29 @@ async fn serve(
     let ttl = config.lease_ttl.as_millis() as u64;
     let mut renew = tokio::time::interval(config.renew_every);
     renew.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut tick = tokio::time::interval(config.tick);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     tokio::pin!(shutdown);
+    // Timers and mail run side by side: a round of timers (which may passivate many idle
+    // twins) must not hold up a safety alarm's mail, and mail is delivered as soon as it
+    // is durable (the tick is only its fallback).
+    let timers = async {
+        let mut tick = tokio::time::interval(config.tick);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            if let Err(e) = system.tick().await {
+                tracing::warn!(error = %e, "timers failed this round");
+            }
+            // Timers write mail, which signals the pump; this is the fallback.
+            mail.notify_one();
+        }
+    };
+    let delivery = async {
+        loop {
+            mail.notified().await;
+            pump(system).await;
+        }
+    };
+    tokio::pin!(timers, delivery);
     loop {
         tokio::select! {
             () = &mut shutdown => return Ok(lease),
@@ -533,16 +553,8 @@ async fn serve(
                 lease = store.renew_lease(&lease, ttl, now_ms()).await?;
                 tracing::debug!(node = %config.node_id, expires_at_ms = lease.expires_at_ms, "lease renewed");
             }
-            _ = tick.tick() => {
-                // Timers first (they may write mail), then the mail itself.
-                if let Err(e) = system.tick().await {
-                    tracing::warn!(error = %e, "timers failed this round");
-                }
-                pump(system).await;
-            }
-            // Mail is delivered as soon as it is durable (a safety alarm's case reaches the
-            // handoff queue in milliseconds); the tick is only the fallback.
-            () = mail.notified() => pump(system).await,
+            () = &mut timers => unreachable!("the timers loop never ends"),
+            () = &mut delivery => unreachable!("the delivery loop never ends"),
         }
     }
 }

@@ -64,59 +64,106 @@ impl Dispatcher {
         }
     }
 
-    /// Delivers what is waiting in every queue, in order per queue.
+    /// Delivers what is waiting in every queue: the queues side by side, each in its own
+    /// order. A queue's delivered entries are removed with one write per page, after
+    /// their deliveries succeeded (a crash in between only means redelivery).
     pub async fn pump(&mut self) -> Result<PumpReport> {
+        let store = &*self.store;
+        let router = &*self.router;
+        let runs = self.cursors.iter().map(|(queue, &from)| async move {
+            (queue.clone(), pump_queue(store, router, queue, from).await)
+        });
         let mut report = PumpReport::default();
-        let queues: Vec<Key> = self.cursors.keys().cloned().collect();
-        for queue in queues {
-            if !self.pump_queue(&queue, &mut report).await? {
-                report.stalled += 1;
-            }
-        }
-        Ok(report)
-    }
-
-    /// Returns false when the queue stalled on a transient failure.
-    async fn pump_queue(&mut self, queue: &Key, report: &mut PumpReport) -> Result<bool> {
-        loop {
-            let from = self.cursors[queue];
-            let entries = self.store.read_outbox(queue, from, PAGE).await?;
-            let n = entries.len();
-            for e in entries {
-                let verdict = match Mail::decode(&e.value) {
-                    Err(err) => Some(format!("{err}")),
-                    Ok(m) if m.from.tenant() != m.to.tenant() => Some(format!(
-                        "mail {} crosses tenants ({} -> {})",
-                        m.id,
-                        m.from.tenant(),
-                        m.to.tenant()
-                    )),
-                    Ok(m) => match self.router.deliver(m).await {
-                        Ok(Delivery::Delivered) => None,
-                        Ok(Delivery::Rejected(why)) => Some(why),
-                        Err(err) => {
-                            tracing::debug!(queue = %queue, index = e.index, error = %err, "delivery failed, will retry");
-                            return Ok(false);
-                        }
-                    },
-                };
-                let dequeue = Op::Dequeue {
-                    queue: queue.clone(),
-                    index: e.index,
-                };
-                self.store.commit(WriteBatch::new().with(dequeue)).await?;
-                self.cursors.insert(queue.clone(), e.index + 1);
-                match verdict {
-                    None => report.delivered += 1,
-                    Some(why) => {
-                        tracing::warn!(queue = %queue, index = e.index, reason = %why, "mail dropped");
-                        report.dropped += 1;
-                    }
+        let mut failed = None;
+        for (queue, run) in futures::future::join_all(runs).await {
+            match run {
+                Ok(run) => {
+                    report.delivered += run.delivered;
+                    report.dropped += run.dropped;
+                    report.stalled += usize::from(run.stalled);
+                    self.cursors.insert(queue, run.next);
+                }
+                Err(e) => {
+                    failed.get_or_insert(e);
                 }
             }
-            if n < PAGE {
-                return Ok(true);
+        }
+        match failed {
+            Some(e) => Err(e),
+            None => Ok(report),
+        }
+    }
+}
+
+/// What pumping one queue did.
+struct QueueRun {
+    /// The index to read from next.
+    next: u64,
+    delivered: usize,
+    dropped: usize,
+    /// Stopped at a transient failure; the rest waits for the next pump.
+    stalled: bool,
+}
+
+/// Delivers one queue's mail from `from` on, in order, until it is empty or a delivery
+/// fails for now.
+async fn pump_queue(
+    store: &dyn Store,
+    router: &dyn Router,
+    queue: &Key,
+    mut from: u64,
+) -> Result<QueueRun> {
+    let mut run = QueueRun {
+        next: from,
+        delivered: 0,
+        dropped: 0,
+        stalled: false,
+    };
+    loop {
+        let entries = store.read_outbox(queue, from, PAGE).await?;
+        let n = entries.len();
+        let mut done = WriteBatch::new();
+        let (mut delivered, mut dropped) = (0, 0);
+        for e in entries {
+            let verdict = match Mail::decode(&e.value) {
+                Err(err) => Some(format!("{err}")),
+                Ok(m) if m.from.tenant() != m.to.tenant() => Some(format!(
+                    "mail {} crosses tenants ({} -> {})",
+                    m.id,
+                    m.from.tenant(),
+                    m.to.tenant()
+                )),
+                Ok(m) => match router.deliver(m).await {
+                    Ok(Delivery::Delivered) => None,
+                    Ok(Delivery::Rejected(why)) => Some(why),
+                    Err(err) => {
+                        tracing::debug!(queue = %queue, index = e.index, error = %err, "delivery failed, will retry");
+                        run.stalled = true;
+                        break;
+                    }
+                },
+            };
+            done.push(Op::Dequeue {
+                queue: queue.clone(),
+                index: e.index,
+            });
+            from = e.index + 1;
+            match verdict {
+                None => delivered += 1,
+                Some(why) => {
+                    tracing::warn!(queue = %queue, index = e.index, reason = %why, "mail dropped");
+                    dropped += 1;
+                }
             }
+        }
+        if !done.ops.is_empty() {
+            store.commit(done).await?;
+            run.next = from;
+            run.delivered += delivered;
+            run.dropped += dropped;
+        }
+        if run.stalled || n < PAGE {
+            return Ok(run);
         }
     }
 }
