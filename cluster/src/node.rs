@@ -130,7 +130,7 @@ pub async fn run(config: ClusterConfig, shutdown: impl Future<Output = ()>) -> R
         Ingest::new(system.clone(), store.clone(), &config.node_id)
             .with_heartbeat(config.sync.heartbeat),
     );
-    let server = SyncServer::new(ingest, signals, clock);
+    let server = SyncServer::new(ingest, signals.clone(), clock.clone());
 
     let grpc_listener = tokio::net::TcpListener::bind(config.grpc.listen)
         .await
@@ -157,6 +157,12 @@ pub async fn run(config: ClusterConfig, shutdown: impl Future<Output = ()>) -> R
             Arc::new(move || sites.live_sites()),
         ),
         catalogue: crate::grpc::catalogue::CatalogueApi::new(catalogue.clone()),
+        work: crate::grpc::work::WorkApi::new(
+            system.clone(),
+            catalogue.clone(),
+            Arc::new(config.services.scheduler.clone()),
+            clock.clone(),
+        ),
     };
     let identity = crate::grpc::identity(&config.sync.cert, &config.sync.key)?;
 

@@ -16,6 +16,7 @@ use caretwin_cluster::grpc::auth::{Scope, Tokens, mint};
 use caretwin_cluster::grpc::cases::{CaseApi, Cases};
 use caretwin_cluster::grpc::catalogue::CatalogueApi;
 use caretwin_cluster::grpc::twins::TwinApi;
+use caretwin_cluster::grpc::work::WorkApi;
 use caretwin_cluster::grpc::{Services, identity, serve};
 use caretwin_cluster::store::watch::Watched;
 use caretwin_cluster::store::{EmbeddedConfig, EmbeddedStore};
@@ -73,7 +74,7 @@ async fn node() -> Node {
     let system = Arc::new(
         System::start(Components {
             store: store.clone(),
-            clock,
+            clock: clock.clone(),
             catalogue: Arc::new(Catalogue::builtin()),
             device_env: None,
             services: ServicesConfig::default(),
@@ -106,6 +107,12 @@ async fn node() -> Node {
         cases: CaseApi(Arc::new(Cases::new(system.clone(), store.clone(), signals))),
         twins: TwinApi::new(system.clone(), Arc::new(Vec::new)),
         catalogue: CatalogueApi::new(Arc::new(Catalogue::builtin())),
+        work: WorkApi::new(
+            system.clone(),
+            Arc::new(Catalogue::builtin()),
+            Arc::new(Default::default()),
+            clock,
+        ),
     };
     let id = identity(&certs.join("cluster.pem"), &certs.join("cluster.key")).unwrap();
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();

@@ -588,14 +588,14 @@ impl PartsDesk {
             SupplierState::Cancelled | SupplierState::Failed => 5,
         };
         let current = order.state.rank();
-        let same = match (&order.state, p.state) {
+        let same = matches!(
+            (&order.state, p.state),
             (OrderState::Placed { .. }, SupplierState::Confirmed)
-            | (OrderState::Shipped { .. }, SupplierState::Shipped)
-            | (OrderState::Delivered { .. }, SupplierState::Delivered)
-            | (OrderState::Cancelled { .. }, SupplierState::Cancelled)
-            | (OrderState::Failed { .. }, SupplierState::Failed) => true,
-            _ => false,
-        };
+                | (OrderState::Shipped { .. }, SupplierState::Shipped)
+                | (OrderState::Delivered { .. }, SupplierState::Delivered)
+                | (OrderState::Cancelled { .. }, SupplierState::Cancelled)
+                | (OrderState::Failed { .. }, SupplierState::Failed)
+        );
         let cancel_too_late = p.state == SupplierState::Cancelled && current > 2;
         if !same && (target <= current || cancel_too_late) {
             return Ok(Status::Ignored);

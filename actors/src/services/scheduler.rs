@@ -740,7 +740,7 @@ impl Scheduler {
                         out.push(CalendarEntry {
                             technician: t.id.clone(),
                             slot: (s, e),
-                            appointment: (!b.id.is_empty()).then(|| b.id.clone()),
+                            appointment: Some(b.id.clone()),
                             confirmed: b.confirmed,
                         });
                     }

@@ -7,6 +7,7 @@
 //! - [`cases`] — `CaseService`: the handoff stream with its resume cursor, accept, resolve.
 //! - [`catalogue`] — `CatalogueService`: the device model catalogue.
 //! - [`twins`] — `TwinService`: get a twin, set desired state.
+//! - [`work`] — `WorkService`: work orders, appointments, part orders, technicians.
 //! - [`convert`] — the deciding code's types on the wire.
 //!
 //! Services not listed are not served yet (issue 5 continues); the health service reports
@@ -17,12 +18,14 @@ pub mod cases;
 pub mod catalogue;
 pub mod convert;
 pub mod twins;
+pub mod work;
 
 use crate::{Error, Result};
 use auth::Tokens;
 use caretwin_proto::v1::case_service_server::CaseServiceServer;
 use caretwin_proto::v1::catalogue_service_server::CatalogueServiceServer;
 use caretwin_proto::v1::twin_service_server::TwinServiceServer;
+use caretwin_proto::v1::work_service_server::WorkServiceServer;
 use std::future::Future;
 use std::path::Path;
 use std::sync::Arc;
@@ -36,6 +39,8 @@ pub struct Services {
     pub twins: twins::TwinApi,
     /// The catalogue.
     pub catalogue: catalogue::CatalogueApi,
+    /// Work orders, appointments, part orders.
+    pub work: work::WorkApi,
 }
 
 /// The TLS identity of the endpoint from PEM files (the node's certificate and key).
@@ -68,6 +73,9 @@ pub async fn serve(
     health
         .set_serving::<CatalogueServiceServer<catalogue::CatalogueApi>>()
         .await;
+    health
+        .set_serving::<WorkServiceServer<work::WorkApi>>()
+        .await;
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(caretwin_proto::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
@@ -90,8 +98,9 @@ pub async fn serve(
         ))
         .add_service(CatalogueServiceServer::with_interceptor(
             services.catalogue,
-            check,
+            check.clone(),
         ))
+        .add_service(WorkServiceServer::with_interceptor(services.work, check))
         .serve_with_incoming_shutdown(incoming, shutdown)
         .await
         .map_err(|e| Error::Config(format!("gRPC server: {e}")))
