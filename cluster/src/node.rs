@@ -83,9 +83,9 @@ impl Clock for SystemClock {
 pub async fn run(config: ClusterConfig, shutdown: impl Future<Output = ()>) -> Result<()> {
     config.validate()?;
     let backend = crate::store::open(&config.store)?;
-    // The twins write through the watched store, so the gRPC case streams wake as soon as
-    // a case event is durable.
-    let watched = crate::store::watch::Watched::new(backend, &["cases/"]);
+    // The twins write through the watched store, so the gRPC case and command streams wake
+    // as soon as a case event or command transition is durable.
+    let watched = crate::store::watch::Watched::new(backend, &["cases/", "commands/"]);
     let log_signals = watched.signals();
     let mail = watched.mail_signal();
     let store: Arc<dyn Store> = Arc::new(watched);
@@ -149,8 +149,18 @@ pub async fn run(config: ClusterConfig, shutdown: impl Future<Output = ()>) -> R
     let sites = server.clone();
     let services = crate::grpc::Services {
         cases: crate::grpc::cases::CaseApi(Arc::new(
-            crate::grpc::cases::Cases::new(system.clone(), store.clone(), log_signals)
+            crate::grpc::cases::Cases::new(system.clone(), store.clone(), log_signals.clone())
                 .with_shutdown(stop_rx.clone()),
+        )),
+        commands: crate::grpc::commands::CommandApi(Arc::new(
+            crate::grpc::commands::Commands::new(
+                system.clone(),
+                store.clone(),
+                log_signals,
+                catalogue.clone(),
+                clock.clone(),
+            )
+            .with_shutdown(stop_rx.clone()),
         )),
         twins: crate::grpc::twins::TwinApi::new(
             system.clone(),

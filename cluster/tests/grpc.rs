@@ -15,6 +15,7 @@ use caretwin_actors::twins::device::{DeviceMsg, DeviceReply};
 use caretwin_cluster::grpc::auth::{Scope, Tokens, mint};
 use caretwin_cluster::grpc::cases::{CaseApi, Cases};
 use caretwin_cluster::grpc::catalogue::CatalogueApi;
+use caretwin_cluster::grpc::commands::{CommandApi, Commands};
 use caretwin_cluster::grpc::twins::TwinApi;
 use caretwin_cluster::grpc::work::WorkApi;
 use caretwin_cluster::grpc::{Services, identity, serve};
@@ -104,7 +105,18 @@ async fn node() -> Node {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let services = Services {
-        cases: CaseApi(Arc::new(Cases::new(system.clone(), store.clone(), signals))),
+        cases: CaseApi(Arc::new(Cases::new(
+            system.clone(),
+            store.clone(),
+            signals.clone(),
+        ))),
+        commands: CommandApi(Arc::new(Commands::new(
+            system.clone(),
+            store.clone(),
+            signals,
+            Arc::new(Catalogue::builtin()),
+            clock.clone(),
+        ))),
         twins: TwinApi::new(system.clone(), Arc::new(Vec::new)),
         catalogue: CatalogueApi::new(Arc::new(Catalogue::builtin())),
         work: WorkApi::new(
@@ -204,6 +216,8 @@ async fn health_and_reflection_work_for_stock_clients() {
         "caretwin.v1.CaseService",
         "caretwin.v1.TwinService",
         "caretwin.v1.CatalogueService",
+        "caretwin.v1.WorkService",
+        "caretwin.v1.CommandService",
     ] {
         let r = health
             .check(tonic_health::pb::HealthCheckRequest {

@@ -17,12 +17,15 @@ use caretwin_actors::twins::device::{DeviceMsg, DeviceReply};
 use caretwin_cluster::grpc::auth::{Scope, Tokens, mint};
 use caretwin_cluster::grpc::cases::{CaseApi, Cases};
 use caretwin_cluster::grpc::catalogue::CatalogueApi;
+use caretwin_cluster::grpc::commands::{CommandApi, Commands};
 use caretwin_cluster::grpc::twins::TwinApi;
 use caretwin_cluster::grpc::work::WorkApi;
 use caretwin_cluster::grpc::{Services, identity, serve};
+use caretwin_cluster::ingest::{CommandSignals, EdgeGateway, Ingest, SiteId, command_log};
 use caretwin_cluster::store::watch::Watched;
 use caretwin_cluster::store::{EmbeddedConfig, EmbeddedStore};
 use caretwin_cluster::sync::dev::{DevPki, generate};
+use caretwin_proto::v1::command_service_client::CommandServiceClient;
 use caretwin_proto::v1::{self, work_service_client::WorkServiceClient};
 use std::sync::Arc;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig};
@@ -43,7 +46,11 @@ impl Router for Nowhere {
 /// A node's twins and its gRPC endpoint, with tokens for several integrators.
 struct Node {
     _dir: tempfile::TempDir,
+    system: Arc<System>,
+    store: Arc<dyn Store>,
     channel: Channel,
+    /// t1: commands:read + commands:write.
+    operator: String,
     /// t1: work:read + work:write.
     planner: String,
     /// t1: work:read.
@@ -98,7 +105,7 @@ async fn node() -> Node {
     .unwrap();
     let backend: Arc<dyn Store> =
         Arc::new(EmbeddedStore::open(&EmbeddedConfig::at(dir.path().join("data"))).unwrap());
-    let watched = Watched::new(backend, &["cases/"]);
+    let watched = Watched::new(backend, &["cases/", "commands/"]);
     let signals = watched.signals();
     let store: Arc<dyn Store> = Arc::new(watched);
     let clock: Arc<dyn Clock> = Arc::new(ManualClock::new(T0));
@@ -117,7 +124,12 @@ async fn node() -> Node {
                 shards: 4,
                 idle_ms: HOUR_MS,
             },
-            outside: Arc::new(Nowhere),
+            // Commands go to the sites' command logs, as on a node.
+            outside: Arc::new(EdgeGateway::new(
+                store.clone(),
+                Arc::new(CommandSignals::default()),
+                Arc::new(Nowhere),
+            )),
             local_supplier: None,
         })
         .await
@@ -142,12 +154,28 @@ async fn node() -> Node {
     let (supplier, e3) = mint("supplier", "t1", vec![Scope::PartsWrite, Scope::WorkRead]);
     let (viewer, e4) = mint("viewer", "t1", vec![Scope::TwinsRead]);
     let (other_tenant, e5) = mint("other", "t2", vec![Scope::Admin]);
-    let tokens = Arc::new(Tokens::from_entries(vec![e1, e2, e3, e4, e5]).unwrap());
+    let (operator, e6) = mint(
+        "operator",
+        "t1",
+        vec![Scope::CommandsRead, Scope::CommandsWrite],
+    );
+    let tokens = Arc::new(Tokens::from_entries(vec![e1, e2, e3, e4, e5, e6]).unwrap());
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let catalogue = Arc::new(Catalogue::builtin());
     let services = Services {
-        cases: CaseApi(Arc::new(Cases::new(system.clone(), store.clone(), signals))),
+        cases: CaseApi(Arc::new(Cases::new(
+            system.clone(),
+            store.clone(),
+            signals.clone(),
+        ))),
+        commands: CommandApi(Arc::new(Commands::new(
+            system.clone(),
+            store.clone(),
+            signals,
+            catalogue.clone(),
+            clock.clone(),
+        ))),
         twins: TwinApi::new(system.clone(), Arc::new(Vec::new)),
         catalogue: CatalogueApi::new(catalogue.clone()),
         work: WorkApi::new(system.clone(), catalogue, Arc::new(scheduler), clock),
@@ -171,7 +199,10 @@ async fn node() -> Node {
         .unwrap();
     Node {
         _dir: dir,
+        system,
+        store,
         channel,
+        operator,
         planner,
         reader,
         supplier,
@@ -820,4 +851,254 @@ async fn bad_input_is_refused_and_changes_nothing() {
     assert_eq!(wos.len(), 1);
     assert_eq!(wos[0].state, v1::WorkOrderState::Open as i32);
     assert_eq!(free_slots(&mut c, &n.reader, "ana").await.len(), 18);
+}
+
+fn descale(key: &str, device: &str) -> v1::SendCommandRequest {
+    v1::SendCommandRequest {
+        idempotency_key: key.into(),
+        device_id: device.into(),
+        payload: Some(v1::CommandPayload {
+            kind: Some(v1::command_payload::Kind::RemoteRemedy(v1::RemoteRemedy {
+                name: "descale".into(),
+                args: [("strength".to_owned(), "2".to_owned())].into(),
+            })),
+        }),
+        priority: v1::Priority::High as i32,
+        reason: "scale builds up".into(),
+        ..Default::default()
+    }
+}
+
+/// Only turns a hang into a failure; every wait ends on an observed event.
+const DEADLINE: std::time::Duration = std::time::Duration::from_secs(30);
+
+async fn next(s: &mut tonic::Streaming<v1::CommandTransition>) -> Option<v1::CommandTransition> {
+    tokio::time::timeout(DEADLINE, s.message())
+        .await
+        .expect("a transition or the end in time")
+        .unwrap()
+}
+
+/// The commands the site's edge would be sent now.
+async fn pending_for_site(n: &Node) -> Vec<String> {
+    let ingest = Ingest::new(n.system.clone(), n.store.clone(), "node-1");
+    let site = SiteId {
+        site: "t1:home-1".into(),
+    };
+    let (frames, _) = ingest.commands_after(&site, 0, T0).await.unwrap();
+    frames
+        .into_iter()
+        .filter_map(|f| match f.body {
+            Some(v1::cluster_frame::Body::Command(c)) => Some(c.command_id),
+            _ => None,
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_command_for_an_offline_site_stays_queued_until_cancelled() {
+    let n = node().await;
+    let mut c = CommandServiceClient::new(n.channel.clone());
+    let sent = c
+        .send_command(with(&n.operator, descale("cmd-1", "t1:coffee-1")))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(sent.command_id, "t1:cmd/cmd-1");
+    assert_eq!(sent.state, v1::CommandState::Queued as i32);
+    assert_eq!(
+        (
+            sent.site_id.as_str(),
+            sent.issued_by.as_str(),
+            sent.idempotency_key.as_str()
+        ),
+        ("t1:home-1", "operator", "cmd-1")
+    );
+    assert_eq!(sent.priority, v1::Priority::High as i32);
+    assert_eq!(
+        sent.expires_at_ms,
+        (T0 + DAY_MS) as i64,
+        "24 hours by default"
+    );
+    assert_eq!(sent.history.len(), 1);
+    // Retried: the first command, and only one.
+    let again = c
+        .send_command(with(&n.operator, descale("cmd-1", "t1:coffee-1")))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(again, sent);
+    // The twin's mail goes out as on a node: into the site's command log. No edge is
+    // connected, so it stays queued.
+    n.system.settle(10).await.unwrap();
+    let logged = n
+        .store
+        .read_log(&command_log("t1:home-1"), 1, 10)
+        .await
+        .unwrap();
+    assert_eq!(logged.len(), 1);
+    assert_eq!(pending_for_site(&n).await, ["t1:cmd/cmd-1"]);
+    let got = c
+        .get_command(with(
+            &n.operator,
+            v1::GetCommandRequest {
+                command_id: sent.command_id.clone(),
+            },
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(got, sent);
+    let listed = c
+        .list_commands(with(
+            &n.operator,
+            v1::ListCommandsRequest {
+                device_id: "t1:coffee-1".into(),
+                states: vec![v1::CommandState::Queued as i32],
+                ..Default::default()
+            },
+        ))
+        .await
+        .unwrap()
+        .into_inner()
+        .commands;
+    assert_eq!(listed, std::slice::from_ref(&sent));
+
+    // A watcher sees the history, then the cancel, then the end of the stream.
+    let mut watch = c
+        .watch_command(with(
+            &n.operator,
+            v1::WatchCommandRequest {
+                command_id: sent.command_id.clone(),
+            },
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    let first = next(&mut watch).await.unwrap();
+    assert_eq!(first.state, v1::CommandState::Queued as i32);
+    let cancel = v1::CancelCommandRequest {
+        command_id: sent.command_id.clone(),
+        reason: "descaled by hand".into(),
+        idempotency_key: "x-1".into(),
+    };
+    let cancelled = c
+        .cancel_command(with(&n.operator, cancel.clone()))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(cancelled.state, v1::CommandState::Cancelled as i32);
+    let t = next(&mut watch).await.unwrap();
+    assert_eq!(
+        (t.state, t.detail.as_str()),
+        (v1::CommandState::Cancelled as i32, "descaled by hand")
+    );
+    assert!(
+        next(&mut watch).await.is_none(),
+        "the stream ends after a final state"
+    );
+    // Cancelling again returns it unchanged; the edge is never sent it.
+    let again = c
+        .cancel_command(with(&n.operator, cancel))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(again, cancelled);
+    assert!(pending_for_site(&n).await.is_empty());
+    let queued = c
+        .list_commands(with(
+            &n.operator,
+            v1::ListCommandsRequest {
+                states: vec![v1::CommandState::Queued as i32],
+                ..Default::default()
+            },
+        ))
+        .await
+        .unwrap()
+        .into_inner()
+        .commands;
+    assert!(queued.is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn commands_check_scopes_tenants_and_input() {
+    let n = node().await;
+    let mut c = CommandServiceClient::new(n.channel.clone());
+    let e = c
+        .send_command(with(&n.planner, descale("k", "t1:coffee-1")))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::PermissionDenied);
+    let mut unknown = descale("k", "t1:coffee-1");
+    unknown.payload = Some(v1::CommandPayload {
+        kind: Some(v1::command_payload::Kind::RemoteRemedy(v1::RemoteRemedy {
+            name: "self-destruct".into(),
+            args: Default::default(),
+        })),
+    });
+    let mut past = descale("k", "t1:coffee-1");
+    past.expires_at_ms = Some(T0 as i64 - 1);
+    let mut no_payload = descale("k", "t1:coffee-1");
+    no_payload.payload = None;
+    for (req, code) in [
+        (unknown, Code::InvalidArgument),
+        (past, Code::InvalidArgument),
+        (no_payload, Code::InvalidArgument),
+        (descale("", "t1:coffee-1"), Code::InvalidArgument),
+        (descale("k", "t1:no-such-device"), Code::NotFound),
+        (descale("k", "t2:coffee-9"), Code::NotFound),
+    ] {
+        let e = c
+            .send_command(with(&n.operator, req.clone()))
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), code, "{req:?}: {e:?}");
+    }
+    let none = c
+        .list_commands(with(&n.operator, v1::ListCommandsRequest::default()))
+        .await
+        .unwrap()
+        .into_inner()
+        .commands;
+    assert!(none.is_empty(), "nothing was queued");
+    c.send_command(with(&n.operator, descale("k", "t1:coffee-1")))
+        .await
+        .unwrap();
+    // Another tenant sees nothing of it.
+    let t2 = &n.other_tenant;
+    let e = c
+        .get_command(with(
+            t2,
+            v1::GetCommandRequest {
+                command_id: "t1:cmd/k".into(),
+            },
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::NotFound);
+    let e = c
+        .cancel_command(with(
+            t2,
+            v1::CancelCommandRequest {
+                command_id: "t1:cmd/k".into(),
+                ..Default::default()
+            },
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::NotFound);
+    let theirs = c
+        .list_commands(with(t2, v1::ListCommandsRequest::default()))
+        .await
+        .unwrap()
+        .into_inner()
+        .commands;
+    assert!(theirs.is_empty());
+    // t2's own command with the same key is its own.
+    let mine = c
+        .send_command(with(t2, descale("k", "t2:coffee-9")))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(mine.command_id, "t2:cmd/k");
 }
