@@ -11,6 +11,14 @@
 //! A booking is known by its key: a repeated `Book` gets the same answer (success or
 //! failure) and books nothing. To try again after a failure, ask with a new key.
 //!
+//! # Work orders
+//! Integrators open work orders ([`Body::OpenWorkOrder`], once per key), book a given
+//! technician slot for one ([`Body::BookSlot`]: it must be free, [`Scheduler::check_slot`]),
+//! cancel the appointment ([`Body::CancelBooking`]: the slot is free again, the order open
+//! again) and move the order forward from the field ([`Body::WorkOrderProgress`]). A twin's
+//! successful `Book` is a scheduled work order too; it is derived from the booking (not
+//! kept twice in the snapshot) until a change from the field makes it a record.
+//!
 //! # Cost
 //! The search walks day by day up to the horizon and, within a day, jumps from one
 //! obstacle to the next (the end of an overlapping visit, the start of the next customer
@@ -19,8 +27,9 @@
 //! technician's calendar, which is kept sorted.
 
 use super::{
-    Settings, Span, Status, Tenants, admit, body_name, check_key, check_limits, claim,
-    decode_snapshot, default_max_records, default_retain, make_room, refuse, send, tenant_id,
+    SNAPSHOT_BUDGET, Settings, Span, Status, Tenants, admit, body_name, check_key, check_limits,
+    claim, decode_snapshot, default_max_records, default_retain, make_room_within, refuse, send,
+    tenant_id,
 };
 use crate::host::{Ctx, Twin};
 use crate::mail::{Address, Body, Mail, SlotRequest, WorkOrderRequest, WorkOrderState, tenant_of};
@@ -265,6 +274,9 @@ pub struct Booking {
     /// Cancelled: the slot is free again (technician and slot are kept for the record).
     #[serde(rename = "x", default, skip_serializing_if = "is_false")]
     pub cancelled: bool,
+    /// The case a twin booked it for, if any.
+    #[serde(rename = "z", default, skip_serializing_if = "String::is_empty")]
+    pub case_id: String,
 }
 
 fn is_false(b: &bool) -> bool {
@@ -327,8 +339,13 @@ pub struct WorkOrder {
     pub notes: String,
 }
 
-/// Longest description or notes of a work order, in bytes.
-pub const MAX_TEXT: usize = 4096;
+/// Longest description or notes of a work order, in bytes (they live in the desk's
+/// snapshot).
+pub const MAX_TEXT: usize = 1024;
+/// The scheduler keeps bookings and work orders in one snapshot: their shares of
+/// [`SNAPSHOT_BUDGET`] bytes.
+const BOOKINGS_BUDGET: usize = SNAPSHOT_BUDGET * 5 / 8;
+const ORDERS_BUDGET: usize = SNAPSHOT_BUDGET - BOOKINGS_BUDGET;
 /// Most part orders named by one appointment.
 pub const MAX_PARTS: usize = 16;
 
@@ -622,19 +639,73 @@ impl Scheduler {
         self.bookings().find(|(_, b)| b.id == id)
     }
 
-    /// Every work order, by id.
-    pub fn work_orders(&self) -> impl Iterator<Item = (&str, &WorkOrder)> {
-        self.state.orders.iter().map(|(k, w)| (k.as_str(), w))
+    /// The work order a twin's booking stands for, while no record of its own is kept
+    /// (only a change from the field makes one): derived, so the snapshot does not hold
+    /// every booking twice.
+    fn derived(&self, key: &str, b: &Booking) -> Option<(String, WorkOrder)> {
+        if b.work_order.is_empty() || self.state.orders.contains_key(&b.work_order) {
+            return None;
+        }
+        let order = WorkOrder {
+            key: key.to_owned(),
+            customer: b.customer.clone(),
+            device: String::new(),
+            site: String::new(),
+            case_id: b.case_id.clone(),
+            failure_mode: String::new(),
+            description: String::new(),
+            priority: Priority::Normal,
+            state: if b.cancelled {
+                WorkOrderState::Cancelled
+            } else {
+                WorkOrderState::Scheduled
+            },
+            appointment: (!b.cancelled).then(|| key.to_owned()),
+            part_orders: b.parts.clone(),
+            created: b.at,
+            updated: b.at,
+            notes: String::new(),
+        };
+        Some((b.work_order.clone(), order))
+    }
+
+    /// Every work order with its id: those kept, and those twins' bookings stand for.
+    pub fn work_orders(&self) -> Vec<(String, WorkOrder)> {
+        self.state
+            .orders
+            .iter()
+            .map(|(k, w)| (k.clone(), w.clone()))
+            .chain(
+                self.state
+                    .bookings
+                    .iter()
+                    .filter_map(|(k, b)| self.derived(k, b)),
+            )
+            .collect()
     }
 
     /// A work order, by id (`tenant:wo-N`).
-    pub fn work_order(&self, id: &str) -> Option<&WorkOrder> {
-        self.state.orders.get(id)
+    pub fn work_order(&self, id: &str) -> Option<WorkOrder> {
+        if let Some(w) = self.state.orders.get(id) {
+            return Some(w.clone());
+        }
+        self.state
+            .bookings
+            .iter()
+            .filter(|(_, b)| b.work_order == id)
+            .find_map(|(k, b)| self.derived(k, b))
+            .map(|(_, w)| w)
     }
 
     /// A work order, by the idempotency key it was created with, with its id.
-    pub fn work_order_by_key(&self, key: &str) -> Option<(&str, &WorkOrder)> {
-        self.work_orders().find(|(_, w)| w.key == key)
+    pub fn work_order_by_key(&self, key: &str) -> Option<(String, WorkOrder)> {
+        if let Some((id, w)) = self.state.orders.iter().find(|(_, w)| w.key == key) {
+            return Some((id.clone(), w.clone()));
+        }
+        self.state
+            .bookings
+            .get(key)
+            .and_then(|b| self.derived(key, b))
     }
 
     /// Whether `technician` can take the visit `slot` at `now`: a technician of the
@@ -764,18 +835,20 @@ impl Scheduler {
                 _ => None,
             })
             .collect();
-        make_room(
+        let keys: std::collections::BTreeSet<&str> =
+            self.state.bookings.keys().map(String::as_str).collect();
+        make_room_within(
             &mut self.state.orders,
             now,
             config.retain,
             config.max_records,
-            |w: &WorkOrder| {
-                if w.state.is_final() {
-                    Some(w.updated)
-                } else {
-                    w.appointment.as_deref().and_then(|k| ended.get(k).copied())
-                }
+            |w: &WorkOrder| match &w.appointment {
+                _ if w.state.is_final() => Some(w.updated),
+                Some(k) if !keys.contains(k.as_str()) => Some(w.updated),
+                Some(k) => ended.get(k.as_str()).copied(),
+                None => None,
             },
+            ORDERS_BUDGET,
         )
     }
 
@@ -847,6 +920,7 @@ impl Scheduler {
     fn work_order_progress(
         &mut self,
         ctx: &mut Ctx,
+        config: &SchedulerConfig,
         id: &str,
         state: WorkOrderState,
         notes: String,
@@ -862,9 +936,27 @@ impl Scheduler {
         if notes.len() > MAX_TEXT {
             return Err(format!("notes are over {MAX_TEXT} bytes"));
         }
-        let Some(wo) = self.state.orders.get(id) else {
-            return Err(format!("unknown work order {id:?}"));
-        };
+        if !self.state.orders.contains_key(id) {
+            // A twin's booking: the change makes its work order a record of its own.
+            let Some(wo) = self.work_order(id) else {
+                return Err(format!("unknown work order {id:?}"));
+            };
+            if wo.state == state {
+                return Ok(Status::Duplicate);
+            }
+            if wo.state.is_final() || state < wo.state {
+                return Ok(Status::Ignored);
+            }
+            let room = self.room_for_order(ctx.now(), config);
+            if !room.fits {
+                return Err(format!(
+                    "the desk is full: {} work orders are open",
+                    self.state.orders.len()
+                ));
+            }
+            self.state.orders.insert(id.to_owned(), wo);
+        }
+        let wo = &self.state.orders[id];
         if wo.state == state {
             return Ok(Status::Duplicate);
         }
@@ -923,12 +1015,13 @@ impl Scheduler {
             Some((_, end)) if !b.cancelled => (end <= now).then_some(end),
             _ => Some(b.at),
         };
-        let room = make_room(
+        let room = make_room_within(
             &mut self.state.bookings,
             now,
             config.retain,
             config.max_records,
             visit_over,
+            BOOKINGS_BUDGET,
         );
         if room.forgot {
             self.state.rebuild_calendars();
@@ -976,6 +1069,7 @@ impl Scheduler {
                 parts: req.part_orders,
                 confirmed: req.confirmed,
                 cancelled: false,
+                case_id: String::new(),
             },
         );
         ctx.changed();
@@ -1029,12 +1123,13 @@ impl Scheduler {
             Some((_, end)) if !b.cancelled => (end <= now).then_some(end),
             _ => Some(b.at),
         };
-        let room = make_room(
+        let room = make_room_within(
             &mut self.state.bookings,
             now,
             config.retain,
             config.max_records,
             visit_over,
+            BOOKINGS_BUDGET,
         );
         if room.forgot {
             self.state.rebuild_calendars();
@@ -1074,27 +1169,6 @@ impl Scheduler {
                 debug_assert!(i == 0 || cal[i - 1].1 <= slot.0);
                 debug_assert!(cal.get(i).is_none_or(|v| slot.1 <= v.0));
                 cal.insert(i, slot);
-                // A twin's booking is its work order's visit: the order is scheduled.
-                let order = WorkOrder {
-                    key: key.clone(),
-                    customer: customer.clone(),
-                    device: String::new(),
-                    site: String::new(),
-                    case_id,
-                    failure_mode: String::new(),
-                    description: format!("{skill} visit"),
-                    priority: Priority::Normal,
-                    state: WorkOrderState::Scheduled,
-                    appointment: Some(key.clone()),
-                    part_orders: Vec::new(),
-                    created: now,
-                    updated: now,
-                    notes: String::new(),
-                };
-                if self.room_for_order(now, config).forgot {
-                    ctx.changed();
-                }
-                self.state.orders.insert(wo.clone(), order);
                 Booking {
                     customer,
                     at: now,
@@ -1106,6 +1180,7 @@ impl Scheduler {
                     parts: Vec::new(),
                     confirmed: false,
                     cancelled: false,
+                    case_id,
                 }
             }
             None => {
@@ -1135,6 +1210,7 @@ impl Scheduler {
                     parts: Vec::new(),
                     confirmed: false,
                     cancelled: false,
+                    case_id,
                 }
             }
         };
@@ -1211,7 +1287,7 @@ impl Twin for Scheduler {
                 work_order_id,
                 state,
                 notes,
-            } => self.work_order_progress(ctx, &work_order_id, state, notes),
+            } => self.work_order_progress(ctx, env.get(&self.tenant), &work_order_id, state, notes),
             Body::BookSlot(req) => self.book_slot(ctx, env.get(&self.tenant), req),
             Body::CancelBooking { appointment_id, .. } => {
                 match self.appointment(&appointment_id).map(|(k, _)| k.to_owned()) {
@@ -1972,9 +2048,8 @@ mod tests {
             let (status, _, c) = step(&mut s, &env, MON + 1, open("api/k1"));
             assert_eq!((status, c.ops().len()), (Status::Duplicate, 0));
         }
-        assert_eq!(s.work_orders().count(), 1);
+        assert_eq!(s.work_orders().len(), 1);
         let (id, wo) = s.work_order_by_key("api/k1").unwrap();
-        let id = id.to_owned();
         assert_eq!(id, "t1:wo-1");
         assert_eq!(wo.state, WorkOrderState::Open);
 
@@ -2150,6 +2225,41 @@ mod tests {
     }
 
     #[test]
+    fn work_orders_and_bookings_together_stay_within_a_snapshot() {
+        let env = Tenants::all(SchedulerConfig {
+            max_records: 10_000,
+            ..env().default
+        });
+        let mut s = Scheduler::create("t1", &env).unwrap();
+        let mut refused = false;
+        for i in 0..1_000 {
+            let mut m = open(&format!("api/wo/{i}"));
+            if let Body::OpenWorkOrder(r) = &mut m.body {
+                r.description = "x".repeat(MAX_TEXT);
+            }
+            if matches!(s.handle(m, &mut ctx(MON), &env), Status::Refused(_)) {
+                refused = true;
+                break;
+            }
+        }
+        assert!(
+            refused,
+            "open work orders alone fill their share, then are refused"
+        );
+        for i in 0..1_000 {
+            let m = book(&format!("b{i}"), "boiler", "north", MON, &[], 30);
+            if matches!(s.handle(m, &mut ctx(MON), &env), Status::Refused(_)) {
+                break;
+            }
+        }
+        let bytes = s.snapshot().len();
+        assert!(
+            bytes <= crate::store::MAX_VALUE_BYTES,
+            "{bytes} bytes do not fit a store value"
+        );
+    }
+
+    #[test]
     fn a_twins_booking_is_a_scheduled_work_order() {
         let env = env();
         let mut s = Scheduler::create("t1", &env).unwrap();
@@ -2166,6 +2276,19 @@ mod tests {
         assert_eq!(wo.case_id, "case-1");
         let (key, b) = s.appointment("t1:ap-1").unwrap();
         assert_eq!((key, b.work_order.as_str()), ("case-1/visit-2", "t1:wo-1"));
+        // A change from the field makes it a record of its own.
+        let progress = work_mail(Body::WorkOrderProgress {
+            work_order_id: "t1:wo-1".into(),
+            state: WorkOrderState::InProgress,
+            notes: String::new(),
+        });
+        assert_eq!(step(&mut s, &env, MON, progress).0, Status::Done);
+        let wo = s.work_order("t1:wo-1").unwrap();
+        assert_eq!(
+            (wo.state, wo.appointment.as_deref()),
+            (WorkOrderState::InProgress, Some("case-1/visit-2"))
+        );
+        assert_eq!(s.work_orders().len(), 1, "not listed twice");
     }
 
     #[test]

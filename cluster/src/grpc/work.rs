@@ -309,7 +309,7 @@ impl WorkApi {
         p.own("work order", id)?;
         let wanted = id.to_owned();
         self.scheduler(&p.tenant, move |s| {
-            s.work_order(&wanted).map(|w| to_work_order(s, &wanted, w))
+            s.work_order(&wanted).map(|w| to_work_order(s, &wanted, &w))
         })
         .await?
         .ok_or_else(|| Status::not_found(format!("work order {id:?} not found")))
@@ -331,7 +331,7 @@ impl WorkApi {
         let wanted = id.to_owned();
         self.scheduler(&p.tenant, move |s| {
             s.appointment(&wanted)
-                .map(|(_, b)| to_appointment(b, s.work_order(&b.work_order)))
+                .map(|(_, b)| to_appointment(b, s.work_order(&b.work_order).as_ref()))
         })
         .await?
         .ok_or_else(|| Status::not_found(format!("appointment {id:?} not found")))
@@ -396,7 +396,7 @@ impl WorkService for WorkApi {
             let key = key.clone();
             self.scheduler(&p.tenant, move |s| {
                 s.work_order_by_key(&key)
-                    .map(|(id, w)| to_work_order(s, id, w))
+                    .map(|(id, w)| to_work_order(s, &id, &w))
             })
             .await?
         };
@@ -431,7 +431,7 @@ impl WorkService for WorkApi {
         let wo = self
             .scheduler(&p.tenant, move |s| {
                 s.work_order_by_key(&key)
-                    .map(|(id, w)| to_work_order(s, id, w))
+                    .map(|(id, w)| to_work_order(s, &id, &w))
             })
             .await?
             .ok_or_else(|| internal("the work order was taken but is not kept"))?;
@@ -467,7 +467,8 @@ impl WorkService for WorkApi {
         let mut all = self
             .scheduler(&p.tenant, move |s| {
                 s.work_orders()
-                    .map(|(id, w)| to_work_order(s, id, w))
+                    .into_iter()
+                    .map(|(id, w)| to_work_order(s, &id, &w))
                     .filter(|w| {
                         (r.states.is_empty() || r.states.contains(&w.state))
                             && (r.device_id.is_empty() || w.device_id == r.device_id)
@@ -558,7 +559,7 @@ impl WorkService for WorkApi {
             let key = key.clone();
             self.scheduler(&p.tenant, move |s| {
                 s.booking(&key)
-                    .map(|b| to_appointment(b, s.work_order(&b.work_order)))
+                    .map(|b| to_appointment(b, s.work_order(&b.work_order).as_ref()))
             })
             .await?
         };
@@ -620,7 +621,7 @@ impl WorkService for WorkApi {
         let a = self
             .scheduler(&p.tenant, move |s| {
                 s.booking(&key)
-                    .map(|b| to_appointment(b, s.work_order(&b.work_order)))
+                    .map(|b| to_appointment(b, s.work_order(&b.work_order).as_ref()))
             })
             .await?
             .ok_or_else(|| internal("the appointment was taken but is not kept"))?;
