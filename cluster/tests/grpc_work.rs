@@ -606,13 +606,31 @@ async fn a_work_order_books_a_free_slot_which_cancelling_frees_again() {
         .into_inner();
     assert_eq!(open.state, v1::WorkOrderState::Open as i32);
     assert!(open.appointment.is_none());
-    // The slot is free for the other order now.
-    c.book_appointment(with(
-        &n.planner,
-        book("b-3", "t1:wo-2", at(0, 10, 0), at(0, 10, 30)),
-    ))
-    .await
-    .unwrap();
+    // The slot is free for the other order now; the technician brings a part.
+    let pump = c
+        .create_part_order(with(
+            &n.planner,
+            part_order("pump", "t1:coffee-1", "PUMP-12", 1),
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    let mut with_part = book("b-3", "t1:wo-2", at(0, 10, 0), at(0, 10, 30));
+    with_part.part_order_ids = vec![pump.part_order_id.clone()];
+    let a2 = c
+        .book_appointment(with(&n.planner, with_part))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(a2.parts.len(), 1);
+    assert_eq!(
+        (
+            a2.parts[0].part_number.as_str(),
+            a2.parts[0].quantity,
+            a2.parts[0].reserved
+        ),
+        ("PUMP-12", 1, false)
+    );
 
     // From the field: forward only.
     let update = |state: v1::WorkOrderState| v1::UpdateWorkOrderStateRequest {

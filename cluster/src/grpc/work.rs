@@ -25,6 +25,7 @@ use caretwin_actors::services::scheduler::{
 };
 use caretwin_actors::system::System;
 use caretwin_proto::v1::{self, work_service_server::WorkService};
+use std::collections::HashMap;
 use std::sync::Arc;
 use tonic::{Request, Response, Status};
 
@@ -284,12 +285,14 @@ impl WorkApi {
         self.system
             .scheduler()
             .inspect(tenant, move |s| match s {
-                Some(s) => f(s),
-                None => f(&Scheduler::create(&id, &Tenants::default())
-                    .expect("a principal's tenant is a valid desk id")),
+                Some(s) => Ok(f(s)),
+                // A tenant id no desk can have (tokens allow more than desks do).
+                None => Scheduler::create(&id, &Tenants::default())
+                    .map(|s| f(&s))
+                    .map_err(|e| Status::failed_precondition(e.to_string())),
             })
             .await
-            .map_err(internal)
+            .map_err(internal)?
     }
 
     /// Looks at the tenant's parts desk (`None` if it never existed).
@@ -308,11 +311,49 @@ impl WorkApi {
     async fn work_order(&self, p: &Principal, id: &str) -> Result<v1::WorkOrder, Status> {
         p.own("work order", id)?;
         let wanted = id.to_owned();
-        self.scheduler(&p.tenant, move |s| {
-            s.work_order(&wanted).map(|w| to_work_order(s, &wanted, &w))
-        })
-        .await?
-        .ok_or_else(|| Status::not_found(format!("work order {id:?} not found")))
+        let mut wo = self
+            .scheduler(&p.tenant, move |s| {
+                s.work_order(&wanted).map(|w| to_work_order(s, &wanted, &w))
+            })
+            .await?
+            .ok_or_else(|| Status::not_found(format!("work order {id:?} not found")))?;
+        if let Some(a) = wo.appointment.as_mut() {
+            self.fill_parts(&p.tenant, std::slice::from_mut(a)).await?;
+        }
+        Ok(wo)
+    }
+
+    /// Fills in the parts the technicians bring from the parts desk's orders: part number,
+    /// quantity, expected arrival, and whether it has arrived (delivered).
+    async fn fill_parts(
+        &self,
+        tenant: &str,
+        appointments: &mut [v1::Appointment],
+    ) -> Result<(), Status> {
+        if appointments.iter().all(|a| a.parts.is_empty()) {
+            return Ok(());
+        }
+        let orders: HashMap<String, v1::PartOrder> = {
+            let tenant = tenant.to_owned();
+            self.parts(&tenant.clone(), move |d| {
+                d.map(|d| {
+                    d.orders()
+                        .map(|(k, o)| (o.id.clone(), to_part_order(&tenant, k, o)))
+                        .collect()
+                })
+                .unwrap_or_default()
+            })
+            .await?
+        };
+        for r in appointments.iter_mut().flat_map(|a| a.parts.iter_mut()) {
+            if let Some(o) = orders.get(&r.part_order_id) {
+                r.part_number = o.part_number.clone();
+                r.quantity = o.quantity;
+                r.expected_arrival_at_ms = o.expected_delivery_at_ms.unwrap_or_default();
+                r.reserved = o.state == v1::PartOrderState::Delivered as i32;
+            }
+        }
+        Ok(())
     }
 
     async fn part_order(&self, p: &Principal, id: &str) -> Result<v1::PartOrder, Status> {
@@ -329,12 +370,16 @@ impl WorkApi {
     async fn appointment(&self, p: &Principal, id: &str) -> Result<v1::Appointment, Status> {
         p.own("appointment", id)?;
         let wanted = id.to_owned();
-        self.scheduler(&p.tenant, move |s| {
-            s.appointment(&wanted)
-                .map(|(_, b)| to_appointment(b, s.work_order(&b.work_order).as_ref()))
-        })
-        .await?
-        .ok_or_else(|| Status::not_found(format!("appointment {id:?} not found")))
+        let mut a = self
+            .scheduler(&p.tenant, move |s| {
+                s.appointment(&wanted)
+                    .map(|(_, b)| to_appointment(b, s.work_order(&b.work_order).as_ref()))
+            })
+            .await?
+            .ok_or_else(|| Status::not_found(format!("appointment {id:?} not found")))?;
+        self.fill_parts(&p.tenant, std::slice::from_mut(&mut a))
+            .await?;
+        Ok(a)
     }
 
     /// Sends `body` to one of the tenant's desks (`to`), from `from`; the desk's answer as
@@ -486,7 +531,16 @@ impl WorkService for WorkApi {
         all.sort_by(|a, b| {
             (b.created_at_ms, &b.work_order_id).cmp(&(a.created_at_ms, &a.work_order_id))
         });
-        let (work_orders, page) = page(all, page_req)?;
+        let (mut work_orders, page) = page(all, page_req)?;
+        let (at, mut appointments): (Vec<usize>, Vec<v1::Appointment>) = work_orders
+            .iter_mut()
+            .enumerate()
+            .filter_map(|(i, w)| w.appointment.take().map(|a| (i, a)))
+            .unzip();
+        self.fill_parts(&p.tenant, &mut appointments).await?;
+        for (i, a) in at.into_iter().zip(appointments) {
+            work_orders[i].appointment = Some(a);
+        }
         Ok(Response::new(v1::ListWorkOrdersResponse {
             work_orders,
             page: Some(page),
@@ -563,7 +617,9 @@ impl WorkService for WorkApi {
             })
             .await?
         };
-        if let Some(a) = booked {
+        if let Some(mut a) = booked {
+            self.fill_parts(&p.tenant, std::slice::from_mut(&mut a))
+                .await?;
             return Ok(Response::new(a));
         }
         let wo = self.work_order(&p, &r.work_order_id).await?;
@@ -625,6 +681,9 @@ impl WorkService for WorkApi {
             })
             .await?
             .ok_or_else(|| internal("the appointment was taken but is not kept"))?;
+        let mut a = a;
+        self.fill_parts(&p.tenant, std::slice::from_mut(&mut a))
+            .await?;
         tracing::info!(tenant = %p.tenant, appointment = %a.appointment_id, "appointment booked");
         Ok(Response::new(a))
     }
