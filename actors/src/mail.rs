@@ -139,6 +139,120 @@ pub enum AgentWork {
     },
 }
 
+/// An integrator's order of a part or consumable (the gRPC `WorkService`): what the parts
+/// desk needs, with the references a twin's [`Body::OrderPart`] does not carry.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PartOrderRequest {
+    /// Idempotency key: one order however often this is sent.
+    pub key: String,
+    /// The part number or consumable SKU.
+    pub part_number: String,
+    /// How many, at least 1.
+    pub quantity: u32,
+    /// Who it is for (the device's customer).
+    pub customer: String,
+    /// The device it is for.
+    pub device: String,
+    /// The case it belongs to, if any (empty: none).
+    pub case_id: String,
+    /// The work order it belongs to, if any (empty: none).
+    pub work_order_id: String,
+    /// A consumable sent to the customer rather than a spare part for a repair.
+    pub consumable: bool,
+}
+
+/// Where a supplier says an order stands (the gRPC `UpdatePartOrderState`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SupplierState {
+    /// The supplier accepted it.
+    Confirmed,
+    /// On its way.
+    Shipped,
+    /// Delivered.
+    Delivered,
+    /// Cancelled before shipping.
+    Cancelled,
+    /// The supplier cannot fulfil it.
+    Failed,
+}
+
+/// A supplier's report of an order's progress.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct OrderProgress {
+    /// The order's id (`tenant:po-N`).
+    pub part_order_id: String,
+    /// Its new state; states only move forward.
+    pub state: SupplierState,
+    /// The supplier's reference, if newly known (empty: unchanged).
+    pub supplier_reference: String,
+    /// Expected delivery, if newly known.
+    pub expected_delivery_at_ms: Option<TimeMs>,
+    /// Tracking reference, if newly known (empty: unchanged).
+    pub tracking_reference: String,
+}
+
+/// Where a work order stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum WorkOrderState {
+    /// Created, no appointment yet.
+    Open,
+    /// An appointment is booked.
+    Scheduled,
+    /// The technician is on site.
+    InProgress,
+    /// The work is done.
+    Completed,
+    /// Cancelled; not done.
+    Cancelled,
+}
+
+impl WorkOrderState {
+    /// Whether the work order can never change again.
+    pub fn is_final(self) -> bool {
+        matches!(self, WorkOrderState::Completed | WorkOrderState::Cancelled)
+    }
+}
+
+/// An integrator's new work order (the gRPC `WorkService`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct WorkOrderRequest {
+    /// Idempotency key: one work order however often this is sent.
+    pub key: String,
+    /// The device's customer.
+    pub customer: String,
+    /// The device to repair.
+    pub device: String,
+    /// The device's site.
+    pub site: String,
+    /// The case it belongs to, if any (empty: none).
+    pub case_id: String,
+    /// Failure mode from the catalogue, if known (empty: unknown).
+    pub failure_mode: String,
+    /// What to do, for the technician.
+    pub description: String,
+    /// Urgency.
+    pub priority: Priority,
+}
+
+/// Book a given slot of a given technician for a work order (the gRPC `BookAppointment`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SlotRequest {
+    /// Idempotency key: one appointment however often this is sent.
+    pub key: String,
+    /// The work order.
+    pub work_order_id: String,
+    /// The technician.
+    pub technician: String,
+    /// The visit, `[start, end)` Unix ms.
+    pub slot: (TimeMs, TimeMs),
+    /// Part orders whose parts the technician brings.
+    pub part_orders: Vec<String>,
+    /// Booked confirmed (true) or held until the customer confirms.
+    pub confirmed: bool,
+}
+
 /// What mail says.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case", tag = "type")]
@@ -267,6 +381,32 @@ pub enum Body {
         slot: Option<(TimeMs, TimeMs)>,
         /// Work order id or failure reason.
         detail: String,
+    },
+
+    // ---- integrators (gRPC WorkService) → parts desk and scheduler
+    /// Order a part or consumable for an integrator, once per key.
+    PlaceOrder(PartOrderRequest),
+    /// A supplier reports an order's progress.
+    SupplierProgress(OrderProgress),
+    /// Open a work order, once per key.
+    OpenWorkOrder(WorkOrderRequest),
+    /// Move a work order forward, from the field.
+    WorkOrderProgress {
+        /// The work order.
+        work_order_id: String,
+        /// Its new state: in progress, completed or cancelled.
+        state: WorkOrderState,
+        /// The technician's report or the reason, for people.
+        notes: String,
+    },
+    /// Book a given technician slot for a work order, once per key.
+    BookSlot(SlotRequest),
+    /// Cancel an appointment: its slot is free again, its work order open again.
+    CancelBooking {
+        /// The appointment (`tenant:ap-N`).
+        appointment_id: String,
+        /// Why, for people.
+        reason: String,
     },
 
     // ---- customer twin → handoff queue, and back

@@ -584,7 +584,21 @@ impl Ingest {
             }))
     }
 
-    /// The site's commands after `position`, not yet expired at `now`, as frames.
+    /// Whether the device twin cancelled `c` before the edge confirmed it (it is then
+    /// never sent down).
+    async fn cancelled(&self, c: &LoggedCommand) -> caretwin_actors::Result<bool> {
+        let id = c.command.command_id.clone();
+        self.system
+            .devices()
+            .inspect(&c.device, move |t| {
+                t.and_then(|t| t.commands().iter().find(|x| x.id == id))
+                    .is_some_and(|x| x.state == "cancelled")
+            })
+            .await
+    }
+
+    /// The site's commands after `position`, not yet expired at `now` nor cancelled, as
+    /// frames.
     pub async fn commands_after(
         &self,
         site: &SiteId,
@@ -628,7 +642,7 @@ impl Ingest {
                     }
                     Err(_) => continue,
                 };
-                if c.command.expires_at_ms <= now {
+                if c.command.expires_at_ms <= now || self.cancelled(&c).await? {
                     continue;
                 }
                 let args = c.command.args.into_iter().collect();

@@ -147,7 +147,7 @@ impl Node {
         let backend = crate::store::open(&config.store)?;
         // The twins write through the watched store, so the gRPC case streams wake as soon
         // as a case event is durable.
-        let watched = crate::store::watch::Watched::new(backend, &["cases/"]);
+        let watched = crate::store::watch::Watched::new(backend, &["cases/", "commands/"]);
         let log_signals = watched.signals();
         let mail = watched.mail_signal();
         let store: Arc<dyn Store> = Arc::new(watched);
@@ -193,7 +193,7 @@ impl Node {
             Ingest::new(system.clone(), store.clone(), &config.node_id)
                 .with_heartbeat(config.sync.heartbeat),
         );
-        let server = SyncServer::new(ingest.clone(), signals, clock);
+        let server = SyncServer::new(ingest.clone(), signals.clone(), clock.clone());
 
         let grpc_listener = tokio::net::TcpListener::bind(config.grpc.listen)
             .await
@@ -211,7 +211,7 @@ impl Node {
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
         let sites = server.clone();
         let cases = crate::grpc::cases::CaseApi(Arc::new(
-            crate::grpc::cases::Cases::new(system.clone(), store.clone(), log_signals)
+            crate::grpc::cases::Cases::new(system.clone(), store.clone(), log_signals.clone())
                 .with_shutdown(stop_rx.clone())
                 .with_vault(vault.clone()),
         ));
@@ -229,6 +229,22 @@ impl Node {
                 Arc::new(move || sites.live_sites()),
             ),
             catalogue: crate::grpc::catalogue::CatalogueApi::new(catalogue.clone()),
+            work: crate::grpc::work::WorkApi::new(
+                system.clone(),
+                catalogue.clone(),
+                Arc::new(config.services.scheduler.clone()),
+                clock.clone(),
+            ),
+            commands: crate::grpc::commands::CommandApi(Arc::new(
+                crate::grpc::commands::Commands::new(
+                    system.clone(),
+                    store.clone(),
+                    log_signals,
+                    catalogue.clone(),
+                    clock.clone(),
+                )
+                .with_shutdown(stop_rx.clone()),
+            )),
         };
         let identity = crate::grpc::identity(&config.sync.cert, &config.sync.key)?;
 

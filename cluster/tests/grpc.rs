@@ -15,8 +15,10 @@ use caretwin_actors::twins::device::{DeviceMsg, DeviceReply};
 use caretwin_cluster::grpc::auth::{Scope, Tokens, mint};
 use caretwin_cluster::grpc::cases::{CaseApi, Cases};
 use caretwin_cluster::grpc::catalogue::CatalogueApi;
+use caretwin_cluster::grpc::commands::{CommandApi, Commands};
 use caretwin_cluster::grpc::customers::CustomerApi;
 use caretwin_cluster::grpc::twins::TwinApi;
+use caretwin_cluster::grpc::work::WorkApi;
 use caretwin_cluster::grpc::{Services, identity, serve};
 use caretwin_cluster::pii::Vault;
 use caretwin_cluster::store::watch::Watched;
@@ -75,7 +77,7 @@ async fn node() -> Node {
     let system = Arc::new(
         System::start(Components {
             store: store.clone(),
-            clock,
+            clock: clock.clone(),
             catalogue: Arc::new(Catalogue::builtin()),
             device_env: None,
             services: ServicesConfig::default(),
@@ -104,7 +106,7 @@ async fn node() -> Node {
     let tokens = Arc::new(Tokens::from_entries(vec![e1, e2, e3]).unwrap());
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
-    let cases = Arc::new(Cases::new(system.clone(), store.clone(), signals));
+    let cases = Arc::new(Cases::new(system.clone(), store.clone(), signals.clone()));
     let services = Services {
         customers: CustomerApi::new(
             system.clone(),
@@ -114,8 +116,21 @@ async fn node() -> Node {
             Arc::new(Catalogue::builtin()),
         ),
         cases: CaseApi(cases),
+        commands: CommandApi(Arc::new(Commands::new(
+            system.clone(),
+            store.clone(),
+            signals,
+            Arc::new(Catalogue::builtin()),
+            clock.clone(),
+        ))),
         twins: TwinApi::new(system.clone(), Arc::new(Vec::new)),
         catalogue: CatalogueApi::new(Arc::new(Catalogue::builtin())),
+        work: WorkApi::new(
+            system.clone(),
+            Arc::new(Catalogue::builtin()),
+            Arc::new(Default::default()),
+            clock,
+        ),
     };
     let id = identity(&certs.join("cluster.pem"), &certs.join("cluster.key")).unwrap();
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
@@ -207,6 +222,8 @@ async fn health_and_reflection_work_for_stock_clients() {
         "caretwin.v1.CaseService",
         "caretwin.v1.TwinService",
         "caretwin.v1.CatalogueService",
+        "caretwin.v1.WorkService",
+        "caretwin.v1.CommandService",
     ] {
         let r = health
             .check(tonic_health::pb::HealthCheckRequest {

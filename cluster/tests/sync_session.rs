@@ -13,6 +13,7 @@ use caretwin_actors::store::{Key, Store};
 use caretwin_actors::system::{Components, ServicesConfig, System};
 use caretwin_actors::twins::device::{DeviceMsg, DeviceReply};
 use caretwin_cluster::ingest::{CommandSignals, EdgeGateway, Ingest};
+use caretwin_cluster::store::watch::{LogSignals, Watched};
 use caretwin_cluster::store::{EmbeddedConfig, EmbeddedStore};
 use caretwin_cluster::sync::dev::{DevPki, generate};
 use caretwin_cluster::sync::server::SyncServer;
@@ -50,6 +51,8 @@ struct Cluster {
     clock: Arc<ManualClock>,
     system: Arc<System>,
     store: Arc<dyn Store>,
+    /// Appends to the tenants' command logs, as on a node.
+    log_signals: Arc<LogSignals>,
     addr: SocketAddr,
     _stop: tokio::sync::oneshot::Sender<()>,
 }
@@ -73,8 +76,11 @@ async fn cluster() -> Cluster {
         force: false,
     })
     .unwrap();
-    let store: Arc<dyn Store> =
+    let backend: Arc<dyn Store> =
         Arc::new(EmbeddedStore::open(&EmbeddedConfig::at(dir.path().join("data"))).unwrap());
+    let watched = Watched::new(backend, &["commands/"]);
+    let log_signals = watched.signals();
+    let store: Arc<dyn Store> = Arc::new(watched);
     let signals = Arc::new(CommandSignals::default());
     let manual = Arc::new(ManualClock::new(1_795_392_000_000));
     let clock: Arc<dyn Clock> = manual.clone();
@@ -127,6 +133,7 @@ async fn cluster() -> Cluster {
         clock: manual,
         system,
         store,
+        log_signals,
         addr,
         _stop: stop,
     }
@@ -1040,4 +1047,134 @@ async fn the_edge_ends_a_command_it_received_too_late_as_expired() {
     .await;
     let _ = edge.stop.send(());
     edge.running.await.unwrap();
+}
+
+/// The next state a command watch reports; `None` once the stream ended.
+async fn next_state(
+    watch: &mut std::pin::Pin<
+        Box<dyn futures::Stream<Item = Result<v1::CommandTransition, tonic::Status>> + Send>,
+    >,
+) -> Option<v1::CommandState> {
+    use futures::StreamExt as _;
+    tokio::time::timeout(DEADLINE, watch.next())
+        .await
+        .expect("a transition in time")
+        .map(|t| v1::CommandState::try_from(t.unwrap().state).unwrap())
+}
+
+/// A call as the gRPC interceptor hands it to a service: from an integrator of t1 that
+/// may send and read commands.
+fn call<T>(msg: T) -> tonic::Request<T> {
+    use caretwin_cluster::grpc::auth::{Principal, Scope};
+    let mut r = tonic::Request::new(msg);
+    r.extensions_mut().insert(Principal {
+        name: "crm".into(),
+        tenant: "t1".into(),
+        scopes: [Scope::CommandsRead, Scope::CommandsWrite].into(),
+    });
+    r
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_integrators_command_is_watched_from_queued_to_succeeded_through_a_real_edge() {
+    use caretwin_cluster::grpc::commands::{CommandApi, Commands};
+    use caretwin_proto::v1::command_service_server::CommandService;
+    let c = cluster().await;
+    let api = CommandApi(Arc::new(Commands::new(
+        c.system.clone(),
+        c.store.clone(),
+        c.log_signals.clone(),
+        Arc::new(Catalogue::builtin()),
+        c.clock.clone(),
+    )));
+    // The edge judges expiry by its own (wall) clock: the cluster's must agree.
+    c.clock.set(caretwin_cluster::node::now_ms());
+    let sent = api
+        .send_command(call(v1::SendCommandRequest {
+            idempotency_key: "descale-1".into(),
+            device_id: DEVICE.into(),
+            payload: Some(v1::CommandPayload {
+                kind: Some(v1::command_payload::Kind::RemoteRemedy(v1::RemoteRemedy {
+                    name: "descale".into(),
+                    args: Default::default(),
+                })),
+            }),
+            ..Default::default()
+        }))
+        .await
+        .unwrap()
+        .into_inner();
+    c.system.settle(5).await.unwrap();
+    let mut watch = api
+        .watch_command(call(v1::WatchCommandRequest {
+            command_id: sent.command_id.clone(),
+        }))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(next_state(&mut watch).await, Some(v1::CommandState::Queued));
+
+    // The edge comes online and stores it: the watcher hears it.
+    let mut edge = start_edge(&c);
+    let down = tokio::time::timeout(DEADLINE, edge.downlink.recv())
+        .await
+        .unwrap()
+        .unwrap();
+    let Downlink::Command(got) = down else {
+        panic!("expected the command, got {down:?}")
+    };
+    assert_eq!(got.command_id, sent.command_id);
+    assert_eq!(
+        next_state(&mut watch).await,
+        Some(v1::CommandState::SentToEdge)
+    );
+    assert!(
+        edge.outbox
+            .set_command_state(
+                &got.command_id,
+                caretwin_edge::outbox::CommandState::DeliveredToDevice
+            )
+            .await
+            .unwrap()
+    );
+    edge.progress.notify_one();
+    assert_eq!(
+        next_state(&mut watch).await,
+        Some(v1::CommandState::DeliveredToDevice)
+    );
+    edge.outbox
+        .accept(vec![Item::new(
+            DEVICE,
+            1_795_392_000_000,
+            ItemKind::CommandResult {
+                command_id: got.command_id.clone(),
+                succeeded: true,
+                expired: false,
+                detail: "cycle complete".into(),
+            },
+        )])
+        .await
+        .unwrap();
+    edge.new_items.notify_waiters();
+    assert_eq!(
+        next_state(&mut watch).await,
+        Some(v1::CommandState::Succeeded)
+    );
+    assert_eq!(
+        next_state(&mut watch).await,
+        None,
+        "the stream ends after the final state"
+    );
+    let record = api
+        .get_command(call(v1::GetCommandRequest {
+            command_id: sent.command_id.clone(),
+        }))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(record.state, v1::CommandState::Succeeded as i32);
+    assert_eq!(record.history.len(), 4);
+    assert_eq!(record.history[3].detail, "cycle complete");
+    let _ = edge.stop.send(());
+    let _ = edge.running.await;
 }

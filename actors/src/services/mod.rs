@@ -318,6 +318,20 @@ pub(crate) fn make_room<V: Serialize>(
     max: usize,
     finished: impl Fn(&V) -> Option<u64>,
 ) -> Room {
+    make_room_within(records, now, retain, max, finished, SNAPSHOT_BUDGET)
+}
+
+/// [`make_room`] for a desk that keeps more than one kind of record in its snapshot: each
+/// kind gets its share `budget` of [`SNAPSHOT_BUDGET`] bytes.
+pub(crate) fn make_room_within<V: Serialize>(
+    records: &mut BTreeMap<String, V>,
+    now: u64,
+    retain: Span,
+    max: usize,
+    finished: impl Fn(&V) -> Option<u64>,
+    budget: usize,
+) -> Room {
+    debug_assert!(budget <= SNAPSHOT_BUDGET);
     let before = records.len();
     let cutoff = now.saturating_sub(retain.ms());
     records.retain(|_, v| finished(v).is_none_or(|at| at >= cutoff));
@@ -333,10 +347,10 @@ pub(crate) fn make_room<V: Serialize>(
         records.remove(&k);
     }
     let bytes = |r: &BTreeMap<String, V>| serde_json::to_vec(r).map_or(usize::MAX, |b| b.len());
-    let mut fits_bytes = bytes(records) <= SNAPSHOT_BUDGET;
+    let mut fits_bytes = bytes(records) <= budget;
     while !fits_bytes && let Some((_, k)) = done.pop() {
         records.remove(&k);
-        fits_bytes = bytes(records) <= SNAPSHOT_BUDGET;
+        fits_bytes = bytes(records) <= budget;
     }
     Room {
         forgot: records.len() != before,

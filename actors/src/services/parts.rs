@@ -20,7 +20,7 @@ use super::{
     decode_snapshot, default_max_records, default_retain, make_room, refuse, send, tenant_id,
 };
 use crate::host::{Ctx, Twin};
-use crate::mail::{Address, Body, Mail, tenant_of};
+use crate::mail::{Address, Body, Mail, OrderProgress, PartOrderRequest, SupplierState, tenant_of};
 use crate::model::TimeMs;
 use crate::{Error, Result};
 use serde::{Deserialize, Serialize};
@@ -171,12 +171,47 @@ pub enum OrderState {
         /// Where it comes from, or the supplier's reference.
         detail: String,
     },
-    /// Given up after `max_attempts` refusals.
+    /// Given up after `max_attempts` refusals, or the supplier reported it cannot fulfil
+    /// it.
     #[serde(rename = "f")]
     Failed {
         /// Why.
         detail: String,
     },
+    /// On its way (the supplier said so).
+    #[serde(rename = "s")]
+    Shipped {
+        /// When the part arrives, if known.
+        arrives: Option<TimeMs>,
+        /// The supplier's reference.
+        detail: String,
+    },
+    /// Delivered (the supplier said so).
+    #[serde(rename = "d")]
+    Delivered {
+        /// The supplier's reference.
+        detail: String,
+    },
+    /// Cancelled before shipping (the supplier said so).
+    #[serde(rename = "x")]
+    Cancelled {
+        /// Why, or the supplier's reference.
+        detail: String,
+    },
+}
+
+impl OrderState {
+    /// How far the order got, for "states only move forward": requested 1, confirmed 2,
+    /// shipped 3, delivered 4; cancelled and failed end it (5).
+    pub fn rank(&self) -> u8 {
+        match self {
+            OrderState::Waiting | OrderState::Backoff { .. } => 1,
+            OrderState::Placed { .. } => 2,
+            OrderState::Shipped { .. } => 3,
+            OrderState::Delivered { .. } => 4,
+            OrderState::Failed { .. } | OrderState::Cancelled { .. } => 5,
+        }
+    }
 }
 
 /// One order, known by its idempotency key.
@@ -204,15 +239,36 @@ pub struct Order {
     /// refusal of an earlier attempt is not taken for the answer to the current one.
     #[serde(rename = "r", default, skip_serializing_if = "Vec::is_empty")]
     pub results: Vec<String>,
+    /// The order's id, `tenant:po-N` (integrators name orders by it).
+    #[serde(rename = "i", default)]
+    pub id: String,
+    /// When it was taken.
+    #[serde(rename = "t0", default)]
+    pub created: TimeMs,
+    /// The device it is for, if known.
+    #[serde(rename = "v", default, skip_serializing_if = "String::is_empty")]
+    pub device: String,
+    /// The case it belongs to, if any.
+    #[serde(rename = "z", default, skip_serializing_if = "String::is_empty")]
+    pub case_id: String,
+    /// The work order it belongs to, if any.
+    #[serde(rename = "w", default, skip_serializing_if = "String::is_empty")]
+    pub work_order_id: String,
+    /// A consumable for the customer rather than a spare part.
+    #[serde(rename = "k", default, skip_serializing_if = "is_false")]
+    pub consumable: bool,
+    /// The shipment's tracking reference, once the supplier gave one.
+    #[serde(rename = "tr", default, skip_serializing_if = "String::is_empty")]
+    pub tracking: String,
+}
+
+fn is_false(b: &bool) -> bool {
+    !*b
 }
 
 impl Order {
     fn finished_at(&self) -> Option<TimeMs> {
-        matches!(
-            self.state,
-            OrderState::Placed { .. } | OrderState::Failed { .. }
-        )
-        .then_some(self.at)
+        (self.state.rank() > 1).then_some(self.at)
     }
 }
 
@@ -227,6 +283,9 @@ struct State {
     /// Orders by idempotency key.
     #[serde(rename = "o")]
     orders: BTreeMap<String, Order>,
+    /// Order id counter.
+    #[serde(rename = "i", default)]
+    ids: u64,
 }
 
 /// A `SupplierResult`'s fields.
@@ -256,9 +315,23 @@ impl PartsDesk {
         self.state.orders.get(key)
     }
 
-    /// Every order the desk still keeps, by idempotency key.
+    /// Every order the desk keeps, with its idempotency key.
     pub fn orders(&self) -> impl Iterator<Item = (&str, &Order)> {
         self.state.orders.iter().map(|(k, o)| (k.as_str(), o))
+    }
+
+    /// An order, by id (`tenant:po-N`), with its idempotency key.
+    pub fn order_by_id(&self, id: &str) -> Option<(&str, &Order)> {
+        self.orders().find(|(_, o)| o.id == id)
+    }
+
+    /// Gives orders kept before orders had ids one, in key order (the same ids on every
+    /// restore until the next change writes them).
+    fn number_orders(&mut self) {
+        for o in self.state.orders.values_mut().filter(|o| o.id.is_empty()) {
+            self.state.ids += 1;
+            o.id = format!("{}:po-{}", self.tenant, self.state.ids);
+        }
     }
 
     /// Units of `part_number` in local stock.
@@ -278,7 +351,11 @@ impl PartsDesk {
     fn update_body(key: &str, order: &Order) -> Option<Body> {
         let (placed, arrives_at_ms, detail) = match &order.state {
             OrderState::Placed { arrives, detail } => (true, *arrives, detail.clone()),
-            OrderState::Failed { detail } => (false, None, detail.clone()),
+            OrderState::Shipped { arrives, detail } => (true, *arrives, detail.clone()),
+            OrderState::Delivered { detail } => (true, None, detail.clone()),
+            OrderState::Failed { detail } | OrderState::Cancelled { detail } => {
+                (false, None, detail.clone())
+            }
             OrderState::Waiting | OrderState::Backoff { .. } => return None,
         };
         Some(Body::PartOrderUpdate {
@@ -315,13 +392,29 @@ impl PartsDesk {
         &mut self,
         ctx: &mut Ctx,
         config: &PartsConfig,
-        key: String,
-        part_number: String,
-        quantity: u32,
-        customer: String,
+        req: PartOrderRequest,
     ) -> std::result::Result<Status, String> {
+        let PartOrderRequest {
+            key,
+            part_number,
+            quantity,
+            customer,
+            device,
+            case_id,
+            work_order_id,
+            consumable,
+        } = req;
         check_key("order key", &key)?;
         check_key("part_number", &part_number)?;
+        for (what, v) in [
+            ("device", &device),
+            ("case_id", &case_id),
+            ("work_order_id", &work_order_id),
+        ] {
+            if !v.is_empty() {
+                check_key(what, v)?;
+            }
+        }
         if quantity == 0 {
             return Err(format!("order {key:?} asks for 0 units"));
         }
@@ -354,6 +447,8 @@ impl PartsDesk {
             ));
         }
         claim(ctx, Self::KIND, &self.tenant, &key);
+        self.state.ids += 1;
+        let id = format!("{}:po-{}", self.tenant, self.state.ids);
         let in_stock = self
             .state
             .stock
@@ -367,6 +462,13 @@ impl PartsDesk {
             at: now,
             state: OrderState::Waiting,
             results: Vec::new(),
+            id,
+            created: now,
+            device,
+            case_id,
+            work_order_id,
+            consumable,
+            tracking: String::new(),
         };
         if let Some(units) = in_stock {
             *units -= quantity;
@@ -406,7 +508,13 @@ impl PartsDesk {
             return Status::Ignored;
         }
         match (&order.state, accepted) {
-            (OrderState::Placed { .. }, _)
+            (
+                OrderState::Placed { .. }
+                | OrderState::Shipped { .. }
+                | OrderState::Delivered { .. }
+                | OrderState::Cancelled { .. },
+                _,
+            )
             | (OrderState::Backoff { .. } | OrderState::Failed { .. }, false) => {
                 return Status::Ignored;
             }
@@ -451,6 +559,97 @@ impl PartsDesk {
     }
 }
 
+impl PartsDesk {
+    /// A supplier's report of an order's progress: states only move forward (a cancel
+    /// only before shipping); the same state again only adds references newly given.
+    /// A backward move changes nothing and is [`Status::Ignored`].
+    fn progress(&mut self, ctx: &mut Ctx, p: OrderProgress) -> std::result::Result<Status, String> {
+        check_key("part order id", &p.part_order_id)?;
+        for (what, v) in [
+            ("supplier_reference", &p.supplier_reference),
+            ("tracking_reference", &p.tracking_reference),
+        ] {
+            if v.len() > super::MAX_KEY_LEN {
+                return Err(format!("{what} is over {} bytes", super::MAX_KEY_LEN));
+            }
+        }
+        let Some(key) = self
+            .order_by_id(&p.part_order_id)
+            .map(|(k, _)| k.to_owned())
+        else {
+            return Err(format!("unknown part order {:?}", p.part_order_id));
+        };
+        let now = ctx.now();
+        let order = self.state.orders.get_mut(&key).expect("found above");
+        let target: u8 = match p.state {
+            SupplierState::Confirmed => 2,
+            SupplierState::Shipped => 3,
+            SupplierState::Delivered => 4,
+            SupplierState::Cancelled | SupplierState::Failed => 5,
+        };
+        let current = order.state.rank();
+        let same = matches!(
+            (&order.state, p.state),
+            (OrderState::Placed { .. }, SupplierState::Confirmed)
+                | (OrderState::Shipped { .. }, SupplierState::Shipped)
+                | (OrderState::Delivered { .. }, SupplierState::Delivered)
+                | (OrderState::Cancelled { .. }, SupplierState::Cancelled)
+                | (OrderState::Failed { .. }, SupplierState::Failed)
+        );
+        let cancel_too_late = p.state == SupplierState::Cancelled && current > 2;
+        if !same && (target <= current || cancel_too_late) {
+            return Ok(Status::Ignored);
+        }
+        let mut changed = false;
+        if !p.tracking_reference.is_empty() && order.tracking != p.tracking_reference {
+            order.tracking = p.tracking_reference.clone();
+            changed = true;
+        }
+        let old_detail = match &order.state {
+            OrderState::Placed { detail, .. }
+            | OrderState::Shipped { detail, .. }
+            | OrderState::Delivered { detail }
+            | OrderState::Cancelled { detail }
+            | OrderState::Failed { detail } => detail.clone(),
+            OrderState::Waiting | OrderState::Backoff { .. } => String::new(),
+        };
+        let old_arrives = match order.state {
+            OrderState::Placed { arrives, .. } | OrderState::Shipped { arrives, .. } => arrives,
+            _ => None,
+        };
+        let detail = if p.supplier_reference.is_empty() {
+            old_detail
+        } else {
+            p.supplier_reference.clone()
+        };
+        let arrives = p.expected_delivery_at_ms.or(old_arrives);
+        let next = match p.state {
+            SupplierState::Confirmed => OrderState::Placed { arrives, detail },
+            SupplierState::Shipped => OrderState::Shipped { arrives, detail },
+            SupplierState::Delivered => OrderState::Delivered { detail },
+            SupplierState::Cancelled => OrderState::Cancelled { detail },
+            SupplierState::Failed => OrderState::Failed { detail },
+        };
+        if next != order.state {
+            if let OrderState::Backoff { due } = order.state {
+                ctx.disarm(due, &retry_tag(&key));
+            }
+            order.state = next;
+            order.results.clear();
+            changed = true;
+        }
+        if !changed {
+            return Ok(Status::Duplicate);
+        }
+        order.at = now;
+        if !same {
+            self.tell_customer(ctx, &key);
+        }
+        ctx.changed();
+        Ok(Status::Done)
+    }
+}
+
 impl Twin for PartsDesk {
     type Msg = Mail;
     type Reply = Status;
@@ -475,6 +674,7 @@ impl Twin for PartsDesk {
             tenant,
             state: decode_snapshot(id, snapshot)?,
         };
+        desk.number_orders();
         // Part numbers added to the configuration since: they start with their quantity.
         // Not written until the next change, and taken again on every restore till then.
         desk.stock_up(env.get(id));
@@ -497,8 +697,26 @@ impl Twin for PartsDesk {
                 part_number,
                 quantity,
                 customer,
-                case_id: _,
-            } => self.order_part(ctx, config, key, part_number, quantity, customer),
+                case_id,
+            } => {
+                let req = PartOrderRequest {
+                    key,
+                    part_number,
+                    quantity,
+                    customer,
+                    device: String::new(),
+                    case_id,
+                    work_order_id: String::new(),
+                    consumable: false,
+                };
+                self.order_part(ctx, config, req)
+            }
+            Body::PlaceOrder(req) => self.order_part(ctx, config, req),
+            Body::SupplierProgress(_) if mail.from != supplier => Err(format!(
+                "supplier progress comes from {supplier:?}, not {:?}",
+                mail.from
+            )),
+            Body::SupplierProgress(p) => self.progress(ctx, p),
             Body::SupplierResult { .. } if mail.from != supplier => Err(format!(
                 "supplier results come from {supplier:?}, not {:?}",
                 mail.from
@@ -905,6 +1123,144 @@ mod tests {
         let (status, _, _) = step(&mut desk, &env, T0 + 2, order("d", "X", 1));
         assert_eq!(status, Status::Done);
         assert!(desk.order("a").is_none(), "the finished order made room");
+    }
+
+    fn place(key: &str, part: &str) -> Mail {
+        mail(
+            "grpc/1",
+            Address::Parts("t1".into()),
+            Address::Parts("t1".into()),
+            Body::PlaceOrder(PartOrderRequest {
+                key: key.into(),
+                part_number: part.into(),
+                quantity: 1,
+                customer: "t1:cust-1".into(),
+                device: "t1:boiler-1".into(),
+                case_id: String::new(),
+                work_order_id: "t1:wo-1".into(),
+                consumable: false,
+            }),
+        )
+    }
+
+    fn progress(id: &str, state: SupplierState, tracking: &str) -> Mail {
+        mail(
+            "grpc/2",
+            Address::Supplier("t1".into()),
+            Address::Parts("t1".into()),
+            Body::SupplierProgress(OrderProgress {
+                part_order_id: id.into(),
+                state,
+                supplier_reference: String::new(),
+                expected_delivery_at_ms: None,
+                tracking_reference: tracking.into(),
+            }),
+        )
+    }
+
+    #[test]
+    fn an_integrators_order_is_placed_once_and_numbered() {
+        let env = env(&[("PUMP", 1)]);
+        let mut desk = PartsDesk::create("t1", &env).unwrap();
+        let (status, _, _) = step(&mut desk, &env, T0, place("api/a", "PUMP"));
+        assert_eq!(status, Status::Done);
+        let (status, _, c) = step(&mut desk, &env, T0 + 1, place("api/a", "PUMP"));
+        assert_eq!(status, Status::Duplicate);
+        assert!(
+            !c.ops()
+                .iter()
+                .any(|op| matches!(op, Op::PutIdempotency { .. }))
+        );
+        let (_, mails, _) = step(&mut desk, &env, T0 + 2, place("api/b", "PUMP"));
+        assert_eq!(supplier_orders(&mails), 1, "stock is used up");
+        let ids: Vec<&str> = desk.orders().map(|(_, o)| o.id.as_str()).collect();
+        assert_eq!(ids, ["t1:po-1", "t1:po-2"]);
+        let (key, o) = desk.order_by_id("t1:po-1").unwrap();
+        assert_eq!(key, "api/a");
+        assert_eq!(
+            (o.device.as_str(), o.work_order_id.as_str(), o.created),
+            ("t1:boiler-1", "t1:wo-1", T0)
+        );
+        assert!(matches!(o.state, OrderState::Placed { .. }));
+        assert!(matches!(
+            desk.order("api/b").unwrap().state,
+            OrderState::Waiting
+        ));
+    }
+
+    #[test]
+    fn supplier_progress_only_moves_forward() {
+        let env = env(&[]);
+        let mut desk = PartsDesk::create("t1", &env).unwrap();
+        step(&mut desk, &env, T0, place("api/a", "BOARD"));
+        let id = "t1:po-1";
+        let (status, mails, _) = step(
+            &mut desk,
+            &env,
+            T0 + 1,
+            progress(id, SupplierState::Shipped, "TRK-1"),
+        );
+        assert_eq!(status, Status::Done);
+        assert!(matches!(
+            mails[..],
+            [Mail {
+                body: Body::PartOrderUpdate { placed: true, .. },
+                ..
+            }]
+        ));
+        let o = desk.order("api/a").unwrap();
+        assert!(matches!(o.state, OrderState::Shipped { .. }));
+        assert_eq!(o.tracking, "TRK-1");
+        // Again: nothing; backward or a cancel after shipping: ignored.
+        let (status, _, c) = step(
+            &mut desk,
+            &env,
+            T0 + 2,
+            progress(id, SupplierState::Shipped, ""),
+        );
+        assert_eq!((status, c.ops().len()), (Status::Duplicate, 0));
+        for back in [SupplierState::Confirmed, SupplierState::Cancelled] {
+            let (status, _, c) = step(&mut desk, &env, T0 + 3, progress(id, back, ""));
+            assert_eq!((status, c.ops().len()), (Status::Ignored, 0), "{back:?}");
+        }
+        let (status, _, _) = step(
+            &mut desk,
+            &env,
+            T0 + 4,
+            progress(id, SupplierState::Delivered, ""),
+        );
+        assert_eq!(status, Status::Done);
+        // A late acceptance of the supplier order changes nothing any more.
+        let (status, _, _) = step(&mut desk, &env, T0 + 5, result("sup/9", "api/a", true));
+        assert_eq!(status, Status::Ignored);
+        // Progress from anyone but the supplier, or for an unknown order, is refused.
+        let mut forged = progress(id, SupplierState::Failed, "");
+        forged.from = Address::Parts("t1".into());
+        for m in [forged, progress("t1:po-9", SupplierState::Failed, "")] {
+            let mut c = ctx(T0);
+            assert!(matches!(desk.handle(m, &mut c, &env), Status::Refused(_)));
+            assert!(c.ops().is_empty());
+        }
+    }
+
+    #[test]
+    fn a_cancel_in_backoff_disarms_the_retry() {
+        let env = env(&[]);
+        let mut desk = PartsDesk::create("t1", &env).unwrap();
+        step(&mut desk, &env, T0, place("api/a", "BOARD"));
+        step(&mut desk, &env, T0, result("sup/1", "api/a", false));
+        let (status, _, c) = step(
+            &mut desk,
+            &env,
+            T0 + 1,
+            progress("t1:po-1", SupplierState::Cancelled, ""),
+        );
+        assert_eq!(status, Status::Done);
+        assert!(c.ops().iter().any(|op| matches!(op, Op::Unschedule { .. })));
+        assert!(matches!(
+            desk.order("api/a").unwrap().state,
+            OrderState::Cancelled { .. }
+        ));
     }
 
     #[test]

@@ -11,6 +11,14 @@
 //! A booking is known by its key: a repeated `Book` gets the same answer (success or
 //! failure) and books nothing. To try again after a failure, ask with a new key.
 //!
+//! # Work orders
+//! Integrators open work orders ([`Body::OpenWorkOrder`], once per key), book a given
+//! technician slot for one ([`Body::BookSlot`]: it must be free, [`Scheduler::check_slot`]),
+//! cancel the appointment ([`Body::CancelBooking`]: the slot is free again, the order open
+//! again) and move the order forward from the field ([`Body::WorkOrderProgress`]). A twin's
+//! successful `Book` is a scheduled work order too; it is derived from the booking (not
+//! kept twice in the snapshot) until a change from the field makes it a record.
+//!
 //! # Cost
 //! The search walks day by day up to the horizon and, within a day, jumps from one
 //! obstacle to the next (the end of an overlapping visit, the start of the next customer
@@ -19,12 +27,13 @@
 //! technician's calendar, which is kept sorted.
 
 use super::{
-    Settings, Span, Status, Tenants, admit, body_name, check_key, check_limits, claim,
-    decode_snapshot, default_max_records, default_retain, make_room, refuse, send, tenant_id,
+    SNAPSHOT_BUDGET, Settings, Span, Status, Tenants, admit, body_name, check_key, check_limits,
+    claim, decode_snapshot, default_max_records, default_retain, make_room_within, refuse, send,
+    tenant_id,
 };
 use crate::host::{Ctx, Twin};
-use crate::mail::{Address, Body, Mail, tenant_of};
-use crate::model::{DAY_MS, TimeMs};
+use crate::mail::{Address, Body, Mail, SlotRequest, WorkOrderRequest, WorkOrderState, tenant_of};
+use crate::model::{DAY_MS, Priority, TimeMs};
 use crate::{Error, Result};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
@@ -250,14 +259,146 @@ pub struct Booking {
     /// Work order id, or why there is no visit.
     #[serde(rename = "d")]
     pub detail: String,
+    /// The appointment's id, `tenant:ap-N`, if booked.
+    #[serde(rename = "i", default, skip_serializing_if = "String::is_empty")]
+    pub id: String,
+    /// The work order it serves, if booked.
+    #[serde(rename = "w", default, skip_serializing_if = "String::is_empty")]
+    pub work_order: String,
+    /// Part orders whose parts the technician brings.
+    #[serde(rename = "p", default, skip_serializing_if = "Vec::is_empty")]
+    pub parts: Vec<String>,
+    /// Confirmed (by an integrator); otherwise held until the customer confirms.
+    #[serde(rename = "f", default, skip_serializing_if = "is_false")]
+    pub confirmed: bool,
+    /// Cancelled: the slot is free again (technician and slot are kept for the record).
+    #[serde(rename = "x", default, skip_serializing_if = "is_false")]
+    pub cancelled: bool,
+    /// The case a twin booked it for, if any.
+    #[serde(rename = "z", default, skip_serializing_if = "String::is_empty")]
+    pub case_id: String,
 }
+
+fn is_false(b: &bool) -> bool {
+    !*b
+}
+
+/// Whether a booking holds its technician's slot.
+fn holds_slot(b: &Booking) -> Option<(&str, (TimeMs, TimeMs))> {
+    match (&b.technician, b.slot) {
+        (Some(t), Some(slot)) if !b.cancelled => Some((t.as_str(), slot)),
+        _ => None,
+    }
+}
+
+/// A piece of repair work on a device: opened by an integrator, or by a twin's booking
+/// (then already scheduled).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct WorkOrder {
+    /// The idempotency key it was created with (a twin's booking key for twins' work).
+    #[serde(rename = "k")]
+    pub key: String,
+    /// The customer.
+    #[serde(rename = "c")]
+    pub customer: String,
+    /// The device to repair, if known.
+    #[serde(rename = "v", default, skip_serializing_if = "String::is_empty")]
+    pub device: String,
+    /// The device's site, if known.
+    #[serde(rename = "s", default, skip_serializing_if = "String::is_empty")]
+    pub site: String,
+    /// The case it belongs to, if any.
+    #[serde(rename = "z", default, skip_serializing_if = "String::is_empty")]
+    pub case_id: String,
+    /// Failure mode, if known.
+    #[serde(rename = "m", default, skip_serializing_if = "String::is_empty")]
+    pub failure_mode: String,
+    /// What to do, for the technician.
+    #[serde(rename = "x", default, skip_serializing_if = "String::is_empty")]
+    pub description: String,
+    /// Urgency.
+    #[serde(rename = "u")]
+    pub priority: Priority,
+    /// Where it stands.
+    #[serde(rename = "st")]
+    pub state: WorkOrderState,
+    /// Key of its booking that is not cancelled, if any.
+    #[serde(rename = "a", default, skip_serializing_if = "Option::is_none")]
+    pub appointment: Option<String>,
+    /// Part orders for this work.
+    #[serde(rename = "o", default, skip_serializing_if = "Vec::is_empty")]
+    pub part_orders: Vec<String>,
+    /// When created.
+    #[serde(rename = "t0")]
+    pub created: TimeMs,
+    /// When last changed.
+    #[serde(rename = "t")]
+    pub updated: TimeMs,
+    /// The technician's report or the reason, once given.
+    #[serde(rename = "n", default, skip_serializing_if = "String::is_empty")]
+    pub notes: String,
+}
+
+/// Longest description or notes of a work order, in bytes (they live in the desk's
+/// snapshot).
+pub const MAX_TEXT: usize = 1024;
+/// The scheduler keeps bookings and work orders in one snapshot: their shares of
+/// [`SNAPSHOT_BUDGET`] bytes.
+const BOOKINGS_BUDGET: usize = SNAPSHOT_BUDGET * 5 / 8;
+const ORDERS_BUDGET: usize = SNAPSHOT_BUDGET - BOOKINGS_BUDGET;
+/// Most part orders named by one appointment.
+pub const MAX_PARTS: usize = 16;
+
+/// Why a given slot cannot be booked.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SlotError {
+    /// The request makes no sense (unknown technician, empty visit, past, outside working
+    /// hours).
+    Invalid(String),
+    /// Another visit holds (part of) the slot.
+    Busy(String),
+}
+
+/// Which calendar slots to list.
+#[derive(Debug, Clone)]
+pub struct SlotQuery<'a> {
+    /// Only this technician's, if set.
+    pub technician: Option<&'a str>,
+    /// Only technicians with this skill, if set.
+    pub skill: Option<&'a str>,
+    /// Start of the range, Unix ms.
+    pub from: TimeMs,
+    /// End of the range, Unix ms (exclusive).
+    pub to: TimeMs,
+    /// Now: free slots start no earlier.
+    pub now: TimeMs,
+    /// Only free slots.
+    pub free_only: bool,
+}
+
+/// One slot of a technician's calendar.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CalendarEntry {
+    /// The technician.
+    pub technician: String,
+    /// `[start, end)` Unix ms: a grid slot when free, the visit when held or booked.
+    pub slot: (TimeMs, TimeMs),
+    /// The appointment holding it, if any.
+    pub appointment: Option<String>,
+    /// Whether that appointment is confirmed.
+    pub confirmed: bool,
+}
+
+/// Most calendar slots one query returns.
+pub const MAX_SLOTS: usize = 20_000;
 
 impl Booking {
     fn body(&self, key: &str) -> Body {
+        let held = holds_slot(self).is_some();
         Body::Booking {
             key: key.to_owned(),
-            technician: self.technician.clone(),
-            slot: self.slot,
+            technician: self.technician.clone().filter(|_| held),
+            slot: self.slot.filter(|_| held),
             detail: self.detail.clone(),
         }
     }
@@ -274,6 +415,12 @@ struct State {
     /// Bookings by key.
     #[serde(rename = "b")]
     bookings: BTreeMap<String, Booking>,
+    /// Appointment counter.
+    #[serde(rename = "a", default)]
+    appointments: u64,
+    /// Work orders by id.
+    #[serde(rename = "o", default, skip_serializing_if = "BTreeMap::is_empty")]
+    orders: BTreeMap<String, WorkOrder>,
     /// Each technician's visits, sorted and disjoint: derived from `bookings`.
     #[serde(skip)]
     calendars: BTreeMap<String, Vec<(TimeMs, TimeMs)>>,
@@ -283,8 +430,8 @@ impl State {
     fn rebuild_calendars(&mut self) {
         self.calendars.clear();
         for b in self.bookings.values() {
-            if let (Some(t), Some(slot)) = (&b.technician, b.slot) {
-                self.calendars.entry(t.clone()).or_default().push(slot);
+            if let Some((t, slot)) = holds_slot(b) {
+                self.calendars.entry(t.to_owned()).or_default().push(slot);
             }
         }
         for cal in self.calendars.values_mut() {
@@ -376,6 +523,7 @@ fn earliest_in_day(
 struct Ask {
     key: String,
     customer: String,
+    case_id: String,
     skill: String,
     region: String,
     not_before_ms: TimeMs,
@@ -395,11 +543,6 @@ impl Scheduler {
     /// A booking, by key.
     pub fn booking(&self, key: &str) -> Option<&Booking> {
         self.state.bookings.get(key)
-    }
-
-    /// Every booking the scheduler still keeps, by key.
-    pub fn bookings(&self) -> impl Iterator<Item = (&str, &Booking)> {
-        self.state.bookings.iter().map(|(k, b)| (k.as_str(), b))
     }
 
     /// A technician's visits, sorted by start.
@@ -452,28 +595,485 @@ impl Scheduler {
         None
     }
 
-    /// Cancels booking `key`: its technician's slot is freed and the customer is told
-    /// (`Booking` with no technician, detail `cancelled`). A failed, cancelled or unknown
-    /// booking is left alone.
-    ///
-    /// Not reachable by mail yet: it needs a `Body::CancelBooking { key }` variant.
+    /// Cancels booking `key`: its technician's slot is freed, its work order is open
+    /// again, and the customer is told (`Booking` with no technician, detail
+    /// `cancelled (…)`). A failed, cancelled or unknown booking is left alone.
     pub fn cancel(&mut self, key: &str, ctx: &mut Ctx) -> Status {
-        let Some(b) = self.state.bookings.get_mut(key) else {
+        let now = ctx.now();
+        let state = &mut self.state;
+        let Some(b) = state.bookings.get_mut(key) else {
             return Status::Ignored;
         };
-        let (Some(tech), Some(slot)) = (b.technician.take(), b.slot.take()) else {
+        let Some((tech, slot)) = holds_slot(b).map(|(t, s)| (t.to_owned(), s)) else {
             return Status::Duplicate;
         };
+        b.cancelled = true;
         b.detail = format!("cancelled ({})", b.detail);
-        b.at = ctx.now();
-        if let Some(cal) = self.state.calendars.get_mut(&tech)
+        b.at = now;
+        if let Some(cal) = state.calendars.get_mut(&tech)
             && let Ok(i) = cal.binary_search(&slot)
         {
             cal.remove(i);
         }
+        if let Some(wo) = state.orders.get_mut(&b.work_order)
+            && wo.appointment.as_deref() == Some(key)
+        {
+            wo.appointment = None;
+            if wo.state == WorkOrderState::Scheduled {
+                wo.state = WorkOrderState::Open;
+            }
+            wo.updated = now;
+        }
         let (to, body) = (Address::Customer(b.customer.clone()), b.body(key));
-        send(ctx, &mut self.state.seq, &self.me, Self::KIND, to, body);
+        send(ctx, &mut state.seq, &self.me, Self::KIND, to, body);
         Status::Done
+    }
+
+    /// Every booking, by key.
+    pub fn bookings(&self) -> impl Iterator<Item = (&str, &Booking)> {
+        self.state.bookings.iter().map(|(k, b)| (k.as_str(), b))
+    }
+
+    /// A booking by its appointment id (`tenant:ap-N`), with its key.
+    pub fn appointment(&self, id: &str) -> Option<(&str, &Booking)> {
+        self.bookings().find(|(_, b)| b.id == id)
+    }
+
+    /// The work order a twin's booking stands for, while no record of its own is kept
+    /// (only a change from the field makes one): derived, so the snapshot does not hold
+    /// every booking twice.
+    fn derived(&self, key: &str, b: &Booking) -> Option<(String, WorkOrder)> {
+        if b.work_order.is_empty() || self.state.orders.contains_key(&b.work_order) {
+            return None;
+        }
+        let order = WorkOrder {
+            key: key.to_owned(),
+            customer: b.customer.clone(),
+            device: String::new(),
+            site: String::new(),
+            case_id: b.case_id.clone(),
+            failure_mode: String::new(),
+            description: String::new(),
+            priority: Priority::Normal,
+            state: if b.cancelled {
+                WorkOrderState::Cancelled
+            } else {
+                WorkOrderState::Scheduled
+            },
+            appointment: (!b.cancelled).then(|| key.to_owned()),
+            part_orders: b.parts.clone(),
+            created: b.at,
+            updated: b.at,
+            notes: String::new(),
+        };
+        Some((b.work_order.clone(), order))
+    }
+
+    /// Every work order with its id: those kept, and those twins' bookings stand for.
+    pub fn work_orders(&self) -> Vec<(String, WorkOrder)> {
+        self.state
+            .orders
+            .iter()
+            .map(|(k, w)| (k.clone(), w.clone()))
+            .chain(
+                self.state
+                    .bookings
+                    .iter()
+                    .filter_map(|(k, b)| self.derived(k, b)),
+            )
+            .collect()
+    }
+
+    /// A work order, by id (`tenant:wo-N`).
+    pub fn work_order(&self, id: &str) -> Option<WorkOrder> {
+        if let Some(w) = self.state.orders.get(id) {
+            return Some(w.clone());
+        }
+        self.state
+            .bookings
+            .iter()
+            .filter(|(_, b)| b.work_order == id)
+            .find_map(|(k, b)| self.derived(k, b))
+            .map(|(_, w)| w)
+    }
+
+    /// A work order, by the idempotency key it was created with, with its id.
+    pub fn work_order_by_key(&self, key: &str) -> Option<(String, WorkOrder)> {
+        if let Some((id, w)) = self.state.orders.iter().find(|(_, w)| w.key == key) {
+            return Some((id.clone(), w.clone()));
+        }
+        self.state
+            .bookings
+            .get(key)
+            .and_then(|b| self.derived(key, b))
+    }
+
+    /// Whether `technician` can take the visit `slot` at `now`: a technician of the
+    /// tenant, not in the past, inside one working day's hours, overlapping no other
+    /// visit.
+    pub fn check_slot(
+        &self,
+        config: &SchedulerConfig,
+        technician: &str,
+        (start, end): (TimeMs, TimeMs),
+        now: TimeMs,
+    ) -> std::result::Result<(), SlotError> {
+        let Some(t) = config.technicians.iter().find(|t| t.id == technician) else {
+            return Err(SlotError::Invalid(format!(
+                "unknown technician {technician:?}"
+            )));
+        };
+        if end <= start || end - start > DAY_MS {
+            return Err(SlotError::Invalid(format!(
+                "slot [{start}, {end}) must last 1 ms to a day"
+            )));
+        }
+        if start < now {
+            return Err(SlotError::Invalid(format!(
+                "slot starts at {start}, in the past (now {now})"
+            )));
+        }
+        let base = start / DAY_MS * DAY_MS;
+        let works = t.days.contains(&Weekday::of_epoch_day(start / DAY_MS));
+        if !works || start < base + t.start.ms() || end > base + t.end.ms() {
+            return Err(SlotError::Invalid(format!(
+                "slot [{start}, {end}) is outside {technician}'s working hours"
+            )));
+        }
+        let cal = self.calendar(technician);
+        let j = cal.partition_point(|v| v.1 <= start);
+        if let Some(&(vs, ve)) = cal.get(j)
+            && vs < end
+        {
+            return Err(SlotError::Busy(format!(
+                "{technician} has a visit at [{vs}, {ve})"
+            )));
+        }
+        Ok(())
+    }
+
+    /// The calendar slots `q` asks for, by start then technician: free grid slots found
+    /// with the earliest-slot search, and (unless `free_only`) the visits that hold or
+    /// book slots. At most [`MAX_SLOTS`].
+    pub fn slots(&self, config: &SchedulerConfig, q: &SlotQuery<'_>) -> Vec<CalendarEntry> {
+        let slot = config.slot.ms().max(1);
+        let techs = config
+            .technicians
+            .iter()
+            .filter(|t| q.technician.is_none_or(|id| t.id == id))
+            .filter(|t| q.skill.is_none_or(|s| t.skills.iter().any(|x| x == s)))
+            .filter(|t| t.start < t.end);
+        let mut out = Vec::new();
+        let from = q.from.max(q.now);
+        for t in techs {
+            let cal = self.calendar(&t.id);
+            if q.to < from.saturating_add(slot) {
+                break;
+            }
+            let limit = q.to - slot;
+            for day in from / DAY_MS..=limit / DAY_MS {
+                if !t.days.contains(&Weekday::of_epoch_day(day)) {
+                    continue;
+                }
+                let base = day * DAY_MS;
+                let hours = (base + t.start.ms(), base + t.end.ms());
+                let mut next = from;
+                loop {
+                    let req = Request {
+                        skill: "",
+                        region: "",
+                        from: next,
+                        duration: slot,
+                        windows: Vec::new(),
+                    };
+                    let Some(start) = earliest_in_day(cal, hours, slot, &req, limit) else {
+                        break;
+                    };
+                    out.push(CalendarEntry {
+                        technician: t.id.clone(),
+                        slot: (start, start + slot),
+                        appointment: None,
+                        confirmed: false,
+                    });
+                    if out.len() >= MAX_SLOTS {
+                        break;
+                    }
+                    next = start + slot;
+                }
+            }
+            if !q.free_only {
+                for b in self.state.bookings.values() {
+                    if let Some((tech, (s, e))) = holds_slot(b)
+                        && tech == t.id
+                        && s < q.to
+                        && e > q.from
+                    {
+                        out.push(CalendarEntry {
+                            technician: t.id.clone(),
+                            slot: (s, e),
+                            appointment: Some(b.id.clone()),
+                            confirmed: b.confirmed,
+                        });
+                    }
+                }
+            }
+        }
+        out.sort_by(|a, b| (a.slot.0, &a.technician).cmp(&(b.slot.0, &b.technician)));
+        out.truncate(MAX_SLOTS);
+        out
+    }
+
+    /// Makes room for one more work order (see [`make_room`]): one is finished when it is
+    /// completed or cancelled, or when its visit is over.
+    fn room_for_order(&mut self, now: TimeMs, config: &SchedulerConfig) -> super::Room {
+        let ended: BTreeMap<&str, TimeMs> = self
+            .state
+            .bookings
+            .iter()
+            .filter_map(|(k, b)| match b.slot {
+                Some((_, end)) if end <= now => Some((k.as_str(), end)),
+                _ => None,
+            })
+            .collect();
+        let keys: std::collections::BTreeSet<&str> =
+            self.state.bookings.keys().map(String::as_str).collect();
+        make_room_within(
+            &mut self.state.orders,
+            now,
+            config.retain,
+            config.max_records,
+            |w: &WorkOrder| match &w.appointment {
+                _ if w.state.is_final() => Some(w.updated),
+                Some(k) if !keys.contains(k.as_str()) => Some(w.updated),
+                Some(k) => ended.get(k.as_str()).copied(),
+                None => None,
+            },
+            ORDERS_BUDGET,
+        )
+    }
+
+    fn open_work_order(
+        &mut self,
+        ctx: &mut Ctx,
+        config: &SchedulerConfig,
+        req: WorkOrderRequest,
+    ) -> std::result::Result<Status, String> {
+        check_key("work order key", &req.key)?;
+        if tenant_of(&req.customer) != self.tenant || !req.customer.contains(':') {
+            return Err(format!(
+                "work order {:?} is for customer {:?}, not one of tenant {}",
+                req.key, req.customer, self.tenant
+            ));
+        }
+        check_key("device", &req.device)?;
+        for (what, v) in [
+            ("site", &req.site),
+            ("case_id", &req.case_id),
+            ("failure_mode", &req.failure_mode),
+        ] {
+            if !v.is_empty() {
+                check_key(what, v)?;
+            }
+        }
+        if req.description.len() > MAX_TEXT {
+            return Err(format!("description is over {MAX_TEXT} bytes"));
+        }
+        if self.work_order_by_key(&req.key).is_some() {
+            return Ok(Status::Duplicate);
+        }
+        let now = ctx.now();
+        let room = self.room_for_order(now, config);
+        if room.forgot {
+            ctx.changed();
+        }
+        if !room.fits {
+            return Err(format!(
+                "the desk is full: {} work orders are open",
+                self.state.orders.len()
+            ));
+        }
+        claim(ctx, Self::KIND, &self.tenant, &req.key);
+        self.state.work_orders += 1;
+        let id = format!("{}:wo-{}", self.tenant, self.state.work_orders);
+        let order = WorkOrder {
+            key: req.key,
+            customer: req.customer,
+            device: req.device,
+            site: req.site,
+            case_id: req.case_id,
+            failure_mode: req.failure_mode,
+            description: req.description,
+            priority: req.priority,
+            state: WorkOrderState::Open,
+            appointment: None,
+            part_orders: Vec::new(),
+            created: now,
+            updated: now,
+            notes: String::new(),
+        };
+        tracing::info!(tenant = %self.tenant, work_order = %id, "work order opened");
+        self.state.orders.insert(id, order);
+        ctx.changed();
+        Ok(Status::Done)
+    }
+
+    fn work_order_progress(
+        &mut self,
+        ctx: &mut Ctx,
+        config: &SchedulerConfig,
+        id: &str,
+        state: WorkOrderState,
+        notes: String,
+    ) -> std::result::Result<Status, String> {
+        if !matches!(
+            state,
+            WorkOrderState::InProgress | WorkOrderState::Completed | WorkOrderState::Cancelled
+        ) {
+            return Err(format!(
+                "a work order is moved to in progress, completed or cancelled, not {state:?}"
+            ));
+        }
+        if notes.len() > MAX_TEXT {
+            return Err(format!("notes are over {MAX_TEXT} bytes"));
+        }
+        if !self.state.orders.contains_key(id) {
+            // A twin's booking: the change makes its work order a record of its own.
+            let Some(wo) = self.work_order(id) else {
+                return Err(format!("unknown work order {id:?}"));
+            };
+            if wo.state == state {
+                return Ok(Status::Duplicate);
+            }
+            if wo.state.is_final() || state < wo.state {
+                return Ok(Status::Ignored);
+            }
+            let room = self.room_for_order(ctx.now(), config);
+            if !room.fits {
+                return Err(format!(
+                    "the desk is full: {} work orders are open",
+                    self.state.orders.len()
+                ));
+            }
+            self.state.orders.insert(id.to_owned(), wo);
+        }
+        let wo = &self.state.orders[id];
+        if wo.state == state {
+            return Ok(Status::Duplicate);
+        }
+        // Forward only: the states are declared in the order work goes.
+        if wo.state.is_final() || state < wo.state {
+            return Ok(Status::Ignored);
+        }
+        if state == WorkOrderState::Cancelled
+            && let Some(key) = wo.appointment.clone()
+        {
+            self.cancel(&key, ctx);
+        }
+        let wo = self.state.orders.get_mut(id).expect("found above");
+        wo.state = state;
+        wo.updated = ctx.now();
+        if !notes.is_empty() {
+            wo.notes = notes;
+        }
+        ctx.changed();
+        Ok(Status::Done)
+    }
+
+    fn book_slot(
+        &mut self,
+        ctx: &mut Ctx,
+        config: &SchedulerConfig,
+        req: SlotRequest,
+    ) -> std::result::Result<Status, String> {
+        check_key("booking key", &req.key)?;
+        if self.state.bookings.contains_key(&req.key) {
+            return Ok(Status::Duplicate);
+        }
+        if req.part_orders.len() > MAX_PARTS {
+            return Err(format!(
+                "{} part orders, the limit is {MAX_PARTS}",
+                req.part_orders.len()
+            ));
+        }
+        for p in &req.part_orders {
+            check_key("part order id", p)?;
+        }
+        let Some(wo) = self.state.orders.get(&req.work_order_id) else {
+            return Err(format!("unknown work order {:?}", req.work_order_id));
+        };
+        if wo.state != WorkOrderState::Open || wo.appointment.is_some() {
+            return Ok(Status::Ignored);
+        }
+        let customer = wo.customer.clone();
+        let now = ctx.now();
+        match self.check_slot(config, &req.technician, req.slot, now) {
+            Ok(()) => {}
+            Err(SlotError::Invalid(why)) => return Err(why),
+            Err(SlotError::Busy(_)) => return Ok(Status::Ignored),
+        }
+        let visit_over = |b: &Booking| match b.slot {
+            Some((_, end)) if !b.cancelled => (end <= now).then_some(end),
+            _ => Some(b.at),
+        };
+        let room = make_room_within(
+            &mut self.state.bookings,
+            now,
+            config.retain,
+            config.max_records,
+            visit_over,
+            BOOKINGS_BUDGET,
+        );
+        if room.forgot {
+            self.state.rebuild_calendars();
+            ctx.changed();
+        }
+        if !room.fits {
+            return Err(format!(
+                "the desk is full: {} visits are ahead",
+                self.state.bookings.len()
+            ));
+        }
+        claim(ctx, Self::KIND, &self.tenant, &req.key);
+        self.state.appointments += 1;
+        let id = format!("{}:ap-{}", self.tenant, self.state.appointments);
+        let cal = self
+            .state
+            .calendars
+            .entry(req.technician.clone())
+            .or_default();
+        let i = cal.partition_point(|v| v.0 < req.slot.0);
+        cal.insert(i, req.slot);
+        let wo = self
+            .state
+            .orders
+            .get_mut(&req.work_order_id)
+            .expect("found above");
+        wo.state = WorkOrderState::Scheduled;
+        wo.appointment = Some(req.key.clone());
+        for p in &req.part_orders {
+            if !wo.part_orders.contains(p) {
+                wo.part_orders.push(p.clone());
+            }
+        }
+        wo.updated = now;
+        self.state.bookings.insert(
+            req.key,
+            Booking {
+                customer,
+                at: now,
+                technician: Some(req.technician),
+                slot: Some(req.slot),
+                detail: req.work_order_id.clone(),
+                id,
+                work_order: req.work_order_id,
+                parts: req.part_orders,
+                confirmed: req.confirmed,
+                cancelled: false,
+                case_id: String::new(),
+            },
+        );
+        ctx.changed();
+        Ok(Status::Done)
     }
 
     fn book(
@@ -485,6 +1085,7 @@ impl Scheduler {
         let Ask {
             key,
             customer,
+            case_id,
             skill,
             region,
             not_before_ms,
@@ -519,15 +1120,16 @@ impl Scheduler {
         }
         let now = ctx.now();
         let visit_over = |b: &Booking| match b.slot {
-            Some((_, end)) => (end <= now).then_some(end),
-            None => Some(b.at),
+            Some((_, end)) if !b.cancelled => (end <= now).then_some(end),
+            _ => Some(b.at),
         };
-        let room = make_room(
+        let room = make_room_within(
             &mut self.state.bookings,
             now,
             config.retain,
             config.max_records,
             visit_over,
+            BOOKINGS_BUDGET,
         );
         if room.forgot {
             self.state.rebuild_calendars();
@@ -559,6 +1161,8 @@ impl Scheduler {
         let booking = match found {
             Some((tech, start)) => {
                 self.state.work_orders += 1;
+                self.state.appointments += 1;
+                let wo = format!("{}:wo-{}", self.tenant, self.state.work_orders);
                 let slot = (start, start + duration_ms);
                 let cal = self.state.calendars.entry(tech.clone()).or_default();
                 let i = cal.partition_point(|v| v.0 < start);
@@ -570,7 +1174,13 @@ impl Scheduler {
                     at: now,
                     technician: Some(tech),
                     slot: Some(slot),
-                    detail: format!("{}/wo-{}", self.tenant, self.state.work_orders),
+                    detail: wo.clone(),
+                    id: format!("{}:ap-{}", self.tenant, self.state.appointments),
+                    work_order: wo,
+                    parts: Vec::new(),
+                    confirmed: false,
+                    cancelled: false,
+                    case_id,
                 }
             }
             None => {
@@ -595,6 +1205,12 @@ impl Scheduler {
                     technician: None,
                     slot: None,
                     detail,
+                    id: String::new(),
+                    work_order: String::new(),
+                    parts: Vec::new(),
+                    confirmed: false,
+                    cancelled: false,
+                    case_id,
                 }
             }
         };
@@ -647,7 +1263,7 @@ impl Twin for Scheduler {
             Body::Book {
                 key,
                 customer,
-                case_id: _,
+                case_id,
                 skill,
                 region,
                 not_before_ms,
@@ -657,6 +1273,7 @@ impl Twin for Scheduler {
                 let ask = Ask {
                     key,
                     customer,
+                    case_id,
                     skill,
                     region,
                     not_before_ms,
@@ -664,6 +1281,19 @@ impl Twin for Scheduler {
                     duration_ms,
                 };
                 self.book(ctx, env.get(&self.tenant), ask)
+            }
+            Body::OpenWorkOrder(req) => self.open_work_order(ctx, env.get(&self.tenant), req),
+            Body::WorkOrderProgress {
+                work_order_id,
+                state,
+                notes,
+            } => self.work_order_progress(ctx, env.get(&self.tenant), &work_order_id, state, notes),
+            Body::BookSlot(req) => self.book_slot(ctx, env.get(&self.tenant), req),
+            Body::CancelBooking { appointment_id, .. } => {
+                match self.appointment(&appointment_id).map(|(k, _)| k.to_owned()) {
+                    Some(key) => Ok(self.cancel(&key, ctx)),
+                    None => Err(format!("unknown appointment {appointment_id:?}")),
+                }
             }
             other => Err(format!("the scheduler does not take {}", body_name(&other))),
         };
@@ -1037,7 +1667,7 @@ mod tests {
             1
         );
         match &first[0].body {
-            Body::Booking { detail, .. } => assert_eq!(detail, "t1/wo-1"),
+            Body::Booking { detail, .. } => assert_eq!(detail, "t1:wo-1"),
             other => panic!("{other:?}"),
         }
         for i in 1..=5 {
@@ -1350,6 +1980,315 @@ mod tests {
             assert!(c.ops().is_empty() && !c.is_changed(), "{m:?}");
         }
         assert!(s.booking("a").is_none());
+    }
+
+    fn work_mail(body: Body) -> Mail {
+        mail(
+            "grpc/x",
+            Address::Scheduler("t1".into()),
+            Address::Scheduler("t1".into()),
+            body,
+        )
+    }
+
+    fn open(key: &str) -> Mail {
+        work_mail(Body::OpenWorkOrder(WorkOrderRequest {
+            key: key.into(),
+            customer: "t1:cust-1".into(),
+            device: "t1:boiler-1".into(),
+            site: "t1:home-1".into(),
+            case_id: String::new(),
+            failure_mode: "pump_wear".into(),
+            description: "replace the pump".into(),
+            priority: Priority::High,
+        }))
+    }
+
+    fn slot_request(key: &str, wo: &str, tech: &str, slot: (u64, u64)) -> Mail {
+        work_mail(Body::BookSlot(SlotRequest {
+            key: key.into(),
+            work_order_id: wo.into(),
+            technician: tech.into(),
+            slot,
+            part_orders: vec!["t1:po-1".into()],
+            confirmed: true,
+        }))
+    }
+
+    fn free(s: &Scheduler, env: &Tenants<SchedulerConfig>, tech: &str, day: u64) -> Vec<u64> {
+        let q = SlotQuery {
+            technician: Some(tech),
+            skill: None,
+            from: at(day, 0, 0),
+            to: at(day + 1, 0, 0),
+            now: MON,
+            free_only: true,
+        };
+        s.slots(env.get("t1"), &q)
+            .into_iter()
+            .map(|e| e.slot.0)
+            .collect()
+    }
+
+    #[test]
+    fn a_work_order_is_opened_once_booked_into_a_free_slot_and_cancelled_back_to_open() {
+        let env = env();
+        let mut s = Scheduler::create("t1", &env).unwrap();
+        let (status, mails, c) = step(&mut s, &env, MON, open("api/k1"));
+        assert_eq!((status, mails.len()), (Status::Done, 0));
+        assert_eq!(
+            c.ops()
+                .iter()
+                .filter(|op| matches!(op, Op::PutIdempotency { .. }))
+                .count(),
+            1,
+            "the key is claimed with the work order"
+        );
+        for _ in 0..3 {
+            let (status, _, c) = step(&mut s, &env, MON + 1, open("api/k1"));
+            assert_eq!((status, c.ops().len()), (Status::Duplicate, 0));
+        }
+        assert_eq!(s.work_orders().len(), 1);
+        let (id, wo) = s.work_order_by_key("api/k1").unwrap();
+        assert_eq!(id, "t1:wo-1");
+        assert_eq!(wo.state, WorkOrderState::Open);
+
+        // ana works 08:00-17:00 in 30 min slots: 18 free on Monday.
+        assert_eq!(free(&s, &env, "ana", 0).len(), 18);
+        let visit = (at(0, 10, 0), at(0, 11, 0));
+        let (status, _, _) = step(&mut s, &env, MON, slot_request("ap/1", &id, "ana", visit));
+        assert_eq!(status, Status::Done);
+        let free_now = free(&s, &env, "ana", 0);
+        assert_eq!(free_now.len(), 16);
+        assert!(!free_now.contains(&at(0, 10, 0)) && !free_now.contains(&at(0, 10, 30)));
+        let wo = s.work_order(&id).unwrap();
+        assert_eq!(wo.state, WorkOrderState::Scheduled);
+        assert_eq!(wo.part_orders, ["t1:po-1"]);
+        let (key, b) = s.appointment("t1:ap-1").unwrap();
+        assert_eq!((key, b.slot, b.confirmed), ("ap/1", Some(visit), true));
+        // Listed with its appointment when not only free slots are asked for.
+        let q = SlotQuery {
+            technician: Some("ana"),
+            skill: Some("boiler"),
+            from: at(0, 0, 0),
+            to: at(1, 0, 0),
+            now: MON,
+            free_only: false,
+        };
+        let all = s.slots(env.get("t1"), &q);
+        assert_eq!(all.len(), 17);
+        assert_eq!(all[4].appointment.as_deref(), Some("t1:ap-1"));
+        // The same key again books nothing; a second booking of the order is refused.
+        let (status, _, c) = step(&mut s, &env, MON, slot_request("ap/1", &id, "ana", visit));
+        assert_eq!((status, c.ops().len()), (Status::Duplicate, 0));
+        let other = (at(0, 14, 0), at(0, 15, 0));
+        let (status, _, c) = step(&mut s, &env, MON, slot_request("ap/2", &id, "ana", other));
+        assert_eq!((status, c.ops().len()), (Status::Ignored, 0));
+
+        let cancel = work_mail(Body::CancelBooking {
+            appointment_id: "t1:ap-1".into(),
+            reason: "customer away".into(),
+        });
+        let (status, mails, _) = step(&mut s, &env, MON, cancel.clone());
+        assert_eq!(status, Status::Done);
+        assert!(matches!(
+            mails[..],
+            [Mail {
+                body: Body::Booking {
+                    technician: None,
+                    ..
+                },
+                ..
+            }]
+        ));
+        assert_eq!(free(&s, &env, "ana", 0).len(), 18, "the slot is free again");
+        let wo = s.work_order(&id).unwrap();
+        assert_eq!(
+            (wo.state, wo.appointment.clone()),
+            (WorkOrderState::Open, None)
+        );
+        let (_, b) = s.appointment("t1:ap-1").unwrap();
+        assert!(b.cancelled && b.slot == Some(visit), "kept for the record");
+        assert_eq!(step(&mut s, &env, MON, cancel).0, Status::Duplicate);
+        // Open again: it can be booked again.
+        let (status, _, _) = step(&mut s, &env, MON, slot_request("ap/3", &id, "ana", visit));
+        assert_eq!(status, Status::Done);
+    }
+
+    #[test]
+    fn slots_that_are_taken_past_or_outside_hours_are_not_booked() {
+        let env = env();
+        let mut s = Scheduler::create("t1", &env).unwrap();
+        step(&mut s, &env, MON, open("a"));
+        step(&mut s, &env, MON, open("b"));
+        let visit = (at(0, 10, 0), at(0, 11, 0));
+        step(
+            &mut s,
+            &env,
+            MON,
+            slot_request("x1", "t1:wo-1", "ana", visit),
+        );
+        let config = env.get("t1");
+        let overlapping = (at(0, 10, 30), at(0, 11, 30));
+        assert!(matches!(
+            s.check_slot(config, "ana", overlapping, MON),
+            Err(SlotError::Busy(_))
+        ));
+        let (status, _, c) = step(
+            &mut s,
+            &env,
+            MON,
+            slot_request("x2", "t1:wo-2", "ana", overlapping),
+        );
+        assert_eq!((status, c.ops().len()), (Status::Ignored, 0));
+        for (tech, slot, now) in [
+            ("nobody", visit, MON),
+            ("ana", (at(0, 7, 0), at(0, 8, 30)), MON),
+            ("ana", (at(0, 16, 30), at(0, 17, 30)), MON),
+            ("ana", (at(5, 10, 0), at(5, 11, 0)), MON),
+            ("ana", (at(1, 10, 0), at(1, 10, 0)), MON),
+            ("ana", (at(1, 10, 0), at(1, 11, 0)), at(1, 12, 0)),
+        ] {
+            let mut c = ctx(now);
+            let status = s.handle(slot_request("x3", "t1:wo-2", tech, slot), &mut c, &env);
+            assert!(
+                matches!(status, Status::Refused(_)),
+                "{tech} {slot:?}: {status:?}"
+            );
+            assert!(c.ops().is_empty());
+        }
+        // Another visit of ben does not touch ana's calendar.
+        let (status, _, _) = step(
+            &mut s,
+            &env,
+            MON,
+            slot_request("x4", "t1:wo-2", "ben", visit),
+        );
+        assert_eq!(status, Status::Done);
+        // Free slots never start in the past.
+        let q = SlotQuery {
+            technician: Some("ana"),
+            skill: None,
+            from: at(0, 0, 0),
+            to: at(1, 0, 0),
+            now: at(0, 15, 10),
+            free_only: true,
+        };
+        let starts: Vec<u64> = s.slots(config, &q).iter().map(|e| e.slot.0).collect();
+        assert_eq!(starts, [at(0, 15, 30), at(0, 16, 0), at(0, 16, 30)]);
+    }
+
+    #[test]
+    fn work_orders_move_only_forward_and_cancelling_frees_the_slot() {
+        let env = env();
+        let mut s = Scheduler::create("t1", &env).unwrap();
+        step(&mut s, &env, MON, open("a"));
+        let visit = (at(0, 10, 0), at(0, 11, 0));
+        step(
+            &mut s,
+            &env,
+            MON,
+            slot_request("v", "t1:wo-1", "ana", visit),
+        );
+        let progress = |state| {
+            work_mail(Body::WorkOrderProgress {
+                work_order_id: "t1:wo-1".into(),
+                state,
+                notes: "on it".into(),
+            })
+        };
+        let (status, _, _) = step(&mut s, &env, MON, progress(WorkOrderState::InProgress));
+        assert_eq!(status, Status::Done);
+        assert_eq!(
+            step(&mut s, &env, MON, progress(WorkOrderState::InProgress)).0,
+            Status::Duplicate
+        );
+        let mut c = ctx(MON);
+        assert!(matches!(
+            s.handle(progress(WorkOrderState::Open), &mut c, &env),
+            Status::Refused(_)
+        ));
+        assert_eq!(
+            step(&mut s, &env, MON, progress(WorkOrderState::Cancelled)).0,
+            Status::Done
+        );
+        assert!(
+            s.calendar("ana").is_empty(),
+            "a cancelled order frees its visit"
+        );
+        assert_eq!(
+            step(&mut s, &env, MON, progress(WorkOrderState::Completed)).0,
+            Status::Ignored,
+            "cancelled is final"
+        );
+        assert_eq!(s.work_order("t1:wo-1").unwrap().notes, "on it");
+    }
+
+    #[test]
+    fn work_orders_and_bookings_together_stay_within_a_snapshot() {
+        let env = Tenants::all(SchedulerConfig {
+            max_records: 10_000,
+            ..env().default
+        });
+        let mut s = Scheduler::create("t1", &env).unwrap();
+        let mut refused = false;
+        for i in 0..1_000 {
+            let mut m = open(&format!("api/wo/{i}"));
+            if let Body::OpenWorkOrder(r) = &mut m.body {
+                r.description = "x".repeat(MAX_TEXT);
+            }
+            if matches!(s.handle(m, &mut ctx(MON), &env), Status::Refused(_)) {
+                refused = true;
+                break;
+            }
+        }
+        assert!(
+            refused,
+            "open work orders alone fill their share, then are refused"
+        );
+        for i in 0..1_000 {
+            let m = book(&format!("b{i}"), "boiler", "north", MON, &[], 30);
+            if matches!(s.handle(m, &mut ctx(MON), &env), Status::Refused(_)) {
+                break;
+            }
+        }
+        let bytes = s.snapshot().len();
+        assert!(
+            bytes <= crate::store::MAX_VALUE_BYTES,
+            "{bytes} bytes do not fit a store value"
+        );
+    }
+
+    #[test]
+    fn a_twins_booking_is_a_scheduled_work_order() {
+        let env = env();
+        let mut s = Scheduler::create("t1", &env).unwrap();
+        booked(
+            &mut s,
+            &env,
+            MON,
+            book("case-1/visit-2", "boiler", "north", MON, &[], 60),
+        )
+        .unwrap();
+        let (id, wo) = s.work_order_by_key("case-1/visit-2").unwrap();
+        assert_eq!(id, "t1:wo-1");
+        assert_eq!(wo.state, WorkOrderState::Scheduled);
+        assert_eq!(wo.case_id, "case-1");
+        let (key, b) = s.appointment("t1:ap-1").unwrap();
+        assert_eq!((key, b.work_order.as_str()), ("case-1/visit-2", "t1:wo-1"));
+        // A change from the field makes it a record of its own.
+        let progress = work_mail(Body::WorkOrderProgress {
+            work_order_id: "t1:wo-1".into(),
+            state: WorkOrderState::InProgress,
+            notes: String::new(),
+        });
+        assert_eq!(step(&mut s, &env, MON, progress).0, Status::Done);
+        let wo = s.work_order("t1:wo-1").unwrap();
+        assert_eq!(
+            (wo.state, wo.appointment.as_deref()),
+            (WorkOrderState::InProgress, Some("case-1/visit-2"))
+        );
+        assert_eq!(s.work_orders().len(), 1, "not listed twice");
     }
 
     #[test]

@@ -20,7 +20,7 @@
 use crate::catalogue::{Catalogue, DeviceModel, Gauge, Signal};
 use crate::host::{Ctx, Twin};
 use crate::mail::{Address, Body, DeviceCommand, Mail, tenant_of};
-use crate::model::{ConsentScope, Insight, InsightKind, TimeMs};
+use crate::model::{ConsentScope, Insight, InsightKind, Priority, TimeMs};
 use crate::policy::Consent;
 use crate::reasoning::{
     Assessment, Debounce, Edge, ReasonerParams, SignalState, health_index, min_health,
@@ -227,6 +227,15 @@ pub enum DeviceMsg {
         /// The customer twin's id.
         customer: String,
     },
+    /// An integrator's command (boxed like mail).
+    Issue(Box<IssuedCommand>),
+    /// Cancel a command the edge has not confirmed yet.
+    CancelCommand {
+        /// The command.
+        command_id: String,
+        /// Why, for the record.
+        reason: String,
+    },
     /// Set a field of the device's desired state (from an integrator or operator). With
     /// `expected_version`, only if the field is at that version (0: not set yet).
     SetDesired {
@@ -347,6 +356,90 @@ pub struct CommandEntry {
     /// When it expires if the device has not started it, Unix ms (its expiry timer).
     #[serde(default)]
     pub expires_at_ms: TimeMs,
+}
+
+/// The tenant's log of command transitions: every state a command of one of its devices
+/// enters, appended in the same batch as the twin's decision (integrators read it).
+pub fn commands_log(tenant: &str) -> Key {
+    Key::new(format!("commands/{tenant}"))
+}
+
+/// A command's states that never change again.
+pub fn command_final(state: &str) -> bool {
+    matches!(state, "succeeded" | "failed" | "expired" | "cancelled")
+}
+
+/// What a command is, as told once with its first transition.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CommandInfo {
+    /// The device's site when the command was issued.
+    #[serde(rename = "si")]
+    pub site: String,
+    /// The remedy's name.
+    #[serde(rename = "n")]
+    pub name: String,
+    /// Its arguments.
+    #[serde(rename = "a", default, skip_serializing_if = "Vec::is_empty")]
+    pub args: Vec<(String, String)>,
+    /// When it expires if the device has not started it.
+    #[serde(rename = "e")]
+    pub expires_at_ms: TimeMs,
+    /// Urgency.
+    #[serde(rename = "p")]
+    pub priority: Priority,
+    /// Who issued it: the customer twin, or an integrator.
+    #[serde(rename = "b")]
+    pub issued_by: String,
+    /// The idempotency key it was issued with (empty for a twin's command).
+    #[serde(rename = "k", default, skip_serializing_if = "String::is_empty")]
+    pub key: String,
+    /// The case it belongs to, if any.
+    #[serde(rename = "z", default, skip_serializing_if = "String::is_empty")]
+    pub case_id: String,
+    /// Why it was sent, for people.
+    #[serde(rename = "r", default, skip_serializing_if = "String::is_empty")]
+    pub reason: String,
+}
+
+/// One entry of [`commands_log`]: a command entered a state.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CommandEvent {
+    /// The command.
+    #[serde(rename = "c")]
+    pub command_id: String,
+    /// Its device.
+    #[serde(rename = "d")]
+    pub device: String,
+    /// The state entered: `queued`, `sent_to_edge`, `delivered_to_device`, `succeeded`,
+    /// `failed`, `expired` or `cancelled`.
+    #[serde(rename = "s")]
+    pub state: String,
+    /// When (cluster clock), Unix ms.
+    #[serde(rename = "t")]
+    pub at: TimeMs,
+    /// Free text from the edge, the device or whoever cancelled it.
+    #[serde(rename = "x", default, skip_serializing_if = "String::is_empty")]
+    pub detail: String,
+    /// What the command is: on its first (`queued`) entry only.
+    #[serde(rename = "i", default, skip_serializing_if = "Option::is_none")]
+    pub info: Option<CommandInfo>,
+}
+
+/// A command an integrator issues to a device (the gRPC `SendCommand`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct IssuedCommand {
+    /// The command (its id derived from the key by the caller).
+    pub command: DeviceCommand,
+    /// The idempotency key: the key is claimed once, with the command.
+    pub key: String,
+    /// The integrator.
+    pub issued_by: String,
+    /// Urgency.
+    pub priority: Priority,
+    /// The case it belongs to, if any.
+    pub case_id: String,
+    /// Why, for people.
+    pub reason: String,
 }
 
 /// Remaining-life state for models that define one.
@@ -791,14 +884,18 @@ impl DeviceTwin {
                 detail,
             } => {
                 if let Some(c) = self.commands.iter_mut().find(|c| c.id == *command_id) {
-                    c.state = match (*succeeded, *expired) {
+                    let state = match (*succeeded, *expired) {
                         (true, _) => "succeeded",
                         (false, true) => "expired",
                         (false, false) => "failed",
-                    }
-                    .into();
+                    };
+                    let first = c.state != state;
+                    c.state = state.into();
                     // Ended: its expiry timer has nothing left to do.
                     ctx.disarm(c.expires_at_ms, &expiry_tag(command_id));
+                    if first {
+                        self.log_command(ctx, command_id, state, detail, None);
+                    }
                 }
                 self.tell_customer(
                     ctx,
@@ -988,12 +1085,141 @@ impl DeviceTwin {
         if Some(from) != self.customer.clone().map(Address::Customer).as_ref() {
             return DeviceReply::Rejected("commands come only from the device's customer".into());
         }
+        let issued_by = self.customer.clone().unwrap_or_default();
+        let info = |site: String, cmd: &DeviceCommand| CommandInfo {
+            site,
+            name: cmd.name.clone(),
+            args: cmd.args.clone(),
+            expires_at_ms: cmd.expires_at_ms,
+            priority: Priority::Normal,
+            issued_by,
+            key: String::new(),
+            case_id: String::new(),
+            reason: String::new(),
+        };
+        self.queue_command(cmd, info, ctx)
+    }
+
+    /// An integrator's command: like a customer twin's, and its key is claimed once.
+    fn issue(&mut self, issued: IssuedCommand, ctx: &mut Ctx, env: &DeviceEnv) -> DeviceReply {
+        let IssuedCommand {
+            command,
+            key,
+            issued_by,
+            priority,
+            case_id,
+            reason,
+        } = issued;
+        let Some(model) = self.model.as_deref().and_then(|m| env.catalogue.model(m)) else {
+            return DeviceReply::UnknownDevice;
+        };
+        if !model.has_command(&command.name) {
+            return DeviceReply::Rejected(format!(
+                "model {} has no command {:?}",
+                model.id(),
+                command.name
+            ));
+        }
+        if command.device != self.id || tenant_of(&command.command_id) != tenant_of(&self.id) {
+            return DeviceReply::Rejected(format!(
+                "command {:?} is not for device {}",
+                command.command_id, self.id
+            ));
+        }
+        if command.expires_at_ms <= ctx.now() {
+            return DeviceReply::Rejected(format!(
+                "command {:?} expired at {}",
+                command.command_id, command.expires_at_ms
+            ));
+        }
+        if self.commands.iter().any(|c| c.id == command.command_id) {
+            return DeviceReply::Ok; // a retry
+        }
+        ctx.op(Op::PutIdempotency {
+            key: Key::new(format!("commands/{}/{key}", tenant_of(&self.id))),
+            value: command.command_id.clone().into_bytes(),
+            mode: crate::store::IdempotencyMode::CreateOnly,
+        });
+        let info = |site: String, cmd: &DeviceCommand| CommandInfo {
+            site,
+            name: cmd.name.clone(),
+            args: cmd.args.clone(),
+            expires_at_ms: cmd.expires_at_ms,
+            priority,
+            issued_by,
+            key,
+            case_id,
+            reason,
+        };
+        self.queue_command(command, info, ctx)
+    }
+
+    /// Cancels a command the edge has not confirmed yet; one already cancelled is left as
+    /// it is.
+    fn cancel_command(&mut self, command_id: &str, reason: String, ctx: &mut Ctx) -> DeviceReply {
+        let Some(c) = self.commands.iter_mut().find(|c| c.id == command_id) else {
+            return DeviceReply::Rejected(format!("unknown command {command_id:?}"));
+        };
+        match c.state.as_str() {
+            "cancelled" => return DeviceReply::Ok,
+            "queued" => {}
+            other => {
+                return DeviceReply::Rejected(format!(
+                    "command {command_id:?} is {other}, it can no longer be cancelled here"
+                ));
+            }
+        }
+        c.state = "cancelled".into();
+        ctx.disarm(c.expires_at_ms, &expiry_tag(command_id));
+        self.log_command(ctx, command_id, "cancelled", &reason, None);
+        let body = Body::CommandOutcome {
+            device: self.id.clone(),
+            command_id: command_id.to_owned(),
+            succeeded: false,
+            detail: format!("cancelled: {reason}"),
+        };
+        self.tell_customer(ctx, body);
+        ctx.changed();
+        DeviceReply::Ok
+    }
+
+    /// Appends a command's transition to the tenant's command log.
+    fn log_command(
+        &self,
+        ctx: &mut Ctx,
+        command_id: &str,
+        state: &str,
+        detail: &str,
+        info: Option<CommandInfo>,
+    ) {
+        let event = CommandEvent {
+            command_id: command_id.to_owned(),
+            device: self.id.clone(),
+            state: state.to_owned(),
+            at: ctx.now(),
+            detail: detail.to_owned(),
+            info,
+        };
+        ctx.op(Op::Append {
+            log: commands_log(tenant_of(&self.id)),
+            value: serde_json::to_vec(&event).expect("a command event is plain data"),
+        });
+    }
+
+    fn queue_command(
+        &mut self,
+        cmd: DeviceCommand,
+        info: impl FnOnce(String, &DeviceCommand) -> CommandInfo,
+        ctx: &mut Ctx,
+    ) -> DeviceReply {
         if self.commands.iter().any(|c| c.id == cmd.command_id) {
             return DeviceReply::Ok; // a redelivery
         }
         let Some(site) = self.site.clone() else {
             return DeviceReply::Rejected("device has no site".into());
         };
+        let info = info(site.clone(), &cmd);
+        self.log_command(ctx, &cmd.command_id, "queued", "", Some(info));
         self.commands.push(CommandEntry {
             id: cmd.command_id.clone(),
             name: cmd.name.clone(),
@@ -1091,8 +1317,11 @@ impl Twin for DeviceTwin {
                 }
                 match self.commands.iter_mut().find(|c| c.id == command_id) {
                     // Results are final; a late progress report does not undo them.
-                    Some(c) if !matches!(c.state.as_str(), "succeeded" | "failed" | "expired") => {
-                        c.state = state;
+                    Some(c) if !command_final(&c.state) => {
+                        if c.state != state {
+                            c.state = state.clone();
+                            self.log_command(ctx, &command_id, &state, "", None);
+                        }
                         ctx.changed();
                         DeviceReply::Ok
                     }
@@ -1102,6 +1331,10 @@ impl Twin for DeviceTwin {
             }
             DeviceMsg::Mail(mail) => self.handle_mail(*mail, ctx),
             DeviceMsg::Detach { customer } => self.detach(&customer, ctx, env),
+            DeviceMsg::Issue(issued) => self.issue(*issued, ctx, env),
+            DeviceMsg::CancelCommand { command_id, reason } => {
+                self.cancel_command(&command_id, reason, ctx)
+            }
             DeviceMsg::SetDesired {
                 field,
                 value,
@@ -1125,6 +1358,13 @@ impl Twin for DeviceTwin {
         }
         c.state = "expired".into();
         ctx.changed();
+        self.log_command(
+            ctx,
+            command_id,
+            "expired",
+            "expired before the site received it",
+            None,
+        );
         let body = Body::CommandOutcome {
             device: self.id.clone(),
             command_id: command_id.to_owned(),

@@ -1090,3 +1090,155 @@ fn a_detached_device_forgets_its_owner_and_site_but_not_its_high_water() {
         DeviceReply::UnknownDevice
     );
 }
+
+/// The command transitions a step appended to the tenant's command log.
+fn command_events(ctx: &Ctx) -> Vec<super::device::CommandEvent> {
+    ctx.ops()
+        .iter()
+        .filter_map(|op| match op {
+            Op::Append { log, value } if *log == super::device::commands_log("t1") => {
+                Some(serde_json::from_slice(value).unwrap())
+            }
+            _ => None,
+        })
+        .collect()
+}
+
+fn issued(id: &str, name: &str) -> DeviceMsg {
+    DeviceMsg::Issue(Box::new(super::device::IssuedCommand {
+        command: crate::mail::DeviceCommand {
+            command_id: id.into(),
+            device: DEVICE.into(),
+            name: name.into(),
+            args: vec![],
+            expires_at_ms: T0 + HOUR_MS,
+        },
+        key: "k-1".into(),
+        issued_by: "crm".into(),
+        priority: Priority::High,
+        case_id: String::new(),
+        reason: "descale now".into(),
+    }))
+}
+
+#[test]
+fn an_integrators_command_is_logged_queued_once_and_cancelled_before_the_edge_has_it() {
+    let env = device_env();
+    let mut d = coffee(&env);
+    let mut c = ctx(T0, DEVICE);
+    assert_eq!(
+        d.handle(issued("t1:cmd/k-1", "descale"), &mut c, &env),
+        DeviceReply::Ok
+    );
+    let events = command_events(&c);
+    assert_eq!(events.len(), 1);
+    assert_eq!(events[0].state, "queued");
+    let info = events[0].info.as_ref().unwrap();
+    assert_eq!(
+        (info.site.as_str(), info.issued_by.as_str()),
+        ("t1:home-1", "crm")
+    );
+    assert_eq!(info.priority, Priority::High);
+    assert!(
+        c.ops()
+            .iter()
+            .any(|op| matches!(op, Op::PutIdempotency { .. })),
+        "the key is claimed with the command"
+    );
+    assert!(matches!(
+        mail_of(&c)[..],
+        [Mail {
+            to: Address::Edge(_),
+            body: Body::Command(_),
+            ..
+        }]
+    ));
+    // A retry: nothing new.
+    let mut c = ctx(T0 + 1, DEVICE);
+    assert_eq!(
+        d.handle(issued("t1:cmd/k-1", "descale"), &mut c, &env),
+        DeviceReply::Ok
+    );
+    assert!(c.ops().is_empty());
+    // Unknown remedy, another tenant's id: refused.
+    for bad in [
+        issued("t1:cmd/k-2", "self-destruct"),
+        issued("t2:cmd/k-2", "descale"),
+    ] {
+        let mut c = ctx(T0, DEVICE);
+        assert!(matches!(
+            d.handle(bad, &mut c, &env),
+            DeviceReply::Rejected(_)
+        ));
+        assert!(c.ops().is_empty());
+    }
+    let cancel = || DeviceMsg::CancelCommand {
+        command_id: "t1:cmd/k-1".into(),
+        reason: "not needed".into(),
+    };
+    let mut c = ctx(T0 + 2, DEVICE);
+    assert_eq!(d.handle(cancel(), &mut c, &env), DeviceReply::Ok);
+    let events = command_events(&c);
+    assert_eq!(
+        (events[0].state.as_str(), events[0].detail.as_str()),
+        ("cancelled", "not needed")
+    );
+    assert!(c.ops().iter().any(|op| matches!(op, Op::Unschedule { .. })));
+    let mut c = ctx(T0 + 3, DEVICE);
+    assert_eq!(d.handle(cancel(), &mut c, &env), DeviceReply::Ok);
+    assert!(command_events(&c).is_empty());
+    // A late report from the edge does not revive it.
+    let mut c = ctx(T0 + 4, DEVICE);
+    let status = DeviceMsg::CommandStatus {
+        site: "t1:home-1".into(),
+        command_id: "t1:cmd/k-1".into(),
+        state: "sent_to_edge".into(),
+    };
+    assert_eq!(d.handle(status, &mut c, &env), DeviceReply::Ok);
+    assert!(command_events(&c).is_empty());
+    assert_eq!(d.commands()[0].state, "cancelled");
+}
+
+#[test]
+fn every_transition_of_a_command_is_logged() {
+    let env = device_env();
+    let mut d = coffee(&env);
+    d.handle(issued("t1:cmd/k-1", "descale"), &mut ctx(T0, DEVICE), &env);
+    let mut states = Vec::new();
+    for s in ["sent_to_edge", "sent_to_edge", "delivered_to_device"] {
+        let mut c = ctx(T0 + 1, DEVICE);
+        let status = DeviceMsg::CommandStatus {
+            site: "t1:home-1".into(),
+            command_id: "t1:cmd/k-1".into(),
+            state: s.into(),
+        };
+        assert_eq!(d.handle(status, &mut c, &env), DeviceReply::Ok);
+        states.extend(command_events(&c).into_iter().map(|e| e.state));
+    }
+    let mut c = ctx(T0 + 2, DEVICE);
+    let result = DeviceItem {
+        seq: 1,
+        ts_ms: T0 + 2,
+        kind: ItemKind::CommandResult {
+            command_id: "t1:cmd/k-1".into(),
+            succeeded: true,
+            expired: false,
+            detail: "descaled".into(),
+        },
+    };
+    applied(d.handle(DeviceMsg::Apply(vec![result]), &mut c, &env));
+    let events = command_events(&c);
+    states.extend(events.iter().map(|e| e.state.clone()));
+    assert_eq!(states, ["sent_to_edge", "delivered_to_device", "succeeded"]);
+    assert_eq!(events[0].detail, "descaled");
+    // Cancelling a command that ran is refused.
+    let mut c = ctx(T0 + 3, DEVICE);
+    let cancel = DeviceMsg::CancelCommand {
+        command_id: "t1:cmd/k-1".into(),
+        reason: "late".into(),
+    };
+    assert!(matches!(
+        d.handle(cancel, &mut c, &env),
+        DeviceReply::Rejected(_)
+    ));
+}

@@ -5,9 +5,11 @@
 //! # Layout
 //! - [`auth`] — tokens, scopes, the interceptor and the tenant check.
 //! - [`cases`] — `CaseService`: the handoff stream with its resume cursor, accept, resolve.
+//! - [`commands`] — `CommandService`: send, follow, cancel commands to devices.
 //! - [`catalogue`] — `CatalogueService`: the device model catalogue.
 //! - [`customers`] — `CustomerService`: profiles, preferences, consent, export, erasure.
 //! - [`twins`] — `TwinService`: get a twin, set desired state.
+//! - [`work`] — `WorkService`: work orders, appointments, part orders, technicians.
 //! - [`convert`] — the deciding code's types on the wire.
 //!
 //! Services not listed are not served yet (issue 5 continues); the health service reports
@@ -16,16 +18,20 @@
 pub mod auth;
 pub mod cases;
 pub mod catalogue;
+pub mod commands;
 pub mod convert;
 pub mod customers;
 pub mod twins;
+pub mod work;
 
 use crate::{Error, Result};
 use auth::Tokens;
 use caretwin_proto::v1::case_service_server::CaseServiceServer;
 use caretwin_proto::v1::catalogue_service_server::CatalogueServiceServer;
+use caretwin_proto::v1::command_service_server::CommandServiceServer;
 use caretwin_proto::v1::customer_service_server::CustomerServiceServer;
 use caretwin_proto::v1::twin_service_server::TwinServiceServer;
+use caretwin_proto::v1::work_service_server::WorkServiceServer;
 use std::future::Future;
 use std::path::Path;
 use std::sync::Arc;
@@ -41,6 +47,10 @@ pub struct Services {
     pub catalogue: catalogue::CatalogueApi,
     /// The customers.
     pub customers: customers::CustomerApi,
+    /// Work orders, appointments, part orders.
+    pub work: work::WorkApi,
+    /// Commands to devices.
+    pub commands: commands::CommandApi,
 }
 
 /// The TLS identity of the endpoint from PEM files (the node's certificate and key).
@@ -76,6 +86,12 @@ pub async fn serve(
     health
         .set_serving::<CustomerServiceServer<customers::CustomerApi>>()
         .await;
+    health
+        .set_serving::<WorkServiceServer<work::WorkApi>>()
+        .await;
+    health
+        .set_serving::<CommandServiceServer<commands::CommandApi>>()
+        .await;
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(caretwin_proto::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
@@ -102,6 +118,14 @@ pub async fn serve(
         ))
         .add_service(CustomerServiceServer::with_interceptor(
             services.customers,
+            check.clone(),
+        ))
+        .add_service(WorkServiceServer::with_interceptor(
+            services.work,
+            check.clone(),
+        ))
+        .add_service(CommandServiceServer::with_interceptor(
+            services.commands,
             check,
         ))
         .serve_with_incoming_shutdown(incoming, shutdown)
