@@ -146,9 +146,10 @@ impl Node {
         config.validate()?;
         let backend = crate::store::open(&config.store)?;
         // The twins write through the watched store, so the gRPC case streams wake as soon
-        // as a case event is durable.
-        let watched = crate::store::watch::Watched::new(backend, &["cases/"]);
+        // as a case event is durable, and twin watches as soon as a twin changed.
+        let watched = crate::store::watch::Watched::new(backend, &["cases/", "device-index/"]);
         let log_signals = watched.signals();
+        let snapshot_signals = watched.snapshot_signals();
         let mail = watched.mail_signal();
         let store: Arc<dyn Store> = Arc::new(watched);
         let lease = register(&*store, &config).await?;
@@ -210,6 +211,11 @@ impl Node {
         tracing::info!(addr = %grpc_addr, tokens = tokens.len(), "gRPC listening");
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
         let sites = server.clone();
+        let directory = Arc::new(crate::grpc::twins::Directory::new(
+            store.clone(),
+            log_signals.clone(),
+            snapshot_signals,
+        ));
         let cases = crate::grpc::cases::CaseApi(Arc::new(
             crate::grpc::cases::Cases::new(system.clone(), store.clone(), log_signals)
                 .with_shutdown(stop_rx.clone())
@@ -227,7 +233,9 @@ impl Node {
             twins: crate::grpc::twins::TwinApi::new(
                 system.clone(),
                 Arc::new(move || sites.live_sites()),
-            ),
+            )
+            .with_directory(directory)
+            .with_shutdown(stop_rx.clone()),
             catalogue: crate::grpc::catalogue::CatalogueApi::new(catalogue.clone()),
         };
         let identity = crate::grpc::identity(&config.sync.cert, &config.sync.key)?;

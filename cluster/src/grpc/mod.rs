@@ -7,7 +7,8 @@
 //! - [`cases`] — `CaseService`: the handoff stream with its resume cursor, accept, resolve.
 //! - [`catalogue`] — `CatalogueService`: the device model catalogue.
 //! - [`customers`] — `CustomerService`: profiles, preferences, consent, export, erasure.
-//! - [`twins`] — `TwinService`: get a twin, set desired state.
+//! - [`twins`] — `TwinService`: get, query (through the device index) and watch twins,
+//!   set desired state.
 //! - [`convert`] — the deciding code's types on the wire.
 //!
 //! Services not listed are not served yet (issue 5 continues); the health service reports
