@@ -16,6 +16,7 @@ use caretwin_cluster::grpc::auth::{Scope, Tokens, mint};
 use caretwin_cluster::grpc::cases::{CaseApi, Cases};
 use caretwin_cluster::grpc::catalogue::CatalogueApi;
 use caretwin_cluster::grpc::customers::CustomerApi;
+use caretwin_cluster::grpc::notifications::{NotificationApi, Notifications};
 use caretwin_cluster::grpc::twins::TwinApi;
 use caretwin_cluster::grpc::{Services, identity, serve};
 use caretwin_cluster::pii::Vault;
@@ -104,8 +105,13 @@ async fn node() -> Node {
     let tokens = Arc::new(Tokens::from_entries(vec![e1, e2, e3]).unwrap());
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
-    let cases = Arc::new(Cases::new(system.clone(), store.clone(), signals));
+    let cases = Arc::new(Cases::new(system.clone(), store.clone(), signals.clone()));
     let services = Services {
+        notifications: NotificationApi(Arc::new(Notifications::new(
+            system.clone(),
+            store.clone(),
+            signals,
+        ))),
         customers: CustomerApi::new(
             system.clone(),
             store.clone(),
@@ -207,6 +213,7 @@ async fn health_and_reflection_work_for_stock_clients() {
         "caretwin.v1.CaseService",
         "caretwin.v1.TwinService",
         "caretwin.v1.CatalogueService",
+        "caretwin.v1.NotificationService",
     ] {
         let r = health
             .check(tonic_health::pb::HealthCheckRequest {
@@ -244,6 +251,7 @@ async fn health_and_reflection_work_for_stock_clients() {
         "caretwin.v1.CaseService",
         "caretwin.v1.TwinService",
         "caretwin.v1.CatalogueService",
+        "caretwin.v1.NotificationService",
         "grpc.health.v1.Health",
     ] {
         assert!(names.iter().any(|s| s == want), "{want} in {names:?}");

@@ -15,6 +15,7 @@ use caretwin_cluster::grpc::auth::{Scope, Tokens, mint};
 use caretwin_cluster::grpc::cases::{CaseApi, Cases};
 use caretwin_cluster::grpc::catalogue::CatalogueApi;
 use caretwin_cluster::grpc::customers::CustomerApi;
+use caretwin_cluster::grpc::notifications::{NotificationApi, Notifications};
 use caretwin_cluster::grpc::twins::{Directory, TwinApi};
 use caretwin_cluster::grpc::{Services, identity, serve};
 use caretwin_cluster::pii::Vault;
@@ -120,9 +121,15 @@ async fn node() -> Node {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let cases = Arc::new(Cases::new(system.clone(), store.clone(), logs.clone()));
+    let notifications = NotificationApi(Arc::new(Notifications::new(
+        system.clone(),
+        store.clone(),
+        logs.clone(),
+    )));
     let (closing, closing_rx) = tokio::sync::watch::channel(false);
     let directory = Arc::new(Directory::new(store.clone(), logs, snapshots));
     let services = Services {
+        notifications,
         customers: CustomerApi::new(
             system.clone(),
             store.clone(),

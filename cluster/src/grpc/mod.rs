@@ -7,6 +7,8 @@
 //! - [`cases`] — `CaseService`: the handoff stream with its resume cursor, accept, resolve.
 //! - [`catalogue`] — `CatalogueService`: the device model catalogue.
 //! - [`customers`] — `CustomerService`: profiles, preferences, consent, export, erasure.
+//! - [`notifications`] — `NotificationService`: the durable notification log, its stream
+//!   for channel gateways, delivery reports and customers' answers.
 //! - [`twins`] — `TwinService`: get, query (through the device index) and watch twins,
 //!   set desired state.
 //! - [`convert`] — the deciding code's types on the wire.
@@ -19,6 +21,7 @@ pub mod cases;
 pub mod catalogue;
 pub mod convert;
 pub mod customers;
+pub mod notifications;
 pub mod twins;
 
 use crate::{Error, Result};
@@ -26,6 +29,7 @@ use auth::Tokens;
 use caretwin_proto::v1::case_service_server::CaseServiceServer;
 use caretwin_proto::v1::catalogue_service_server::CatalogueServiceServer;
 use caretwin_proto::v1::customer_service_server::CustomerServiceServer;
+use caretwin_proto::v1::notification_service_server::NotificationServiceServer;
 use caretwin_proto::v1::twin_service_server::TwinServiceServer;
 use std::future::Future;
 use std::path::Path;
@@ -42,6 +46,8 @@ pub struct Services {
     pub catalogue: catalogue::CatalogueApi,
     /// The customers.
     pub customers: customers::CustomerApi,
+    /// The notifications for channel gateways.
+    pub notifications: notifications::NotificationApi,
 }
 
 /// The TLS identity of the endpoint from PEM files (the node's certificate and key).
@@ -77,6 +83,9 @@ pub async fn serve(
     health
         .set_serving::<CustomerServiceServer<customers::CustomerApi>>()
         .await;
+    health
+        .set_serving::<NotificationServiceServer<notifications::NotificationApi>>()
+        .await;
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(caretwin_proto::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
@@ -103,6 +112,10 @@ pub async fn serve(
         ))
         .add_service(CustomerServiceServer::with_interceptor(
             services.customers,
+            check.clone(),
+        ))
+        .add_service(NotificationServiceServer::with_interceptor(
+            services.notifications,
             check,
         ))
         .serve_with_incoming_shutdown(incoming, shutdown)
