@@ -146,9 +146,14 @@ impl Node {
         config.validate()?;
         let backend = crate::store::open(&config.store)?;
         // The twins write through the watched store, so the gRPC case streams wake as soon
-        // as a case event is durable.
-        let watched = crate::store::watch::Watched::new(backend, &["cases/", "commands/"]);
+        // as a case event or command transition is durable, and twin watches as soon as a
+        // twin changed.
+        let watched = crate::store::watch::Watched::new(
+            backend,
+            &["cases/", "commands/", "device-index/", "notifications/"],
+        );
         let log_signals = watched.signals();
+        let snapshot_signals = watched.snapshot_signals();
         let mail = watched.mail_signal();
         let store: Arc<dyn Store> = Arc::new(watched);
         let lease = register(&*store, &config).await?;
@@ -157,11 +162,14 @@ impl Node {
         let signals = Arc::new(CommandSignals::default());
         let clock = options.clock;
         let catalogue = Arc::new(Catalogue::builtin());
-        let outside = Arc::new(EdgeGateway::new(
+        // Notifications are recorded for the gateways before the outside router sees them.
+        let now_clock = clock.clone();
+        let recorder = Arc::new(crate::grpc::notifications::Recorder::new(
             store.clone(),
-            signals.clone(),
             options.outside,
+            Arc::new(move || now_clock.now_ms()),
         ));
+        let outside = Arc::new(EdgeGateway::new(store.clone(), signals.clone(), recorder));
         let system = Arc::new(
             System::start(Components {
                 store: store.clone(),
@@ -210,12 +218,27 @@ impl Node {
         tracing::info!(addr = %grpc_addr, tokens = tokens.len(), "gRPC listening");
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
         let sites = server.clone();
+        let directory = Arc::new(crate::grpc::twins::Directory::new(
+            store.clone(),
+            log_signals.clone(),
+            snapshot_signals,
+        ));
         let cases = crate::grpc::cases::CaseApi(Arc::new(
             crate::grpc::cases::Cases::new(system.clone(), store.clone(), log_signals.clone())
                 .with_shutdown(stop_rx.clone())
                 .with_vault(vault.clone()),
         ));
+        let notifications = crate::grpc::notifications::NotificationApi(Arc::new(
+            crate::grpc::notifications::Notifications::new(
+                system.clone(),
+                store.clone(),
+                log_signals.clone(),
+            )
+            .with_vault(vault.clone())
+            .with_shutdown(stop_rx.clone()),
+        ));
         let services = crate::grpc::Services {
+            notifications,
             customers: crate::grpc::customers::CustomerApi::new(
                 system.clone(),
                 store.clone(),
@@ -227,7 +250,9 @@ impl Node {
             twins: crate::grpc::twins::TwinApi::new(
                 system.clone(),
                 Arc::new(move || sites.live_sites()),
-            ),
+            )
+            .with_directory(directory)
+            .with_shutdown(stop_rx.clone()),
             catalogue: crate::grpc::catalogue::CatalogueApi::new(catalogue.clone()),
             work: crate::grpc::work::WorkApi::new(
                 system.clone(),

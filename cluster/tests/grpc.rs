@@ -17,6 +17,7 @@ use caretwin_cluster::grpc::cases::{CaseApi, Cases};
 use caretwin_cluster::grpc::catalogue::CatalogueApi;
 use caretwin_cluster::grpc::commands::{CommandApi, Commands};
 use caretwin_cluster::grpc::customers::CustomerApi;
+use caretwin_cluster::grpc::notifications::{NotificationApi, Notifications};
 use caretwin_cluster::grpc::twins::TwinApi;
 use caretwin_cluster::grpc::work::WorkApi;
 use caretwin_cluster::grpc::{Services, identity, serve};
@@ -108,6 +109,11 @@ async fn node() -> Node {
     let addr = listener.local_addr().unwrap();
     let cases = Arc::new(Cases::new(system.clone(), store.clone(), signals.clone()));
     let services = Services {
+        notifications: NotificationApi(Arc::new(Notifications::new(
+            system.clone(),
+            store.clone(),
+            signals.clone(),
+        ))),
         customers: CustomerApi::new(
             system.clone(),
             store.clone(),
@@ -224,6 +230,7 @@ async fn health_and_reflection_work_for_stock_clients() {
         "caretwin.v1.CatalogueService",
         "caretwin.v1.WorkService",
         "caretwin.v1.CommandService",
+        "caretwin.v1.NotificationService",
     ] {
         let r = health
             .check(tonic_health::pb::HealthCheckRequest {
@@ -261,6 +268,7 @@ async fn health_and_reflection_work_for_stock_clients() {
         "caretwin.v1.CaseService",
         "caretwin.v1.TwinService",
         "caretwin.v1.CatalogueService",
+        "caretwin.v1.NotificationService",
         "grpc.health.v1.Health",
     ] {
         assert!(names.iter().any(|s| s == want), "{want} in {names:?}");

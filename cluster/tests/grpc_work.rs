@@ -19,6 +19,7 @@ use caretwin_cluster::grpc::cases::{CaseApi, Cases};
 use caretwin_cluster::grpc::catalogue::CatalogueApi;
 use caretwin_cluster::grpc::commands::{CommandApi, Commands};
 use caretwin_cluster::grpc::customers::CustomerApi;
+use caretwin_cluster::grpc::notifications::{NotificationApi, Notifications};
 use caretwin_cluster::grpc::twins::TwinApi;
 use caretwin_cluster::grpc::work::WorkApi;
 use caretwin_cluster::grpc::{Services, identity, serve};
@@ -167,6 +168,11 @@ async fn node() -> Node {
     let catalogue = Arc::new(Catalogue::builtin());
     let cases = Arc::new(Cases::new(system.clone(), store.clone(), signals.clone()));
     let services = Services {
+        notifications: NotificationApi(Arc::new(Notifications::new(
+            system.clone(),
+            store.clone(),
+            signals.clone(),
+        ))),
         customers: CustomerApi::new(
             system.clone(),
             store.clone(),

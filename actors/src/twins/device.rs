@@ -39,6 +39,36 @@ pub const MAX_ITEMS: usize = 10_000;
 const RECOVERED_HEALTH: f64 = 0.75;
 /// Commands remembered per device.
 const MAX_COMMANDS: usize = 32;
+/// Pages of a tenant's device index. A device's entries go to the page its id hashes to,
+/// so provisioning many devices at once appends to many logs instead of contending on the
+/// tail of one (a hot key in FoundationDB or PostgreSQL).
+pub const DEVICE_INDEX_PAGES: u32 = 64;
+
+/// The log of page `page` of `tenant`'s device index.
+pub fn device_index_log(tenant: &str, page: u32) -> Key {
+    Key::new(format!("device-index/{tenant}/{page}"))
+}
+
+/// The index page a device's entries go to.
+pub fn device_index_page(device: &str) -> u32 {
+    crate::host::shard_of(device, DEVICE_INDEX_PAGES)
+}
+
+/// An entry of a tenant's device index: who a device belongs to, where it is and what it
+/// is, as of this entry. The device twin appends one whenever these change (and once for
+/// a device provisioned before the index existed); a device's latest entry wins. Nothing
+/// here is personal: ids only.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeviceIndexEntry {
+    /// The device.
+    pub device: String,
+    /// Its site; `None` once detached (its customer erased).
+    pub site: Option<String>,
+    /// Its customer; `None` once detached.
+    pub customer: Option<String>,
+    /// Its catalogue model.
+    pub model: Option<String>,
+}
 
 /// What every device twin of one model shares: the reasoning parameters per signal and
 /// the fitted remaining-life model.
@@ -478,6 +508,10 @@ pub struct DeviceTwin {
     withheld: u64,
     last_seen_ms: TimeMs,
     mail_seq: u64,
+    /// Whether the tenant's device index has this twin's current site, customer and model
+    /// (false in snapshots older than the index: the next provisioning adds them).
+    #[serde(default)]
+    indexed: bool,
 }
 
 impl DeviceTwin {
@@ -619,6 +653,26 @@ impl DeviceTwin {
         }
     }
 
+    /// Appends the twin's identity to its tenant's device index when it changed since the
+    /// last entry, in the same batch as the change.
+    fn index(&mut self, ctx: &mut Ctx) {
+        if self.indexed || self.model.is_none() {
+            return;
+        }
+        let entry = DeviceIndexEntry {
+            device: self.id.clone(),
+            site: self.site.clone(),
+            customer: self.customer.clone(),
+            model: self.model.clone(),
+        };
+        ctx.op(Op::Append {
+            log: device_index_log(tenant_of(&self.id), device_index_page(&self.id)),
+            value: serde_json::to_vec(&entry).expect("an index entry is plain data"),
+        });
+        self.indexed = true;
+        ctx.changed();
+    }
+
     fn send(&mut self, ctx: &mut Ctx, to: Address, body: Body) {
         self.mail_seq += 1;
         let mail = Mail {
@@ -658,6 +712,7 @@ impl DeviceTwin {
         self.model = Some(model.id().to_owned());
         self.customer = Some(customer);
         self.site = Some(site);
+        self.indexed = false;
         DeviceReply::Ok
     }
 
@@ -692,6 +747,7 @@ impl DeviceTwin {
         }
         self.customer = None;
         self.site = None;
+        self.indexed = false;
         self.consent = Consent::of(&[ConsentScope::Diagnostics]);
         self.commands.clear();
         self.desired.clear();
@@ -1269,6 +1325,7 @@ impl Twin for DeviceTwin {
             withheld: 0,
             last_seen_ms: 0,
             mail_seq: 0,
+            indexed: false,
         })
     }
 
@@ -1294,11 +1351,15 @@ impl Twin for DeviceTwin {
                     && self.customer.as_deref() == Some(customer.as_str())
                     && self.site.as_deref() == Some(site.as_str());
                 if unchanged {
-                    return DeviceReply::Ok; // provisioning again is harmless and free
+                    // Provisioning again is harmless and free (but indexes a device
+                    // provisioned before the index existed).
+                    self.index(ctx);
+                    return DeviceReply::Ok;
                 }
                 let r = self.provision(customer, site, m, env);
                 if r == DeviceReply::Ok {
                     ctx.changed();
+                    self.index(ctx);
                 }
                 r
             }
@@ -1330,7 +1391,11 @@ impl Twin for DeviceTwin {
                 }
             }
             DeviceMsg::Mail(mail) => self.handle_mail(*mail, ctx),
-            DeviceMsg::Detach { customer } => self.detach(&customer, ctx, env),
+            DeviceMsg::Detach { customer } => {
+                let r = self.detach(&customer, ctx, env);
+                self.index(ctx);
+                r
+            }
             DeviceMsg::Issue(issued) => self.issue(*issued, ctx, env),
             DeviceMsg::CancelCommand { command_id, reason } => {
                 self.cancel_command(&command_id, reason, ctx)

@@ -1104,6 +1104,19 @@ fn command_events(ctx: &Ctx) -> Vec<super::device::CommandEvent> {
         .collect()
 }
 
+/// The index entries a step appended.
+fn index_entries(ctx: &Ctx) -> Vec<super::device::DeviceIndexEntry> {
+    ctx.ops()
+        .iter()
+        .filter_map(|op| match op {
+            Op::Append { log, value } if log.as_str().starts_with("device-index/t1/") => {
+                Some(serde_json::from_slice(value).unwrap())
+            }
+            _ => None,
+        })
+        .collect()
+}
+
 fn issued(id: &str, name: &str) -> DeviceMsg {
     DeviceMsg::Issue(Box::new(super::device::IssuedCommand {
         command: crate::mail::DeviceCommand {
@@ -1241,4 +1254,52 @@ fn every_transition_of_a_command_is_logged() {
         d.handle(cancel, &mut c, &env),
         DeviceReply::Rejected(_)
     ));
+}
+
+#[test]
+fn the_device_index_gets_an_entry_whenever_owner_site_or_model_change_only() {
+    use super::device::{DEVICE_INDEX_PAGES, device_index_log, device_index_page};
+    let env = device_env();
+    let mut d = DeviceTwin::create(DEVICE, &env).unwrap();
+    let provision = |site: &str| DeviceMsg::Provision {
+        customer: CUSTOMER.into(),
+        site: site.into(),
+        model: "coffee.barista-200".into(),
+    };
+    let mut c = ctx(T0, DEVICE);
+    assert_eq!(
+        d.handle(provision("t1:home-1"), &mut c, &env),
+        DeviceReply::Ok
+    );
+    let entries = index_entries(&c);
+    assert_eq!(entries.len(), 1);
+    assert_eq!(entries[0].site.as_deref(), Some("t1:home-1"));
+    assert_eq!(entries[0].customer.as_deref(), Some(CUSTOMER));
+    assert!(device_index_page(DEVICE) < DEVICE_INDEX_PAGES);
+    assert!(c.ops().iter().any(|op| matches!(op, Op::Append { log, .. }
+        if *log == device_index_log("t1", device_index_page(DEVICE)))));
+    // The same provisioning again, and readings, append nothing.
+    let mut c = ctx(T0, DEVICE);
+    d.handle(provision("t1:home-1"), &mut c, &env);
+    d.handle(
+        DeviceMsg::Apply(vec![reading(1, T0, "brew_pressure", 9.0)]),
+        &mut c,
+        &env,
+    );
+    assert!(index_entries(&c).is_empty());
+    // A move to another site does; so does the erasure's detach.
+    let mut c = ctx(T0, DEVICE);
+    d.handle(provision("t1:home-2"), &mut c, &env);
+    assert_eq!(index_entries(&c)[0].site.as_deref(), Some("t1:home-2"));
+    let mut c = ctx(T0, DEVICE);
+    d.handle(
+        DeviceMsg::Detach {
+            customer: CUSTOMER.into(),
+        },
+        &mut c,
+        &env,
+    );
+    let e = &index_entries(&c)[0];
+    assert_eq!((e.site.as_deref(), e.customer.as_deref()), (None, None));
+    assert_eq!(e.model.as_deref(), Some("coffee.barista-200"));
 }

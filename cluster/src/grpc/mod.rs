@@ -8,7 +8,10 @@
 //! - [`commands`] — `CommandService`: send, follow, cancel commands to devices.
 //! - [`catalogue`] — `CatalogueService`: the device model catalogue.
 //! - [`customers`] — `CustomerService`: profiles, preferences, consent, export, erasure.
-//! - [`twins`] — `TwinService`: get a twin, set desired state.
+//! - [`notifications`] — `NotificationService`: the durable notification log, its stream
+//!   for channel gateways, delivery reports and customers' answers.
+//! - [`twins`] — `TwinService`: get, query (through the device index) and watch twins,
+//!   set desired state.
 //! - [`work`] — `WorkService`: work orders, appointments, part orders, technicians.
 //! - [`convert`] — the deciding code's types on the wire.
 //!
@@ -21,6 +24,7 @@ pub mod catalogue;
 pub mod commands;
 pub mod convert;
 pub mod customers;
+pub mod notifications;
 pub mod twins;
 pub mod work;
 
@@ -30,6 +34,7 @@ use caretwin_proto::v1::case_service_server::CaseServiceServer;
 use caretwin_proto::v1::catalogue_service_server::CatalogueServiceServer;
 use caretwin_proto::v1::command_service_server::CommandServiceServer;
 use caretwin_proto::v1::customer_service_server::CustomerServiceServer;
+use caretwin_proto::v1::notification_service_server::NotificationServiceServer;
 use caretwin_proto::v1::twin_service_server::TwinServiceServer;
 use caretwin_proto::v1::work_service_server::WorkServiceServer;
 use std::future::Future;
@@ -51,6 +56,8 @@ pub struct Services {
     pub work: work::WorkApi,
     /// Commands to devices.
     pub commands: commands::CommandApi,
+    /// The notifications for channel gateways.
+    pub notifications: notifications::NotificationApi,
 }
 
 /// The TLS identity of the endpoint from PEM files (the node's certificate and key).
@@ -92,6 +99,9 @@ pub async fn serve(
     health
         .set_serving::<CommandServiceServer<commands::CommandApi>>()
         .await;
+    health
+        .set_serving::<NotificationServiceServer<notifications::NotificationApi>>()
+        .await;
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(caretwin_proto::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
@@ -126,6 +136,10 @@ pub async fn serve(
         ))
         .add_service(CommandServiceServer::with_interceptor(
             services.commands,
+            check.clone(),
+        ))
+        .add_service(NotificationServiceServer::with_interceptor(
+            services.notifications,
             check,
         ))
         .serve_with_incoming_shutdown(incoming, shutdown)

@@ -3,7 +3,8 @@
 //! polling the store.
 //!
 //! Only logs whose name starts with one of the watched prefixes are signalled; every other
-//! call passes straight through.
+//! call passes straight through. Snapshot writes are signalled to the [`Inbox`]es that
+//! asked for their key ([`SnapshotSignals`]): the twin watches wake on them.
 
 use caretwin_actors::Result;
 use caretwin_actors::store::{Applied, Due, Entry, Key, Lease, Op, Store, Versioned, WriteBatch};
@@ -16,9 +17,22 @@ use tokio::sync::watch;
 pub struct LogSignals {
     /// A channel per log: the value is a counter of committed appends.
     logs: Mutex<HashMap<String, watch::Sender<u64>>>,
+    /// A channel per prefix of log names, for a waiter on a family of logs (the pages of
+    /// a tenant's device index).
+    families: Mutex<HashMap<String, watch::Sender<u64>>>,
 }
 
 impl LogSignals {
+    /// A receiver that changes each time any log whose name starts with `prefix` grows.
+    pub fn subscribe_prefix(&self, prefix: &str) -> watch::Receiver<u64> {
+        self.families
+            .lock()
+            .expect("log signals lock")
+            .entry(prefix.to_owned())
+            .or_insert_with(|| watch::channel(0).0)
+            .subscribe()
+    }
+
     /// A receiver that changes each time `log` grows.
     pub fn subscribe(&self, log: &Key) -> watch::Receiver<u64> {
         self.logs
@@ -34,6 +48,105 @@ impl LogSignals {
         if let Some(tx) = logs.get(log.as_str()) {
             tx.send_modify(|n| *n += 1);
         }
+        drop(logs);
+        let families = self.families.lock().expect("log signals lock");
+        for (prefix, tx) in families.iter() {
+            if log.as_str().starts_with(prefix.as_str()) {
+                tx.send_modify(|n| *n += 1);
+            }
+        }
+    }
+}
+
+/// One waiter's set of changed keys: filled by the store as snapshots are committed,
+/// drained by the waiter. A key changed many times before the waiter looks is in the set
+/// once, so a burst costs the waiter one look, and the set never holds more keys than the
+/// waiter watches.
+#[derive(Debug, Default)]
+pub struct Inbox {
+    changed: Mutex<std::collections::BTreeSet<String>>,
+    wake: tokio::sync::Notify,
+}
+
+impl Inbox {
+    /// Waits until a watched key changed since the last [`Inbox::take`] (at once if one
+    /// did).
+    pub async fn changed(&self) {
+        self.wake.notified().await;
+    }
+
+    /// The keys changed since the last call, emptying the set.
+    pub fn take(&self) -> std::collections::BTreeSet<String> {
+        std::mem::take(&mut *self.changed.lock().expect("inbox lock"))
+    }
+
+    fn put(&self, key: &str) {
+        self.changed
+            .lock()
+            .expect("inbox lock")
+            .insert(key.to_owned());
+        // A stored permit: a change between the waiter's take and its next wait still
+        // wakes it.
+        self.wake.notify_one();
+    }
+}
+
+/// Who waits for which snapshot keys.
+#[derive(Debug, Default)]
+pub struct SnapshotSignals {
+    /// Key → the inboxes watching it (weak: a stream that ended stops counting at once
+    /// and is pruned on the key's next change).
+    keys: Mutex<HashMap<String, Vec<std::sync::Weak<Inbox>>>>,
+    /// How many keys are watched; commits skip the lock while nobody watches.
+    watched: std::sync::atomic::AtomicUsize,
+}
+
+impl SnapshotSignals {
+    /// Puts `key` in `inbox` each time a snapshot under it is committed.
+    pub fn watch(&self, key: &str, inbox: &Arc<Inbox>) {
+        let mut keys = self.keys.lock().expect("snapshot signals lock");
+        let v = keys.entry(key.to_owned()).or_default();
+        v.retain(|w| w.strong_count() > 0);
+        if !v
+            .iter()
+            .any(|w| std::ptr::eq(w.as_ptr(), Arc::as_ptr(inbox)))
+        {
+            v.push(Arc::downgrade(inbox));
+        }
+        self.watched
+            .store(keys.len(), std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Stops putting `key` in `inbox`.
+    pub fn unwatch(&self, key: &str, inbox: &Arc<Inbox>) {
+        let mut keys = self.keys.lock().expect("snapshot signals lock");
+        if let Some(v) = keys.get_mut(key) {
+            v.retain(|w| w.strong_count() > 0 && !std::ptr::eq(w.as_ptr(), Arc::as_ptr(inbox)));
+            if v.is_empty() {
+                keys.remove(key);
+            }
+        }
+        self.watched
+            .store(keys.len(), std::sync::atomic::Ordering::Relaxed);
+    }
+
+    fn changed(&self, key: &Key) {
+        let mut keys = self.keys.lock().expect("snapshot signals lock");
+        let Some(v) = keys.get_mut(key.as_str()) else {
+            return;
+        };
+        v.retain(|w| match w.upgrade() {
+            Some(inbox) => {
+                inbox.put(key.as_str());
+                true
+            }
+            None => false,
+        });
+        if v.is_empty() {
+            keys.remove(key.as_str());
+            self.watched
+                .store(keys.len(), std::sync::atomic::Ordering::Relaxed);
+        }
     }
 }
 
@@ -43,6 +156,7 @@ pub struct Watched {
     inner: Arc<dyn Store>,
     prefixes: Vec<String>,
     signals: Arc<LogSignals>,
+    snapshots: Arc<SnapshotSignals>,
     mail: Arc<tokio::sync::Notify>,
 }
 
@@ -53,6 +167,7 @@ impl Watched {
             inner,
             prefixes: prefixes.iter().map(|p| (*p).to_owned()).collect(),
             signals: Arc::new(LogSignals::default()),
+            snapshots: Arc::new(SnapshotSignals::default()),
             mail: Arc::new(tokio::sync::Notify::new()),
         }
     }
@@ -66,6 +181,11 @@ impl Watched {
     /// The signals, to subscribe to.
     pub fn signals(&self) -> Arc<LogSignals> {
         self.signals.clone()
+    }
+
+    /// The snapshot signals, to watch keys with.
+    pub fn snapshot_signals(&self) -> Arc<SnapshotSignals> {
+        self.snapshots.clone()
     }
 }
 
@@ -85,9 +205,31 @@ impl Store for Watched {
             })
             .collect();
         let mail = batch.ops.iter().any(|op| matches!(op, Op::Enqueue { .. }));
+        let written: Vec<Key> = if self
+            .snapshots
+            .watched
+            .load(std::sync::atomic::Ordering::Relaxed)
+            == 0
+        {
+            Vec::new()
+        } else {
+            batch
+                .ops
+                .iter()
+                .filter_map(|op| match op {
+                    Op::PutSnapshot { key, .. } | Op::DeleteSnapshot { key, .. } => {
+                        Some(key.clone())
+                    }
+                    _ => None,
+                })
+                .collect()
+        };
         let applied = self.inner.commit(batch).await?;
         for log in &grown {
             self.signals.grew(log);
+        }
+        for key in &written {
+            self.snapshots.changed(key);
         }
         if mail {
             self.mail.notify_one();
@@ -210,5 +352,56 @@ mod tests {
             mail.notified().now_or_never().is_none(),
             "a log append is not mail"
         );
+    }
+
+    #[tokio::test]
+    async fn snapshot_writes_fill_the_inboxes_watching_them_and_prefixes_wake() {
+        use futures::FutureExt as _;
+        let dir = tempfile::tempdir().unwrap();
+        let inner: Arc<dyn Store> =
+            Arc::new(EmbeddedStore::open(&EmbeddedConfig::at(dir.path())).unwrap());
+        let store = Watched::new(inner, &["device-index/"]);
+        let inbox = Arc::new(Inbox::default());
+        let other = Arc::new(Inbox::default());
+        store.snapshot_signals().watch("device/t1:a", &inbox);
+        store.snapshot_signals().watch("device/t1:b", &other);
+        let family = store.signals().subscribe_prefix("device-index/t1/");
+        let put = |key: &str, v: u64| WriteBatch {
+            fence: None,
+            ops: vec![Op::PutSnapshot {
+                key: Key::new(key),
+                expected_version: v,
+                value: b"s".to_vec(),
+            }],
+        };
+        // A burst of writes: one key in the set, one wake.
+        for v in 0..5 {
+            store.commit(put("device/t1:a", v)).await.unwrap();
+        }
+        assert!(inbox.changed().now_or_never().is_some());
+        assert_eq!(
+            inbox.take().into_iter().collect::<Vec<_>>(),
+            ["device/t1:a"]
+        );
+        assert!(other.take().is_empty(), "b was not written");
+        assert!(inbox.changed().now_or_never().is_none(), "drained");
+        // Unwatched, or dropped: nothing more.
+        store.snapshot_signals().unwatch("device/t1:a", &inbox);
+        store.commit(put("device/t1:a", 5)).await.unwrap();
+        assert!(inbox.take().is_empty());
+        drop(other);
+        store.commit(put("device/t1:b", 0)).await.unwrap();
+        // Any page of the tenant's index wakes the family; another tenant's does not.
+        let append = |log: &str| WriteBatch {
+            fence: None,
+            ops: vec![Op::Append {
+                log: Key::new(log),
+                value: b"x".to_vec(),
+            }],
+        };
+        store.commit(append("device-index/t2/3")).await.unwrap();
+        assert!(!family.has_changed().unwrap());
+        store.commit(append("device-index/t1/17")).await.unwrap();
+        assert!(family.has_changed().unwrap());
     }
 }
