@@ -1,11 +1,15 @@
-//! Twin reads over the integrator gRPC endpoint: `GetTwin` throughput and latency.
+//! Twin reads over the integrator gRPC endpoint: `GetTwin` throughput and latency, and
+//! `QueryTwins` latency.
 //!
 //! A node started in this process (`Node::start`: embedded store, TLS gRPC on loopback)
 //! with [`DEVICES`] devices of two models at [`SITES`] sites, provisioned from a file;
 //! every twin is read once to activate it. Then [`CLIENTS`] concurrent callers, each on its
 //! own HTTP/2 connection, call `TwinService/GetTwin` (SUMMARY view) on random devices for
 //! [`SECONDS`] s; the figures are reads per second and the latency of each call as the
-//! caller sees it (TLS, token check, the twin's inspection, encoding).
+//! caller sees it (TLS, token check, the twin's inspection, encoding). Then one caller runs
+//! queries one after another, [`QUERIES`] of each kind: a site's twins (100 of them, one
+//! page of 100), a model's twins across the tenant (first page of 100), and the site's
+//! twins of one model in poor health (every twin of the site inspected).
 //!
 //! Run: `cargo bench -p caretwin-cluster --bench grpc` (`-- --quick` for 2 s).
 
@@ -27,6 +31,8 @@ const SITES: usize = 20;
 const CLIENTS: usize = 16;
 /// How long the callers read.
 const SECONDS: u64 = 10;
+/// Queries of each kind.
+const QUERIES: usize = 200;
 
 fn device(i: usize) -> String {
     format!("t1:dev-{i:05}")
@@ -122,12 +128,14 @@ async fn run(seconds: u64) {
     };
     let bearer: tonic::metadata::MetadataValue<_> =
         format!("Bearer {token}").parse().expect("header");
+    let bearer_for_get = bearer.clone();
     let request = move |id: String| {
         let mut r = tonic::Request::new(v1::GetTwinRequest {
             device_id: id,
             view: v1::TwinView::Summary as i32,
         });
-        r.metadata_mut().insert("authorization", bearer.clone());
+        r.metadata_mut()
+            .insert("authorization", bearer_for_get.clone());
         r
     };
     // Activate every twin once.
@@ -144,7 +152,7 @@ async fn run(seconds: u64) {
         callers.push(tokio::spawn(async move {
             let mut hist = Histogram::<u64>::new(3).expect("histogram");
             // A cheap per-caller sequence that visits devices in a scattered order.
-            let mut x = (c as u64 + 1) * 0x9E37_79B9_7F4A_7C15;
+            let mut x = (c as u64 + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15);
             while Instant::now() < deadline {
                 x ^= x << 13;
                 x ^= x >> 7;
@@ -170,5 +178,59 @@ async fn run(seconds: u64) {
         ms(all.value_at_quantile(0.99)),
         ms(all.max()),
     );
+
+    // Queries, one at a time.
+    let mut client = connect().await;
+    println!("\n| query | pages | twins per page | p50 | p99 | max |\n|---|---|---|---|---|---|");
+    let kinds: [(&str, fn(usize) -> v1::QueryTwinsRequest); 3] = [
+        ("site (100 twins)", |n| v1::QueryTwinsRequest {
+            site_id: format!("t1:site-{:02}", n % SITES),
+            page: Some(v1::PageRequest {
+                page_size: 100,
+                page_token: String::new(),
+            }),
+            ..Default::default()
+        }),
+        ("model, tenant-wide (first 100)", |_| {
+            v1::QueryTwinsRequest {
+                model_id: "hub.guardian-1".into(),
+                page: Some(v1::PageRequest {
+                    page_size: 100,
+                    page_token: String::new(),
+                }),
+                ..Default::default()
+            }
+        }),
+        ("site + model + poor health", |n| v1::QueryTwinsRequest {
+            site_id: format!("t1:site-{:02}", n % SITES),
+            model_id: "coffee.barista-200".into(),
+            health: vec![v1::Health::AtRisk as i32, v1::Health::Failed as i32],
+            page: Some(v1::PageRequest {
+                page_size: 100,
+                page_token: String::new(),
+            }),
+            ..Default::default()
+        }),
+    ];
+    for (name, query) in kinds {
+        let mut hist = Histogram::<u64>::new(3).expect("histogram");
+        let mut returned = 0;
+        for n in 0..QUERIES {
+            let mut r = tonic::Request::new(query(n));
+            r.metadata_mut().insert("authorization", bearer.clone());
+            let t = Instant::now();
+            let page = client.query_twins(r).await.expect("query").into_inner();
+            hist.record(t.elapsed().as_micros() as u64).expect("record");
+            returned += page.twins.len();
+        }
+        println!(
+            "| {name} | {} | {:.0} | {} | {} | {} |",
+            hist.len(),
+            returned as f64 / QUERIES as f64,
+            ms(hist.value_at_quantile(0.5)),
+            ms(hist.value_at_quantile(0.99)),
+            ms(hist.max()),
+        );
+    }
     node.stop().await.expect("stop");
 }
