@@ -130,3 +130,20 @@ fn demo_json_prints_the_counts() {
     assert!(!bad.status.success());
     assert!(String::from_utf8_lossy(&bad.stderr).contains("--sites"));
 }
+
+/// Ctrl-C ends a running demo cleanly: it stops at once, prints its summary and exits 0.
+#[test]
+fn ctrl_c_ends_the_demo_cleanly_with_a_summary() {
+    let mut demo = caretwin_tests::Process::start(
+        std::path::Path::new(env!("CARGO_BIN_EXE_caretwin-chaos")),
+        &["demo", "--duration", "10m", "--sites", "1"],
+        &[],
+    )
+    .unwrap();
+    // The smoke alarm reaches the desk within a few seconds of device time.
+    demo.wait_for("DESK").unwrap();
+    demo.interrupt().unwrap();
+    demo.wait_for("duplicate effects 0").unwrap();
+    let status = demo.wait().unwrap();
+    assert!(status.success(), "{}", demo.transcript());
+}

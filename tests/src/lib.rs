@@ -130,6 +130,11 @@ impl Process {
         }
     }
 
+    /// Sends SIGINT (what Ctrl-C in a terminal sends).
+    pub fn interrupt(&self) -> anyhow::Result<()> {
+        self.signal("INT")
+    }
+
     /// Sends SIGTERM (a graceful stop request).
     pub fn terminate(&self) -> anyhow::Result<()> {
         self.signal("TERM")

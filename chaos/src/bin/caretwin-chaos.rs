@@ -163,8 +163,21 @@ async fn demo(options: caretwin_chaos::demo::DemoOptions, json: bool) -> anyhow:
             options.duration.as_secs_f64() * options.speed / 3600.0
         );
     }
-    let ctrl_c = async {
-        let _ = tokio::signal::ctrl_c().await;
+    // Ctrl-C (or SIGTERM) ends the demo early, cleanly, with its summary.
+    let term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate());
+    let ctrl_c = async move {
+        let term = async {
+            match term {
+                Ok(mut s) => {
+                    s.recv().await;
+                }
+                Err(_) => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {},
+            () = term => {},
+        }
     };
     let summary = caretwin_chaos::demo::run(options, ctrl_c, |e| {
         if json {
