@@ -46,6 +46,12 @@ async fn a_wearing_pump_gets_one_order_one_visit_and_one_case_with_context() {
         })
         .collect();
     assert_eq!(orders, ["PUMP-12"], "one part order");
+    // Not in the desk's stock: placed with the built-in supplier, over gRPC.
+    let placed_by_supplier = events.iter().any(|e| {
+        matches!(e, Event::PartOrder { key, state, .. }
+            if of_case(key) && state.starts_with("placed (SO-"))
+    });
+    assert!(placed_by_supplier, "{events:#?}");
     let visits = events
         .iter()
         .filter(|e| matches!(e, Event::Appointment { key, .. } if of_case(key)))

@@ -509,3 +509,82 @@ async fn without_a_field_service_the_desk_books() {
         .unwrap();
     assert_eq!(desk_bookings, 1);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_partner_is_reached_over_tls_with_its_ca_and_our_token() {
+    use caretwin_cluster::config::RemoteService;
+    use caretwin_cluster::integrations::client::{CallError, SupplierLink};
+    use caretwin_cluster::sync::dev::{DevPki, generate};
+    use caretwin_proto::v1::PlaceOrderRequest;
+    use tonic::transport::{Server, ServerTlsConfig};
+
+    let dir = tempfile::tempdir().unwrap();
+    let certs = dir.path().join("certs");
+    generate(&DevPki {
+        out: certs.clone(),
+        cluster_name: "localhost".into(),
+        sites: vec![],
+        force: false,
+    })
+    .unwrap();
+    let identity =
+        caretwin_cluster::grpc::identity(&certs.join("cluster.pem"), &certs.join("cluster.key"))
+            .unwrap();
+    let supplier = Arc::new(InProcessSupplier::new(
+        BuiltinSupplierConfig::default(),
+        Arc::new(ManualClock::new(MON)),
+    ));
+    let check = |request: tonic::Request<()>| match request.metadata().get("authorization") {
+        Some(v) if v == "Bearer s3cret" => Ok(request),
+        _ => Err(tonic::Status::unauthenticated("unknown token")),
+    };
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(
+        Server::builder()
+            .tls_config(ServerTlsConfig::new().identity(identity))
+            .unwrap()
+            .add_service(tonic::service::interceptor::InterceptedService::new(
+                PartsSupplierServer::from_arc(supplier.clone()),
+                check,
+            ))
+            .serve_with_incoming_shutdown(
+                tokio_stream::wrappers::TcpListenerStream::new(listener),
+                async move {
+                    let _ = stopped.await;
+                },
+            ),
+    );
+    let link = |token: &str| {
+        let remote = RemoteService {
+            endpoint: format!("https://localhost:{port}"),
+            ca: Some(certs.join("ca.pem")),
+            token: Some(token.into()),
+            timeout: Duration::from_secs(5),
+        };
+        SupplierLink(Link::remote("supplier", &remote, &retry(2)).unwrap())
+    };
+    let request = PlaceOrderRequest {
+        idempotency_key: KEY.into(),
+        tenant: "t1".into(),
+        part_number: "PUMP-9".into(),
+        quantity: 1,
+        deliver_to: String::new(),
+    };
+    let answer = link("s3cret").place_order(request.clone()).await.unwrap();
+    assert!(answer.outcome.is_some());
+    assert_eq!(supplier.orders_placed(), 1);
+    // A wrong token is refused, not retried: retrying cannot help.
+    match link("wrong").place_order(request).await {
+        Err(CallError::Refused { code, .. }) => assert_eq!(code, tonic::Code::Unauthenticated),
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(
+        supplier.calls(),
+        1,
+        "the refused call never reached the service"
+    );
+    let _ = stop.send(());
+    server.await.unwrap().unwrap();
+}
