@@ -16,7 +16,7 @@ use caretwin_actors::services::{Status, Tenants};
 use caretwin_actors::store::{Key, Op, Store, WriteBatch};
 use caretwin_actors::system::{Components, ServicesConfig, System};
 use caretwin_cluster::config::{BuiltinStock, BuiltinSupplierConfig, RetryConfig};
-use caretwin_cluster::integrations::client::Link;
+use caretwin_cluster::integrations::client::{CallError, FieldServiceLink, Link, SupplierLink};
 use caretwin_cluster::integrations::field_service::InProcessFieldService;
 use caretwin_cluster::integrations::supplier::InProcessSupplier;
 use caretwin_cluster::integrations::{Integrations, Loopback, record_key, serve_loopback};
@@ -343,8 +343,16 @@ async fn a_crash_between_the_suppliers_acceptance_and_our_record_places_one_orde
     let report = node.system.pump().await.unwrap();
     assert_eq!(report.stalled, 0);
     assert_eq!(w.supplier.orders_placed(), 1, "not placed twice");
-    let reference = w.supplier.order("t1", KEY).unwrap().supplier_reference;
+    // Asked over gRPC, the supplier holds exactly the one order the desk was told of.
+    let link =
+        SupplierLink(Link::loopback("supplier", w.supplier_server.addr(), &retry(1)).unwrap());
+    let held = link.get_order("t1", KEY).await.unwrap();
+    let reference = held.supplier_reference;
     assert_eq!(node.placed_detail().await.unwrap(), reference, "not lost");
+    match link.get_order("t2", KEY).await {
+        Err(CallError::Refused { code, .. }) => assert_eq!(code, tonic::Code::NotFound),
+        other => panic!("another tenant's order: {other:?}"),
+    }
     let r = record(&*w.store, "supplier", KEY).await;
     assert_eq!(r["outcome"]["detail"], reference.as_str());
     assert_eq!(w.supplier.calls(), 4);
@@ -492,6 +500,14 @@ async fn bookings_go_to_the_field_service_over_grpc_once_across_a_crash() {
         .await
         .unwrap();
     assert_eq!(desk_bookings, 0, "the in-process desk booked nothing");
+
+    // The visit can be cancelled over gRPC, once.
+    let link = FieldServiceLink(
+        Link::loopback("field_service", w.field_service_server.addr(), &retry(1)).unwrap(),
+    );
+    assert!(link.cancel("t1", "case-7/visit").await.unwrap().cancelled);
+    assert!(!link.cancel("t1", "case-7/visit").await.unwrap().cancelled);
+    assert_eq!(w.field_service.visits("t1"), 0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -513,7 +529,6 @@ async fn without_a_field_service_the_desk_books() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_partner_is_reached_over_tls_with_its_ca_and_our_token() {
     use caretwin_cluster::config::RemoteService;
-    use caretwin_cluster::integrations::client::{CallError, SupplierLink};
     use caretwin_cluster::sync::dev::{DevPki, generate};
     use caretwin_proto::v1::PlaceOrderRequest;
     use tonic::transport::{Server, ServerTlsConfig};

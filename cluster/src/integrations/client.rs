@@ -8,8 +8,9 @@ use backon::{ExponentialBuilder, Retryable};
 use caretwin_proto::v1::field_service_client::FieldServiceClient;
 use caretwin_proto::v1::parts_supplier_client::PartsSupplierClient;
 use caretwin_proto::v1::{
-    BookFieldAppointmentRequest, BookFieldAppointmentResponse, PlaceOrderRequest,
-    PlaceOrderResponse,
+    BookFieldAppointmentRequest, BookFieldAppointmentResponse, CancelFieldAppointmentRequest,
+    CancelFieldAppointmentResponse, GetOrderRequest, PlaceOrderRequest, PlaceOrderResponse,
+    SupplierOrder,
 };
 use std::future::Future;
 use std::net::SocketAddr;
@@ -217,6 +218,27 @@ impl SupplierLink {
     }
 }
 
+impl SupplierLink {
+    /// The order a key placed (with retries); NOT_FOUND comes back as
+    /// [`CallError::Refused`].
+    pub async fn get_order(&self, tenant: &str, key: &str) -> Result<SupplierOrder, CallError> {
+        let request = GetOrderRequest {
+            tenant: tenant.to_owned(),
+            idempotency_key: key.to_owned(),
+        };
+        self.0
+            .call("GetOrder", |channel, bearer| {
+                let request = request.clone();
+                async move {
+                    let mut client =
+                        PartsSupplierClient::new(InterceptedService::new(channel, bearer));
+                    Ok(client.get_order(request).await?.into_inner())
+                }
+            })
+            .await
+    }
+}
+
 /// The client of a field-service scheduler.
 pub struct FieldServiceLink(pub Link);
 
@@ -233,6 +255,30 @@ impl FieldServiceLink {
                     let mut client =
                         FieldServiceClient::new(InterceptedService::new(channel, bearer));
                     Ok(client.book_appointment(request).await?.into_inner())
+                }
+            })
+            .await
+    }
+}
+
+impl FieldServiceLink {
+    /// Cancels the appointment a key booked (with retries).
+    pub async fn cancel(
+        &self,
+        tenant: &str,
+        key: &str,
+    ) -> Result<CancelFieldAppointmentResponse, CallError> {
+        let request = CancelFieldAppointmentRequest {
+            tenant: tenant.to_owned(),
+            idempotency_key: key.to_owned(),
+        };
+        self.0
+            .call("CancelAppointment", |channel, bearer| {
+                let request = request.clone();
+                async move {
+                    let mut client =
+                        FieldServiceClient::new(InterceptedService::new(channel, bearer));
+                    Ok(client.cancel_appointment(request).await?.into_inner())
                 }
             })
             .await
