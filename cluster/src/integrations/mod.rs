@@ -569,6 +569,48 @@ pub async fn start(
 mod tests {
     use super::*;
 
+    struct Rest;
+
+    #[async_trait::async_trait]
+    impl Router for Rest {
+        async fn deliver(&self, _: Mail) -> caretwin_actors::Result<Delivery> {
+            Ok(Delivery::Delivered)
+        }
+    }
+
+    #[tokio::test]
+    async fn the_configuration_chooses_the_partners() {
+        let dir = tempfile::tempdir().unwrap();
+        let store: Arc<dyn Store> = Arc::new(
+            crate::store::EmbeddedStore::open(&crate::store::EmbeddedConfig::at(dir.path()))
+                .unwrap(),
+        );
+        let clock: Arc<dyn Clock> = Arc::new(caretwin_actors::host::clock::ManualClock::new(0));
+        let technicians = Tenants::<SchedulerConfig>::default();
+        let defaults = IntegrationsConfig::default();
+        let s = start(
+            &defaults,
+            &technicians,
+            store.clone(),
+            clock.clone(),
+            Arc::new(Rest),
+        )
+        .await
+        .unwrap();
+        assert!(s.supplier.is_some() && s.field_service.is_none());
+        assert!(!s.router.books_visits(), "the desk books by default");
+        assert_eq!(s.servers.len(), 1);
+        let both = IntegrationsConfig {
+            field_service: FieldServiceChoice::Builtin,
+            ..IntegrationsConfig::default()
+        };
+        let s = start(&both, &technicians, store, clock, Arc::new(Rest))
+            .await
+            .unwrap();
+        assert!(s.field_service.is_some() && s.router.books_visits());
+        assert_ne!(s.servers[0].addr(), s.servers[1].addr());
+    }
+
     #[test]
     fn records_round_trip_and_outcomes_map() {
         let r = Record {
