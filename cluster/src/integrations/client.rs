@@ -135,6 +135,27 @@ impl Link {
         Self::remote(name, &remote, retry)
     }
 
+    /// Like [`Link::loopback`], connected before it returns: the first call then does not
+    /// pay for the connection inside a mail delivery (in the demo's fast time tens of
+    /// milliseconds are minutes).
+    pub async fn loopback_connected(
+        name: &'static str,
+        addr: SocketAddr,
+        retry: &RetryConfig,
+    ) -> Result<Self> {
+        let mut link = Self::loopback(name, addr, retry)?;
+        link.channel = Endpoint::from_shared(format!("http://{addr}"))
+            .map_err(|e| Error::Config(format!("integrations.{name}: {e}")))?
+            .connect_timeout(link.timeout)
+            .timeout(link.timeout)
+            .connect()
+            .await
+            .map_err(|e| {
+                Error::Config(format!("integrations.{name}: connecting to {addr}: {e}"))
+            })?;
+        Ok(link)
+    }
+
     /// Runs `call` with retries: transient failures are retried with exponential backoff
     /// and jitter, each try under the link's deadline; other failures are returned at once.
     async fn call<T, F, Fut>(&self, what: &'static str, call: F) -> Result<T, CallError>

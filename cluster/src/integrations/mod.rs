@@ -524,7 +524,7 @@ pub async fn start(
             ))
             .await?;
             tracing::info!(addr = %server.addr(), "built-in supplier serving on loopback");
-            let link = Link::loopback("supplier", server.addr(), &config.retry)?;
+            let link = Link::loopback_connected("supplier", server.addr(), &config.retry).await?;
             builtin_supplier = Some(s);
             servers.push(server);
             link
@@ -545,7 +545,8 @@ pub async fn start(
             )))
             .await?;
             tracing::info!(addr = %server.addr(), "built-in field service serving on loopback");
-            let link = Link::loopback("field_service", server.addr(), &config.retry)?;
+            let link =
+                Link::loopback_connected("field_service", server.addr(), &config.retry).await?;
             builtin_field_service = Some(fs);
             servers.push(server);
             Some(link)
