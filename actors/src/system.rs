@@ -107,6 +107,8 @@ struct MailRouter {
     supplier: Option<Arc<LocalSupplier>>,
     clock: Arc<dyn Clock>,
     outside: Arc<dyn Router>,
+    /// An external field-service scheduler that takes `Book` mail instead of the desk.
+    field_service: Option<Arc<dyn Router>>,
 }
 
 /// Maps a registry call's outcome to a delivery verdict: store or host failures are
@@ -153,6 +155,12 @@ impl Router for MailRouter {
                 },
             ),
             Address::Parts(t) => verdict(r.parts.call(&t, mail).await, status),
+            Address::Scheduler(_)
+                if matches!(mail.body, Body::Book { .. }) && self.field_service.is_some() =>
+            {
+                let field_service = self.field_service.as_ref().expect("checked above");
+                field_service.deliver(mail).await
+            }
             Address::Scheduler(t) => verdict(r.scheduler.call(&t, mail).await, status),
             Address::Handoff(t) => verdict(r.handoff.call(&t, mail).await, status),
             Address::Supplier(_) if self.supplier.is_some() => {
@@ -210,6 +218,16 @@ fn queues<T: Twin>(shards: u32) -> impl Iterator<Item = Key> {
 impl System {
     /// Starts every registry and the dispatcher.
     pub async fn start(p: Components) -> Result<Self> {
+        Self::start_with_field_service(p, None).await
+    }
+
+    /// Like [`System::start`], but when `field_service` is given, bookings (`Book` mail to
+    /// a scheduler) go to it — an external field-service scheduler, which answers the
+    /// customer with `Booking` mail — instead of the in-process scheduler desk.
+    pub async fn start_with_field_service(
+        p: Components,
+        field_service: Option<Arc<dyn Router>>,
+    ) -> Result<Self> {
         p.services.parts.validate()?;
         p.services.scheduler.validate()?;
         p.services.handoff.validate()?;
@@ -253,6 +271,7 @@ impl System {
             supplier: supplier.clone(),
             clock: clock.clone(),
             outside: p.outside,
+            field_service,
         });
         let all_queues = queues::<DeviceTwin>(h.shards)
             .chain(queues::<CustomerTwin>(h.shards))

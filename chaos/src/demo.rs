@@ -148,6 +148,9 @@ pub struct Summary {
     pub readings_accepted: u64,
     /// Readings the device twins applied.
     pub readings_applied: u64,
+    /// Readings the twins set aside unused for lack of the customer's consent (0 in the
+    /// demo: every customer consents before the devices speak).
+    pub readings_withheld: u64,
     /// Readings still waiting at the edges at the end (0 when every one reached its twin).
     pub readings_pending: u64,
     /// Cases the customer twins opened from predictions and alarms.
@@ -297,6 +300,9 @@ pub async fn run(
             site.customer
         );
     }
+    // The customer twins tell their devices what they may use: that mail is delivered
+    // before any device speaks, or their first usage readings would be set aside.
+    node.system().settle(20).await?;
 
     // The desk connects before any device speaks: it must see every case.
     let desk = Desk::connect(node.grpc_addr(), &certs.join("ca.pem"), token).await?;
@@ -382,11 +388,13 @@ pub async fn run(
         }
     }
 
-    let mut summary = watch.summary(node.system(), &sites).await?;
+    let supplied = node.builtin_supplier().map(|s| s.orders_placed());
+    let mut summary = watch.summary(node.system(), supplied, &sites).await?;
     summary.simulated_hours = (clock.now_ms() - start_ms) as f64 / HOUR_MS as f64;
     summary.readings_accepted = edges.iter().map(|e| e.stats().readings_accepted).sum();
     summary.readings_pending = edges.iter().map(|e| e.stats().backlog_items).sum();
     summary.readings_applied = node.readings_applied();
+    summary.readings_withheld = node.readings_withheld();
     {
         let seen = desk_seen.lock().expect("lock");
         summary.cases_received_by_desk = seen.len();
@@ -742,6 +750,7 @@ impl Watcher {
             .await?;
         for (key, b) in bookings {
             if let (Some(technician), Some((start_ms, _))) = (b.technician, b.slot)
+                && !b.cancelled
                 && self.bookings.insert(key.clone())
             {
                 out.push(Event::Appointment {
@@ -764,7 +773,13 @@ impl Watcher {
     }
 
     /// The counts, read from the twins and desks, and every duplicate effect found.
-    async fn summary(&self, system: &System, sites: &[Site]) -> anyhow::Result<Summary> {
+    /// `supplied`: the orders the built-in supplier placed, when it serves.
+    async fn summary(
+        &self,
+        system: &System,
+        supplied: Option<u64>,
+        sites: &[Site],
+    ) -> anyhow::Result<Summary> {
         let mut s = Summary {
             sites: sites.len(),
             devices: sites.iter().map(|s| s.devices().len()).sum(),
@@ -807,12 +822,11 @@ impl Watcher {
             s.duplicates
                 .push(format!("{n} orders of {part} for case {case}"));
         }
-        if let Some(supplier) = system.local_supplier() {
+        if let Some(placed) = supplied {
             let desk_keys = orders.len();
-            if supplier.orders_placed() > desk_keys {
+            if placed > desk_keys as u64 {
                 s.duplicates.push(format!(
-                    "the supplier placed {} orders for {desk_keys} desk orders",
-                    supplier.orders_placed()
+                    "the supplier placed {placed} orders for {desk_keys} desk orders"
                 ));
             }
         }
@@ -822,7 +836,7 @@ impl Watcher {
             .inspect(TENANT, |d| {
                 d.map(|d| {
                     d.bookings()
-                        .map(|(k, b)| (k.to_owned(), b.slot.is_some()))
+                        .map(|(k, b)| (k.to_owned(), b.slot.is_some() && !b.cancelled))
                         .collect::<Vec<_>>()
                 })
                 .unwrap_or_default()

@@ -46,6 +46,12 @@ async fn a_wearing_pump_gets_one_order_one_visit_and_one_case_with_context() {
         })
         .collect();
     assert_eq!(orders, ["PUMP-12"], "one part order");
+    // Not in the desk's stock: placed with the built-in supplier, over gRPC.
+    let placed_by_supplier = events.iter().any(|e| {
+        matches!(e, Event::PartOrder { key, state, .. }
+            if of_case(key) && state.starts_with("placed (SO-"))
+    });
+    assert!(placed_by_supplier, "{events:#?}");
     let visits = events
         .iter()
         .filter(|e| matches!(e, Event::Appointment { key, .. } if of_case(key)))
@@ -79,6 +85,10 @@ async fn a_wearing_pump_gets_one_order_one_visit_and_one_case_with_context() {
     assert_eq!(summary.duplicate_effects, 0, "{:?}", summary.duplicates);
     assert_eq!(summary.readings_pending, 0);
     assert!(summary.readings_accepted > 1_000, "{summary:?}");
+    assert_eq!(
+        summary.readings_withheld, 0,
+        "consent reached the devices first"
+    );
     assert_eq!(summary.readings_applied, summary.readings_accepted);
     assert!(
         summary.cases_handed_off >= 2,

@@ -23,6 +23,9 @@ use hdrhistogram::Histogram;
 use std::time::{Duration, Instant};
 use tonic::transport::{Certificate, Channel, ClientTlsConfig};
 
+/// Builds the `n`th query of a kind.
+type Query = fn(usize) -> v1::QueryTwinsRequest;
+
 /// Devices provisioned.
 const DEVICES: usize = 2_000;
 /// Sites they are spread over.
@@ -182,7 +185,7 @@ async fn run(seconds: u64) {
     // Queries, one at a time.
     let mut client = connect().await;
     println!("\n| query | pages | twins per page | p50 | p99 | max |\n|---|---|---|---|---|---|");
-    let kinds: [(&str, fn(usize) -> v1::QueryTwinsRequest); 3] = [
+    let kinds: [(&str, Query); 3] = [
         ("site (100 twins)", |n| v1::QueryTwinsRequest {
             site_id: format!("t1:site-{:02}", n % SITES),
             page: Some(v1::PageRequest {

@@ -46,6 +46,9 @@ pub struct ClusterConfig {
     /// model`); idempotent. Until the admin API exists this is how devices are registered.
     #[serde(default)]
     pub provision: Option<PathBuf>,
+    /// Outbound integrations: the parts supplier and the field-service scheduler.
+    #[serde(default)]
+    pub integrations: IntegrationsConfig,
 }
 
 /// The edge sync endpoint: QUIC with mutual TLS.
@@ -154,6 +157,7 @@ impl Default for ClusterConfig {
             services: ServicesConfig::default(),
             tick: default_tick(),
             provision: None,
+            integrations: IntegrationsConfig::default(),
         }
     }
 }
@@ -182,6 +186,316 @@ impl ClusterConfig {
                 "renew_every ({:?}) must be non-zero and at most half of lease_ttl ({:?})",
                 self.renew_every, self.lease_ttl
             )));
+        }
+        self.integrations.validate()
+    }
+}
+
+/// Outbound integrations (`[integrations]`): where part orders and technician bookings go.
+/// Each call is retried with backoff; its intent is recorded durably before it and its
+/// outcome after it, so a crash neither repeats nor loses an effect (see
+/// [`crate::integrations`]).
+///
+/// ```toml
+/// [integrations]
+/// supplier = "builtin"   # the default
+/// field_service = { endpoint = "https://fs.example.com:443", ca = "certs/fs-ca.pem" }
+/// [integrations.retry]
+/// first = "200ms"
+/// ```
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct IntegrationsConfig {
+    /// The parts supplier: `"builtin"` (the default: a stand-in the node serves itself over
+    /// gRPC on 127.0.0.1, so orders always take the real client path) or a partner's
+    /// `{ endpoint, ca, token, timeout }`.
+    #[serde(default)]
+    pub supplier: SupplierChoice,
+    /// The field-service scheduler: `"desk"` (the default: the in-process scheduler desk
+    /// books visits from `[services.scheduler]`, with no network), `"builtin"` (the same
+    /// technicians, served over gRPC on 127.0.0.1) or a partner's
+    /// `{ endpoint, ca, token, timeout }`.
+    #[serde(default)]
+    pub field_service: FieldServiceChoice,
+    /// Stock and lead times of the built-in supplier.
+    #[serde(default)]
+    pub builtin_supplier: BuiltinSupplierConfig,
+    /// How one call is retried before its mail is given back for later delivery.
+    #[serde(default)]
+    pub retry: RetryConfig,
+}
+
+/// Where part orders go.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(try_from = "Choice", into = "Choice")]
+pub enum SupplierChoice {
+    /// The built-in stand-in, over gRPC on loopback.
+    #[default]
+    Builtin,
+    /// A partner's supplier.
+    Remote(RemoteService),
+}
+
+/// Where technician bookings go.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(try_from = "Choice", into = "Choice")]
+pub enum FieldServiceChoice {
+    /// The in-process scheduler desk (no network).
+    #[default]
+    Desk,
+    /// The built-in stand-in (the desk's technicians), over gRPC on loopback.
+    Builtin,
+    /// A partner's field-service scheduler.
+    Remote(RemoteService),
+}
+
+/// How a choice is written: a name, or a table for a partner.
+#[derive(Serialize, Deserialize)]
+#[serde(untagged)]
+enum Choice {
+    Named(String),
+    Remote(RemoteService),
+}
+
+impl TryFrom<Choice> for SupplierChoice {
+    type Error = String;
+
+    fn try_from(c: Choice) -> Result<Self, String> {
+        match c {
+            Choice::Named(n) if n == "builtin" => Ok(Self::Builtin),
+            Choice::Named(n) => Err(format!(
+                "supplier {n:?} must be \"builtin\" or {{ endpoint = \"https://…\", ca = \"…\" }}"
+            )),
+            Choice::Remote(r) => Ok(Self::Remote(r)),
+        }
+    }
+}
+
+impl From<SupplierChoice> for Choice {
+    fn from(c: SupplierChoice) -> Self {
+        match c {
+            SupplierChoice::Builtin => Choice::Named("builtin".into()),
+            SupplierChoice::Remote(r) => Choice::Remote(r),
+        }
+    }
+}
+
+impl TryFrom<Choice> for FieldServiceChoice {
+    type Error = String;
+
+    fn try_from(c: Choice) -> Result<Self, String> {
+        match c {
+            Choice::Named(n) if n == "desk" => Ok(Self::Desk),
+            Choice::Named(n) if n == "builtin" => Ok(Self::Builtin),
+            Choice::Named(n) => Err(format!(
+                "field_service {n:?} must be \"desk\", \"builtin\" or {{ endpoint = \"https://…\", ca = \"…\" }}"
+            )),
+            Choice::Remote(r) => Ok(Self::Remote(r)),
+        }
+    }
+}
+
+impl From<FieldServiceChoice> for Choice {
+    fn from(c: FieldServiceChoice) -> Self {
+        match c {
+            FieldServiceChoice::Desk => Choice::Named("desk".into()),
+            FieldServiceChoice::Builtin => Choice::Named("builtin".into()),
+            FieldServiceChoice::Remote(r) => Choice::Remote(r),
+        }
+    }
+}
+
+/// A partner's gRPC endpoint.
+#[derive(Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct RemoteService {
+    /// `https://host:port`; plain `http://` only to a loopback address (a partner's
+    /// adapter on this machine), since the token would travel in clear.
+    pub endpoint: String,
+    /// The CA that signs the partner's certificate (PEM); required for `https`.
+    #[serde(default)]
+    pub ca: Option<PathBuf>,
+    /// Sent as `authorization: Bearer <token>` on every call. Better set from the
+    /// environment than written in the file:
+    /// `CARETWIN_CLUSTER__INTEGRATIONS__SUPPLIER__TOKEN`.
+    #[serde(default)]
+    pub token: Option<String>,
+    /// Deadline of one call, connecting included.
+    #[serde(default = "default_call_timeout", with = "humantime_serde")]
+    pub timeout: Duration,
+}
+
+// The token is a secret: never in logs.
+impl std::fmt::Debug for RemoteService {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RemoteService")
+            .field("endpoint", &self.endpoint)
+            .field("ca", &self.ca)
+            .field("token", &self.token.as_ref().map(|_| "<redacted>"))
+            .field("timeout", &self.timeout)
+            .finish()
+    }
+}
+
+fn default_call_timeout() -> Duration {
+    Duration::from_secs(2)
+}
+
+impl RemoteService {
+    /// Refuses endpoints that cannot work or would leak the token.
+    pub fn validate(&self, what: &str) -> crate::Result<()> {
+        let bad = |why: String| crate::Error::Config(format!("integrations.{what}: {why}"));
+        let uri: tonic::transport::Uri = self
+            .endpoint
+            .parse()
+            .map_err(|e| bad(format!("endpoint {:?}: {e}", self.endpoint)))?;
+        let host = uri
+            .host()
+            .ok_or_else(|| bad(format!("endpoint {:?} names no host", self.endpoint)))?;
+        match uri.scheme_str() {
+            Some("https") if self.ca.is_none() => {
+                return Err(bad(format!(
+                    "endpoint {:?} is https but no ca file is given",
+                    self.endpoint
+                )));
+            }
+            Some("https") => {}
+            Some("http") => {
+                let ip = host.trim_start_matches('[').trim_end_matches(']');
+                let loopback = host == "localhost"
+                    || ip
+                        .parse::<std::net::IpAddr>()
+                        .is_ok_and(|ip| ip.is_loopback());
+                if !loopback {
+                    return Err(bad(format!(
+                        "endpoint {:?} is plain http to a host that is not loopback; use https",
+                        self.endpoint
+                    )));
+                }
+            }
+            _ => {
+                return Err(bad(format!(
+                    "endpoint {:?} must start with https:// or http://",
+                    self.endpoint
+                )));
+            }
+        }
+        if self.timeout.is_zero() {
+            return Err(bad("timeout must be positive".into()));
+        }
+        Ok(())
+    }
+}
+
+/// Stock and lead times of the built-in supplier: parts listed here run out (and are then
+/// refused until restocked); parts not listed are always in stock.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct BuiltinSupplierConfig {
+    /// How long an order takes to arrive, unless its part says otherwise.
+    #[serde(default = "default_supplier_lead_time", with = "humantime_serde")]
+    pub lead_time: Duration,
+    /// Limited stock, per part number.
+    #[serde(default)]
+    pub inventory: Vec<BuiltinStock>,
+}
+
+/// One part number of the built-in supplier's limited stock.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct BuiltinStock {
+    /// The part number.
+    pub part_number: String,
+    /// Units in stock at start.
+    pub quantity: u32,
+    /// How long an order of it takes to arrive (default: the supplier's `lead_time`).
+    #[serde(default, with = "humantime_serde")]
+    pub lead_time: Option<Duration>,
+}
+
+fn default_supplier_lead_time() -> Duration {
+    Duration::from_secs(2 * 86_400)
+}
+
+impl Default for BuiltinSupplierConfig {
+    fn default() -> Self {
+        Self {
+            lead_time: default_supplier_lead_time(),
+            inventory: Vec::new(),
+        }
+    }
+}
+
+/// Retries of one outbound call: exponential backoff with jitter from `first` to `max`,
+/// `attempts` calls in all. After the last, the mail is given back and delivered again on
+/// a later round (with the same idempotency key), and calls to that partner fail fast for
+/// `pause`, so a partner's outage does not hold up the node's other mail.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct RetryConfig {
+    /// Wait after the first failed call; doubled after each further one.
+    #[serde(default = "default_retry_first", with = "humantime_serde")]
+    pub first: Duration,
+    /// Longest wait between two calls.
+    #[serde(default = "default_retry_max", with = "humantime_serde")]
+    pub max: Duration,
+    /// Calls in all, the first included, at least 1.
+    #[serde(default = "default_retry_attempts")]
+    pub attempts: u32,
+    /// How long calls to a partner fail fast after one gave up.
+    #[serde(default = "default_retry_pause", with = "humantime_serde")]
+    pub pause: Duration,
+}
+
+fn default_retry_first() -> Duration {
+    Duration::from_millis(200)
+}
+fn default_retry_max() -> Duration {
+    Duration::from_secs(2)
+}
+fn default_retry_attempts() -> u32 {
+    4
+}
+fn default_retry_pause() -> Duration {
+    Duration::from_secs(10)
+}
+
+impl Default for RetryConfig {
+    fn default() -> Self {
+        Self {
+            first: default_retry_first(),
+            max: default_retry_max(),
+            attempts: default_retry_attempts(),
+            pause: default_retry_pause(),
+        }
+    }
+}
+
+impl IntegrationsConfig {
+    /// Checks endpoints, stock and retry values.
+    pub fn validate(&self) -> crate::Result<()> {
+        if let SupplierChoice::Remote(r) = &self.supplier {
+            r.validate("supplier")?;
+        }
+        if let FieldServiceChoice::Remote(r) = &self.field_service {
+            r.validate("field_service")?;
+        }
+        let bad = |why: String| crate::Error::Config(format!("integrations: {why}"));
+        let r = &self.retry;
+        if r.attempts == 0 || r.first.is_zero() || r.max < r.first {
+            return Err(bad(format!(
+                "retry needs attempts >= 1 and 0 < first <= max, got attempts {}, first {:?}, max {:?}",
+                r.attempts, r.first, r.max
+            )));
+        }
+        let mut seen = std::collections::BTreeSet::new();
+        for s in &self.builtin_supplier.inventory {
+            if s.part_number.is_empty() || !seen.insert(&s.part_number) {
+                return Err(bad(format!(
+                    "builtin_supplier part number {:?} is empty or listed twice",
+                    s.part_number
+                )));
+            }
         }
         Ok(())
     }
@@ -224,6 +538,64 @@ mod tests {
         assert!(ClusterConfig::load("node_id = \"\"", []).is_err());
         assert!(ClusterConfig::load("[store]\nbackend = \"floppy\"", []).is_err());
         assert!(ClusterConfig::load("lease_ttl = \"soon\"", []).is_err());
+    }
+
+    #[test]
+    fn integrations_are_builtin_names_or_partner_tables() {
+        let c = ClusterConfig::load("", []).unwrap();
+        assert_eq!(c.integrations.supplier, SupplierChoice::Builtin);
+        assert_eq!(c.integrations.field_service, FieldServiceChoice::Desk);
+        let text = r#"
+            [integrations]
+            supplier = { endpoint = "https://supplier.example:443", ca = "certs/sup.pem" }
+            field_service = "builtin"
+            [integrations.retry]
+            attempts = 2
+        "#;
+        // The token comes from the environment, as a secret should.
+        let env = [(
+            "CARETWIN_CLUSTER__INTEGRATIONS__SUPPLIER__TOKEN".to_string(),
+            "s3cret".to_string(),
+        )];
+        let c = ClusterConfig::load(text, env).unwrap();
+        match &c.integrations.supplier {
+            SupplierChoice::Remote(r) => {
+                assert_eq!(r.endpoint, "https://supplier.example:443");
+                assert_eq!(r.token.as_deref(), Some("s3cret"));
+                assert_eq!(r.timeout, Duration::from_secs(2));
+                assert!(!format!("{c:?}").contains("s3cret"), "never logged");
+            }
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(c.integrations.field_service, FieldServiceChoice::Builtin);
+        assert_eq!(c.integrations.retry.attempts, 2);
+        // Written back, it reads the same.
+        let again: IntegrationsConfig =
+            toml::from_str(&toml::to_string(&c.integrations).unwrap()).unwrap();
+        assert_eq!(again, c.integrations);
+
+        for (text, want) in [
+            (
+                "[integrations]\nsupplier = \"local\"",
+                "must be \"builtin\"",
+            ),
+            (
+                "[integrations]\nfield_service = \"crm\"",
+                "must be \"desk\"",
+            ),
+            (
+                "[integrations]\nsupplier = { endpoint = \"http://192.0.2.1:80\" }",
+                "not loopback",
+            ),
+            (
+                "[integrations]\nsupplier = { endpoint = \"https://x.example\" }",
+                "no ca",
+            ),
+            ("[integrations.retry]\nattempts = 0", "attempts >= 1"),
+        ] {
+            let err = ClusterConfig::load(text, []).unwrap_err().to_string();
+            assert!(err.contains(want), "{text}: {err}");
+        }
     }
 
     #[test]

@@ -169,6 +169,8 @@ pub struct Ingest {
     compression: bool,
     /// Readings applied by the twins, for the node's counters.
     readings_applied: AtomicU64,
+    /// Items the twins set aside for lack of consent.
+    readings_withheld: AtomicU64,
 }
 
 fn error(code: ErrorCode, message: impl Into<String>) -> SyncError {
@@ -224,12 +226,19 @@ impl Ingest {
             limits: default_limits(),
             compression: true,
             readings_applied: AtomicU64::new(0),
+            readings_withheld: AtomicU64::new(0),
         }
     }
 
     /// Readings the twins have applied (durably) through this ingest since it started.
     pub fn readings_applied(&self) -> u64 {
         self.readings_applied.load(Ordering::Relaxed)
+    }
+
+    /// Readings the twins durably set aside, unused, because the customer had not
+    /// consented to their scope.
+    pub fn readings_withheld(&self) -> u64 {
+        self.readings_withheld.load(Ordering::Relaxed)
     }
 
     /// Sets the heartbeat interval edges are asked to keep.
@@ -447,6 +456,8 @@ impl Ingest {
             Ok(DeviceReply::Applied(report)) => {
                 self.readings_applied
                     .fetch_add(u64::from(report.readings), Ordering::Relaxed);
+                self.readings_withheld
+                    .fetch_add(u64::from(report.withheld), Ordering::Relaxed);
                 Self::report(device, report, ack);
             }
             Ok(DeviceReply::UnknownDevice) => ack.rejections.push(item_error(

@@ -14,6 +14,8 @@
 //! - [`grpc`] — the integrator gRPC endpoint: auth by token and scope, cases, twins,
 //!   health and reflection.
 //! - [`ingest`] — what the node does with a site's sync frames, whatever carries them.
+//! - [`integrations`] — outbound gRPC clients of the parts supplier and the field-service
+//!   scheduler, with durable intent and outcome records, and their built-in stand-ins.
 //! - [`pii`] — customers' personal data, sealed with a per-customer key so erasure can
 //!   destroy it (crypto-shredding), and the tenants' customer indexes.
 
@@ -23,6 +25,7 @@ pub mod config;
 pub mod error;
 pub mod grpc;
 pub mod ingest;
+pub mod integrations;
 pub mod node;
 pub mod pii;
 pub mod replay;

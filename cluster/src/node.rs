@@ -11,9 +11,8 @@ use caretwin_actors::catalogue::Catalogue;
 use caretwin_actors::host::clock::Clock;
 use caretwin_actors::host::dispatch::{Delivery, Router};
 use caretwin_actors::mail::Mail;
-use caretwin_actors::model::DAY_MS;
 use caretwin_actors::store::{Key, Lease, Store};
-use caretwin_actors::system::{Components, LocalSupplier, System};
+use caretwin_actors::system::{Components, System};
 use caretwin_actors::twins::customer::{CustomerMsg, CustomerReply};
 use caretwin_actors::twins::device::{DeviceMsg, DeviceReply};
 use std::future::Future;
@@ -107,7 +106,7 @@ pub struct NodeOptions {
     /// the edges. Leases always use the wall clock: they are about processes being alive.
     pub clock: Arc<dyn Clock>,
     /// Where effects with no integration of their own go (notifications): by default the
-    /// log.
+    /// log. Part orders and bookings go to the partners of `[integrations]`.
     pub outside: Arc<dyn Router>,
 }
 
@@ -126,6 +125,7 @@ pub struct Node {
     ingest: Arc<Ingest>,
     sync_addr: SocketAddr,
     grpc_addr: SocketAddr,
+    supplier: Option<Arc<crate::integrations::supplier::InProcessSupplier>>,
     stop: tokio::sync::oneshot::Sender<()>,
     task: tokio::task::JoinHandle<Result<()>>,
 }
@@ -162,27 +162,48 @@ impl Node {
         let signals = Arc::new(CommandSignals::default());
         let clock = options.clock;
         let catalogue = Arc::new(Catalogue::builtin());
-        // Notifications are recorded for the gateways before the outside router sees them.
+        // Notifications are recorded for the gateways before the outside router sees them;
+        // orders and bookings go to the partners first.
         let now_clock = clock.clone();
         let recorder = Arc::new(crate::grpc::notifications::Recorder::new(
             store.clone(),
             options.outside,
             Arc::new(move || now_clock.now_ms()),
         ));
-        let outside = Arc::new(EdgeGateway::new(store.clone(), signals.clone(), recorder));
+        let integrations = crate::integrations::start(
+            &config.integrations,
+            &config.services.scheduler,
+            store.clone(),
+            clock.clone(),
+            recorder,
+        )
+        .await?;
+        let partners = integrations.router.clone();
+        let outside = Arc::new(EdgeGateway::new(
+            store.clone(),
+            signals.clone(),
+            partners.clone(),
+        ));
+        let field_service = partners
+            .books_visits()
+            .then(|| partners.clone() as Arc<dyn Router>);
         let system = Arc::new(
-            System::start(Components {
-                store: store.clone(),
-                clock: clock.clone(),
-                catalogue: catalogue.clone(),
-                device_env: None,
-                services: config.services.clone(),
-                host: config.host,
-                outside,
-                local_supplier: Some(Arc::new(LocalSupplier::new(2 * DAY_MS))),
-            })
+            System::start_with_field_service(
+                Components {
+                    store: store.clone(),
+                    clock: clock.clone(),
+                    catalogue: catalogue.clone(),
+                    device_env: None,
+                    services: config.services.clone(),
+                    host: config.host,
+                    outside,
+                    local_supplier: None,
+                },
+                field_service,
+            )
             .await?,
         );
+        partners.bind(&system);
         let vault = Arc::new(crate::pii::Vault::new(store.clone()));
         if let Some(path) = &config.provision {
             provision(&system, &vault, path).await?;
@@ -288,6 +309,7 @@ impl Node {
             },
         ));
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let builtin_supplier = integrations.supplier.clone();
         let twins = system.clone();
         let task = tokio::spawn(async move {
             let shutdown = async move {
@@ -312,6 +334,8 @@ impl Node {
                 Ok(system) => system.stop().await,
                 Err(_) => tracing::warn!("twins still referenced at shutdown; dropping them"),
             }
+            // The built-in partners stop last: nothing calls them any more.
+            drop(integrations.servers);
             store.release_lease(&lease).await?;
             tracing::info!(node = %config.node_id, "node left the cluster");
             drain(store);
@@ -322,6 +346,7 @@ impl Node {
             ingest,
             sync_addr,
             grpc_addr,
+            supplier: builtin_supplier,
             stop,
             task,
         })
@@ -342,9 +367,21 @@ impl Node {
         self.grpc_addr
     }
 
+    /// The built-in parts supplier, when `[integrations] supplier = "builtin"`.
+    pub fn builtin_supplier(
+        &self,
+    ) -> Option<&Arc<crate::integrations::supplier::InProcessSupplier>> {
+        self.supplier.as_ref()
+    }
+
     /// Readings the twins applied since the node started.
     pub fn readings_applied(&self) -> u64 {
         self.ingest.readings_applied()
+    }
+
+    /// Readings the twins set aside for lack of consent since the node started.
+    pub fn readings_withheld(&self) -> u64 {
+        self.ingest.readings_withheld()
     }
 
     /// Serves until `shutdown` resolves, then stops; returns early with the error if the

@@ -3,7 +3,8 @@
 //! This crate holds the messages of the edge-to-cluster sync protocol (plain
 //! length-delimited protobuf frames on QUIC streams, see [`v1::EdgeFrame`]) and the gRPC
 //! services integrators call (twins, customers, cases, work, commands, catalogue,
-//! notifications), with tonic clients and servers for each. The sources are
+//! notifications), and the partner services CareTwin calls (a parts supplier, a
+//! field-service scheduler: `integrations.proto`), with tonic clients and servers for each. The sources are
 //! `proto/caretwin/v1/*.proto`; `build.rs` compiles them with protox, so no `protoc` is
 //! needed.
 //!

@@ -242,8 +242,11 @@ async fn demo(options: caretwin_chaos::demo::DemoOptions, json: bool) -> anyhow:
             summary.simulated_hours, summary.devices, summary.sites
         );
         println!(
-            "  readings         {} accepted at the edges, {} applied by the twins, {} pending",
-            summary.readings_accepted, summary.readings_applied, summary.readings_pending
+            "  readings         {} accepted at the edges, {} applied by the twins, {} withheld (no consent), {} pending",
+            summary.readings_accepted,
+            summary.readings_applied,
+            summary.readings_withheld,
+            summary.readings_pending
         );
         println!("  predictions      {} cases opened", summary.predictions);
         println!("  part orders      {}", summary.part_orders);
