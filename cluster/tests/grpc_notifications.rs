@@ -119,11 +119,16 @@ async fn node() -> Node {
     let catalogue = Arc::new(Catalogue::builtin());
     let outside = Arc::new(Outside::default());
     let now = clock.clone();
-    let recorder = Arc::new(Recorder::new(
-        store.clone(),
-        outside.clone(),
-        Arc::new(move || now.now_ms()),
-    ));
+    // The texts are sealed with the customers' keys, as on a node.
+    let vault = Arc::new(Vault::new(store.clone()));
+    let recorder = Arc::new(
+        Recorder::new(
+            store.clone(),
+            outside.clone(),
+            Arc::new(move || now.now_ms()),
+        )
+        .with_vault(vault.clone()),
+    );
     let system = Arc::new(
         System::start(Components {
             store: store.clone(),
@@ -141,7 +146,6 @@ async fn node() -> Node {
         .await
         .unwrap(),
     );
-    let vault = Arc::new(Vault::new(store.clone()));
     customer_with_fridge(&system, &vault, "t1:alice", "t1:fridge-1").await;
     customer_with_fridge(&system, &vault, "t1:bob", "t1:fridge-2").await;
     customer_with_fridge(&system, &vault, "t2:carol", "t2:fridge-1").await;
