@@ -393,16 +393,18 @@ async fn a_question_reaches_the_gateway_and_the_answer_moves_the_case_on() {
     );
     // The customer taps an answer: the twin takes it and its playbook goes on (the fridge
     // is asked to test its seal again).
+    let mut tapped = answer(&note.notification_id, CLOSED_IT, "k1");
+    tapped.response.as_mut().unwrap().free_text = "the kids left it open".into();
     let answered = n
         .client
-        .record_response(with(
-            &gateway,
-            answer(&note.notification_id, CLOSED_IT, "k1"),
-        ))
+        .record_response(with(&gateway, tapped.clone()))
         .await
         .unwrap()
         .into_inner();
-    assert_eq!(answered.response.unwrap().option_id, CLOSED_IT);
+    let response = answered.response.unwrap();
+    assert_eq!(response.option_id, CLOSED_IT);
+    // Sealed in the log with the customer's key, read back in clear.
+    assert_eq!(response.free_text, "the kids left it open");
     let actions = alice_actions(&n).await;
     let at = actions
         .iter()
@@ -413,13 +415,13 @@ async fn a_question_reaches_the_gateway_and_the_answer_moves_the_case_on() {
         "{actions:?}"
     );
     // A retry with the same key is the same answer, once; another answer is refused.
-    n.client
-        .record_response(with(
-            &gateway,
-            answer(&note.notification_id, CLOSED_IT, "k1"),
-        ))
+    let again = n
+        .client
+        .record_response(with(&gateway, tapped))
         .await
-        .unwrap();
+        .unwrap()
+        .into_inner();
+    assert_eq!(again.response.unwrap().free_text, "the kids left it open");
     assert_eq!(alice_actions(&n).await, actions);
     let e = n
         .client
