@@ -165,11 +165,16 @@ impl Node {
         // Notifications are recorded for the gateways before the outside router sees them;
         // orders and bookings go to the partners first.
         let now_clock = clock.clone();
-        let recorder = Arc::new(crate::grpc::notifications::Recorder::new(
-            store.clone(),
-            options.outside,
-            Arc::new(move || now_clock.now_ms()),
-        ));
+        // One vault for the whole node: its key cache is evicted on erasure.
+        let vault = Arc::new(crate::pii::Vault::new(store.clone()));
+        let recorder = Arc::new(
+            crate::grpc::notifications::Recorder::new(
+                store.clone(),
+                options.outside,
+                Arc::new(move || now_clock.now_ms()),
+            )
+            .with_vault(vault.clone()),
+        );
         let integrations = crate::integrations::start(
             &config.integrations,
             &config.services.scheduler,
@@ -204,7 +209,6 @@ impl Node {
             .await?,
         );
         partners.bind(&system);
-        let vault = Arc::new(crate::pii::Vault::new(store.clone()));
         if let Some(path) = &config.provision {
             provision(&system, &vault, path).await?;
         }
@@ -259,14 +263,15 @@ impl Node {
             .with_shutdown(stop_rx.clone()),
         ));
         let services = crate::grpc::Services {
-            notifications,
+            notifications: notifications.clone(),
             customers: crate::grpc::customers::CustomerApi::new(
                 system.clone(),
                 store.clone(),
                 vault.clone(),
                 cases.0.clone(),
                 catalogue.clone(),
-            ),
+            )
+            .with_notifications(notifications.0.clone()),
             cases,
             twins: crate::grpc::twins::TwinApi::new(
                 system.clone(),

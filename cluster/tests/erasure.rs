@@ -1,6 +1,7 @@
 //! The right to be forgotten, end to end: a real node process with its embedded store, an
 //! edge sending a customer's readings and a smoke alarm over QUIC, an agent's notes on the
-//! handed-off case over gRPC, an export that holds everything, then an erasure — after
+//! handed-off case over gRPC, a work order and a part order, the smoke notification, an
+//! export that holds everything, then an erasure — after
 //! which no gRPC read shows anything personal, a restart with the same provisioning file
 //! does not bring the customer back, and no byte of the store (every keyspace, every key
 //! and value, and every file on disk) holds any of the customer's personal strings.
@@ -15,7 +16,9 @@ use caretwin_edge::sync::tls::client_config_from_files;
 use caretwin_edge::sync::transport::client_endpoint;
 use caretwin_proto::v1::case_service_client::CaseServiceClient;
 use caretwin_proto::v1::customer_service_client::CustomerServiceClient;
+use caretwin_proto::v1::notification_service_client::NotificationServiceClient;
 use caretwin_proto::v1::twin_service_client::TwinServiceClient;
+use caretwin_proto::v1::work_service_client::WorkServiceClient;
 use caretwin_proto::v1::{self, export_customer_chunk::Item as Chunk};
 use caretwin_tests::{Process, strip_ansi};
 use std::path::Path;
@@ -66,6 +69,10 @@ struct Tokens {
     other_tenant: String,
     /// t1: customers:write.
     writer: String,
+    /// t1: work:read + work:write.
+    work: String,
+    /// t1: notifications:gateway.
+    gateway: String,
 }
 
 fn tokens(d: &Path) -> Tokens {
@@ -80,8 +87,10 @@ fn tokens(d: &Path) -> Tokens {
     );
     let (other_tenant, e6) = mint("other", "t2", vec![Scope::Admin]);
     let (writer, e7) = mint("writer", "t1", vec![Scope::CustomersWrite]);
+    let (work, e8) = mint("work", "t1", vec![Scope::WorkRead, Scope::WorkWrite]);
+    let (gateway, e9) = mint("gateway", "t1", vec![Scope::NotificationsGateway]);
     let file = TokensFile {
-        tokens: vec![e1, e2, e3, e4, e5, e6, e7],
+        tokens: vec![e1, e2, e3, e4, e5, e6, e7, e8, e9],
     };
     write(&d.join("tokens.toml"), &toml::to_string(&file).unwrap());
     Tokens {
@@ -92,6 +101,8 @@ fn tokens(d: &Path) -> Tokens {
         desk,
         other_tenant,
         writer,
+        work,
+        gateway,
     }
 }
 
@@ -240,7 +251,9 @@ async fn an_erased_customer_leaves_nothing_personal_in_any_read_or_any_byte() {
     let ch = channel(d, &grpc_addr).await;
     let mut customers = CustomerServiceClient::new(ch.clone());
     let mut cases = CaseServiceClient::new(ch.clone());
-    let mut twins = TwinServiceClient::new(ch);
+    let mut twins = TwinServiceClient::new(ch.clone());
+    let mut work = WorkServiceClient::new(ch.clone());
+    let mut gateway = NotificationServiceClient::new(ch);
 
     // The edge: readings of the coffee machine, then smoke at the hub.
     let outbox = Arc::new(Outbox::open(&OutboxConfig::at(d.join("edge"))).unwrap());
@@ -327,6 +340,70 @@ async fn an_erased_customer_leaves_nothing_personal_in_any_read_or_any_byte() {
         }
     };
     drop(stream);
+    // The hub's twin told the customer about the smoke: the notification is recorded for
+    // the gateways.
+    let mut sub = with(
+        &t.gateway,
+        v1::SubscribeNotificationsRequest {
+            subscriber_id: "gw".into(),
+            ..Default::default()
+        },
+    );
+    sub.set_timeout(DEADLINE);
+    let mut stream = gateway
+        .subscribe_notifications(sub)
+        .await
+        .unwrap()
+        .into_inner();
+    let notification = loop {
+        let delivery = tokio::time::timeout(DEADLINE, stream.message())
+            .await
+            .expect("the smoke notification in time")
+            .unwrap()
+            .unwrap();
+        let n = delivery.notification.unwrap();
+        if n.customer_id == CUSTOMER {
+            break n;
+        }
+    };
+    drop(stream);
+    assert!(
+        !notification.body.is_empty() && !notification.body.starts_with("ct-sealed"),
+        "the gateway reads the text: {notification:?}"
+    );
+    // A work order and a part order for the customer's coffee machine.
+    let wo = work
+        .create_work_order(with(
+            &t.work,
+            v1::CreateWorkOrderRequest {
+                idempotency_key: "wo-1".into(),
+                device_id: COFFEE.into(),
+                failure_mode_id: "pump-wear".into(),
+                description: "replace the pump".into(),
+                ..Default::default()
+            },
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(wo.customer_id, CUSTOMER);
+    let po = work
+        .create_part_order(with(
+            &t.work,
+            v1::CreatePartOrderRequest {
+                idempotency_key: "po-1".into(),
+                item_kind: v1::OrderItemKind::Part as i32,
+                part_number: "FILTER-CL".into(),
+                quantity: 1,
+                device_id: COFFEE.into(),
+                work_order_id: wo.work_order_id.clone(),
+                ..Default::default()
+            },
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(po.customer_id, CUSTOMER);
     // The readings went through too (they were sent before the alarm, in order).
     let coffee = twins
         .get_twin(with(
@@ -584,6 +661,33 @@ async fn an_erased_customer_leaves_nothing_personal_in_any_read_or_any_byte() {
     assert_eq!(manifest.counts.get("device"), Some(&2));
     assert_eq!(manifest.counts.get("customer"), Some(&1));
     assert_eq!(manifest.counts.get("consent_history"), Some(&1));
+    // What the desks and the notification log hold about them is in it too.
+    assert!(
+        chunks
+            .iter()
+            .any(|c| matches!(c, Chunk::WorkOrder(w) if w.work_order_id == wo.work_order_id)),
+        "{chunks:?}"
+    );
+    assert!(chunks.iter().any(
+        |c| matches!(c, Chunk::PartOrder(o) if o.part_order_id == po.part_order_id
+            && o.work_order_id == wo.work_order_id)
+    ));
+    assert!(chunks.iter().any(
+        |c| matches!(c, Chunk::Notification(n) if n.notification_id == notification.notification_id
+            && n.body == notification.body)
+    ));
+    for kind in ["work_order", "part_order", "notification"] {
+        let counted = manifest.counts.get(kind).copied().unwrap_or_default();
+        let sent = chunks
+            .iter()
+            .filter(|c| match kind {
+                "work_order" => matches!(c, Chunk::WorkOrder(_)),
+                "part_order" => matches!(c, Chunk::PartOrder(_)),
+                _ => matches!(c, Chunk::Notification(_)),
+            })
+            .count() as u64;
+        assert!(counted >= 1 && counted == sent, "{kind}: {manifest:?}");
+    }
 
     // Erasure: only with the scope, only within the tenant.
     let erase = |token: &str| {
@@ -628,6 +732,23 @@ async fn an_erased_customer_leaves_nothing_personal_in_any_read_or_any_byte() {
             .any(|e| e.store.contains("case-log") && e.count == 2)
     );
     assert!(report.retained.iter().any(|r| r.category == "cases"));
+    assert!(
+        report
+            .erased
+            .iter()
+            .any(|e| e.store == "notification-log" && e.count >= 1),
+        "{report:?}"
+    );
+    for category in [
+        "notifications",
+        "part orders, work orders and technician bookings",
+    ] {
+        let r = report.retained.iter().find(|r| r.category == category);
+        assert!(
+            r.is_some_and(|r| !r.reason.starts_with('0')),
+            "{category} counted: {report:?}"
+        );
+    }
     let again = customers
         .erase_customer(erase(&t.eraser))
         .await
@@ -715,6 +836,59 @@ async fn an_erased_customer_leaves_nothing_personal_in_any_read_or_any_byte() {
         assert_eq!((twin.customer_id.as_str(), twin.site_id.as_str()), ("", ""));
         assert!(twin.reported.is_empty(), "{twin:?}");
     }
+
+    // The notification stays as a delivery record: no text, no recipient, no customer.
+    let listed = gateway
+        .list_notifications(with(&t.gateway, v1::ListNotificationsRequest::default()))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(personal_in(&listed), Vec::<&str>::new());
+    let kept = listed
+        .notifications
+        .iter()
+        .find(|n| n.notification_id == notification.notification_id)
+        .expect("the delivery record stays");
+    assert_eq!(kept.body, "[erased]");
+    assert_eq!(kept.customer_id, "");
+    let theirs = gateway
+        .list_notifications(with(
+            &t.gateway,
+            v1::ListNotificationsRequest {
+                customer_id: CUSTOMER.into(),
+                ..Default::default()
+            },
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(
+        theirs.notifications.is_empty(),
+        "none is tied to them any more"
+    );
+    // The desks' records keep only the pseudonymous id.
+    let wo_after = work
+        .get_work_order(with(
+            &t.work,
+            v1::GetWorkOrderRequest {
+                work_order_id: wo.work_order_id.clone(),
+            },
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(personal_in(&wo_after), Vec::<&str>::new());
+    let po_after = work
+        .get_part_order(with(
+            &t.work,
+            v1::GetPartOrderRequest {
+                part_order_id: po.part_order_id.clone(),
+            },
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(personal_in(&po_after), Vec::<&str>::new());
 
     let _ = stop_edge.send(());
     let _ = edge.await;

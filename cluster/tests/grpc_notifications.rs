@@ -119,11 +119,16 @@ async fn node() -> Node {
     let catalogue = Arc::new(Catalogue::builtin());
     let outside = Arc::new(Outside::default());
     let now = clock.clone();
-    let recorder = Arc::new(Recorder::new(
-        store.clone(),
-        outside.clone(),
-        Arc::new(move || now.now_ms()),
-    ));
+    // The texts are sealed with the customers' keys, as on a node.
+    let vault = Arc::new(Vault::new(store.clone()));
+    let recorder = Arc::new(
+        Recorder::new(
+            store.clone(),
+            outside.clone(),
+            Arc::new(move || now.now_ms()),
+        )
+        .with_vault(vault.clone()),
+    );
     let system = Arc::new(
         System::start(Components {
             store: store.clone(),
@@ -141,7 +146,6 @@ async fn node() -> Node {
         .await
         .unwrap(),
     );
-    let vault = Arc::new(Vault::new(store.clone()));
     customer_with_fridge(&system, &vault, "t1:alice", "t1:fridge-1").await;
     customer_with_fridge(&system, &vault, "t1:bob", "t1:fridge-2").await;
     customer_with_fridge(&system, &vault, "t2:carol", "t2:fridge-1").await;
@@ -389,16 +393,18 @@ async fn a_question_reaches_the_gateway_and_the_answer_moves_the_case_on() {
     );
     // The customer taps an answer: the twin takes it and its playbook goes on (the fridge
     // is asked to test its seal again).
+    let mut tapped = answer(&note.notification_id, CLOSED_IT, "k1");
+    tapped.response.as_mut().unwrap().free_text = "the kids left it open".into();
     let answered = n
         .client
-        .record_response(with(
-            &gateway,
-            answer(&note.notification_id, CLOSED_IT, "k1"),
-        ))
+        .record_response(with(&gateway, tapped.clone()))
         .await
         .unwrap()
         .into_inner();
-    assert_eq!(answered.response.unwrap().option_id, CLOSED_IT);
+    let response = answered.response.unwrap();
+    assert_eq!(response.option_id, CLOSED_IT);
+    // Sealed in the log with the customer's key, read back in clear.
+    assert_eq!(response.free_text, "the kids left it open");
     let actions = alice_actions(&n).await;
     let at = actions
         .iter()
@@ -409,13 +415,13 @@ async fn a_question_reaches_the_gateway_and_the_answer_moves_the_case_on() {
         "{actions:?}"
     );
     // A retry with the same key is the same answer, once; another answer is refused.
-    n.client
-        .record_response(with(
-            &gateway,
-            answer(&note.notification_id, CLOSED_IT, "k1"),
-        ))
+    let again = n
+        .client
+        .record_response(with(&gateway, tapped))
         .await
-        .unwrap();
+        .unwrap()
+        .into_inner();
+    assert_eq!(again.response.unwrap().free_text, "the kids left it open");
     assert_eq!(alice_actions(&n).await, actions);
     let e = n
         .client

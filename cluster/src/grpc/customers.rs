@@ -17,6 +17,8 @@
 use super::auth::{Principal, Scope};
 use super::cases::Cases;
 use super::convert;
+use super::notifications::Notifications;
+use super::work;
 use crate::node::now_ms;
 use crate::pii::{ConsentChange, Contact, PersonalRecord, Vault};
 use caretwin_actors::catalogue::Catalogue;
@@ -31,7 +33,7 @@ use caretwin_actors::twins::device::{DeviceMsg, DeviceReply};
 use caretwin_proto::v1::{self, customer_service_server::CustomerService};
 use futures::Stream;
 use prost::Message as _;
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::pin::Pin;
 use std::sync::Arc;
 use tonic::{Request, Response, Status};
@@ -74,6 +76,15 @@ pub struct CustomerApi {
     vault: Arc<Vault>,
     cases: Arc<Cases>,
     catalogue: Arc<Catalogue>,
+    /// The notification log's projection; `None`: exports hold no notifications.
+    notifications: Option<Arc<Notifications>>,
+}
+
+/// What the tenant's desks hold about one customer, as the contract shows it.
+struct DeskRecords {
+    work_orders: Vec<v1::WorkOrder>,
+    appointments: Vec<v1::Appointment>,
+    part_orders: Vec<v1::PartOrder>,
 }
 
 /// What the customer twin says about a customer.
@@ -100,6 +111,22 @@ impl CustomerApi {
             vault,
             cases,
             catalogue,
+            notifications: None,
+        }
+    }
+
+    /// Exports the customer's notifications from `notifications` (and counts them in
+    /// the erasure report).
+    pub fn with_notifications(mut self, notifications: Arc<Notifications>) -> Self {
+        self.notifications = Some(notifications);
+        self
+    }
+
+    /// The notifications sent to customer `id`, oldest first.
+    async fn notifications_of(&self, id: &str) -> Result<Vec<v1::Notification>, Status> {
+        match &self.notifications {
+            Some(n) => n.of_customer(id).await,
+            None => Ok(Vec::new()),
         }
     }
 
@@ -212,6 +239,81 @@ impl CustomerApi {
         Ok(())
     }
 
+    /// What the tenant's desks hold about customer `id`: their work orders (each with its
+    /// current appointment), the appointments not shown inside a work order (cancelled or
+    /// replaced visits), and their part orders.
+    async fn desk_records(&self, id: &str) -> Result<DeskRecords, Status> {
+        let tenant = caretwin_actors::mail::tenant_of(id).to_owned();
+        let part_orders: Vec<v1::PartOrder> = {
+            let (tenant, id) = (tenant.clone(), id.to_owned());
+            self.system
+                .parts()
+                .inspect(&tenant.clone(), move |d| {
+                    d.map(|d| {
+                        d.orders()
+                            .filter(|(_, o)| o.customer == id)
+                            .map(|(k, o)| work::to_part_order(&tenant, k, o))
+                            .collect()
+                    })
+                    .unwrap_or_default()
+                })
+                .await
+                .map_err(internal)?
+        };
+        let (mut work_orders, mut appointments) = {
+            let id = id.to_owned();
+            self.system
+                .scheduler()
+                .inspect(&tenant, move |s| {
+                    let Some(s) = s else {
+                        return (Vec::new(), Vec::new());
+                    };
+                    let work_orders: Vec<v1::WorkOrder> = s
+                        .work_orders()
+                        .into_iter()
+                        .filter(|(_, w)| w.customer == id)
+                        .map(|(wid, w)| work::to_work_order(s, &wid, &w))
+                        .collect();
+                    let shown: Vec<&str> = work_orders
+                        .iter()
+                        .filter_map(|w| w.appointment.as_ref())
+                        .map(|a| a.appointment_id.as_str())
+                        .collect();
+                    // Bookings that never became a visit have no appointment to show;
+                    // what they said is in the work order or the case.
+                    let appointments: Vec<v1::Appointment> = s
+                        .bookings()
+                        .filter(|(_, b)| {
+                            b.customer == id && !b.id.is_empty() && !shown.contains(&b.id.as_str())
+                        })
+                        .map(|(_, b)| work::to_appointment(b, s.work_order(&b.work_order).as_ref()))
+                        .collect();
+                    (work_orders, appointments)
+                })
+                .await
+                .map_err(internal)?
+        };
+        let by_id: HashMap<String, v1::PartOrder> = part_orders
+            .iter()
+            .map(|o| (o.part_order_id.clone(), o.clone()))
+            .collect();
+        let (at, mut current): (Vec<usize>, Vec<v1::Appointment>) = work_orders
+            .iter_mut()
+            .enumerate()
+            .filter_map(|(i, w)| w.appointment.take().map(|a| (i, a)))
+            .unzip();
+        work::fill_reservations(&by_id, &mut current);
+        work::fill_reservations(&by_id, &mut appointments);
+        for (i, a) in at.into_iter().zip(current) {
+            work_orders[i].appointment = Some(a);
+        }
+        Ok(DeskRecords {
+            work_orders,
+            appointments,
+            part_orders,
+        })
+    }
+
     async fn export(
         &self,
         id: &str,
@@ -306,6 +408,16 @@ impl CustomerApi {
         for c in twin.cases.iter().filter(|c| !in_log.contains(&c.id)) {
             items.push(Item::Case(twin_case(&tenant, c)));
         }
+        let desks = self.desk_records(id).await?;
+        items.extend(desks.work_orders.into_iter().map(Item::WorkOrder));
+        items.extend(desks.appointments.into_iter().map(Item::Appointment));
+        items.extend(desks.part_orders.into_iter().map(Item::PartOrder));
+        items.extend(
+            self.notifications_of(id)
+                .await?
+                .into_iter()
+                .map(Item::Notification),
+        );
         for item in &items {
             let name = match item {
                 Item::Customer(_) => "customer",
@@ -317,6 +429,7 @@ impl CustomerApi {
                 Item::PartOrder(_) => "part_order",
                 Item::Command(_) => "command",
                 Item::Readings(_) => "readings",
+                Item::Appointment(_) => "appointment",
                 Item::Manifest(_) => "manifest",
             };
             *counts.entry(name.to_owned()).or_default() += 1;
@@ -361,6 +474,12 @@ impl CustomerApi {
                     + usize::from(c.resolution.as_ref().is_some_and(|r| !r.summary.is_empty()))
             })
             .sum();
+        let desks = self.desk_records(id).await?;
+        let notifications = self.notifications_of(id).await?;
+        let answers = notifications
+            .iter()
+            .filter(|n| n.response.as_ref().is_some_and(|r| !r.free_text.is_empty()))
+            .count();
         // The twins first (each step idempotent), the tombstone last: a failure halfway is
         // finished by a retry, and a retry after the tombstone returns the first report.
         match self
@@ -419,6 +538,12 @@ impl CustomerApi {
                     "case-log",
                     notes as u64,
                 ),
+                erased_item(
+                    "notification texts and customers' free-text answers (sealed; their key \
+                     is destroyed)",
+                    "notification-log",
+                    (notifications.len() + answers) as u64,
+                ),
                 erased_item("data key", "twin-store: key record", 1),
                 erased_item("customer index entry", "twin-store: customer index", 1),
             ],
@@ -434,11 +559,30 @@ impl CustomerApi {
                     retained_until_ms: 0,
                 },
                 v1::RetainedItem {
-                    category: "part orders and technician bookings".into(),
-                    reason: "kept by the parts desk and the scheduler for warranty and \
-                             accounting; they name the customer only by the pseudonymous id, \
-                             with no contact data, and are forgotten with the desks' retention"
-                        .into(),
+                    category: "part orders, work orders and technician bookings".into(),
+                    reason: format!(
+                        "{} part order(s), {} work order(s) and {} further appointment(s) are \
+                         kept by the parts desk and the scheduler for warranty and accounting; \
+                         they name the customer only by the pseudonymous id, with no contact \
+                         data, but keep the device, site, fault description and technicians' \
+                         completion notes as written, and are forgotten with the desks' \
+                         retention",
+                        desks.part_orders.len(),
+                        desks.work_orders.len(),
+                        desks.appointments.len()
+                    ),
+                    retained_until_ms: 0,
+                },
+                v1::RetainedItem {
+                    category: "notifications".into(),
+                    reason: format!(
+                        "{} notification(s) stay in the append-only notification log as \
+                         delivery records: channel, priority, delivery state, times, the \
+                         one-tap options (template text) and a pseudonymous customer id, no \
+                         longer shown; their text and the customer's answers are unreadable \
+                         and shown as erased",
+                        notifications.len()
+                    ),
                     retained_until_ms: 0,
                 },
                 v1::RetainedItem {
@@ -455,7 +599,12 @@ impl CustomerApi {
         };
         // The reason may name the person ("request of Ann …"): it is not kept in clear.
         if reason.chars().any(char::is_alphanumeric) {
-            report.retained[2].reason = "proof of the erasure (accountability), holding only \
+            let proof = report
+                .retained
+                .iter_mut()
+                .find(|r| r.category == "erasure report")
+                .expect("the report lists itself");
+            proof.reason = "proof of the erasure (accountability), holding only \
                                          the customer id; the reason given is not kept"
                 .into();
         }

@@ -136,6 +136,8 @@ pub struct Recorder {
     store: Arc<dyn Store>,
     next: Arc<dyn Router>,
     now: Arc<dyn Fn() -> u64 + Send + Sync>,
+    /// Where the text is sealed with the customer's key; `None`: kept in clear.
+    vault: Option<Arc<Vault>>,
 }
 
 impl Recorder {
@@ -145,7 +147,20 @@ impl Recorder {
         next: Arc<dyn Router>,
         now: Arc<dyn Fn() -> u64 + Send + Sync>,
     ) -> Self {
-        Self { store, next, now }
+        Self {
+            store,
+            next,
+            now,
+            vault: None,
+        }
+    }
+
+    /// Seals each notification's text with its customer's key in `vault` before it goes
+    /// into the append-only log: the text is about the person (their device, their
+    /// visit), so erasing the customer (destroying the key) makes it unreadable.
+    pub fn with_vault(mut self, vault: Arc<Vault>) -> Self {
+        self.vault = Some(vault);
+        self
     }
 }
 
@@ -170,6 +185,18 @@ impl Router for Recorder {
                 )));
             }
             let (text, options) = split_options(text);
+            let text = match &self.vault {
+                None => text,
+                Some(v) => v
+                    .seal(customer, &text)
+                    .await
+                    .map_err(|e| match e {
+                        crate::Error::Store(e) => e,
+                        other => caretwin_actors::Error::Host(other.to_string()),
+                    })?
+                    // Erased meanwhile: nothing about them is written again.
+                    .unwrap_or_else(|| crate::pii::ERASED.to_owned()),
+            };
             let event = NotificationEvent::Created {
                 notification_id: mail.id.clone(),
                 customer: customer.clone(),
@@ -394,19 +421,47 @@ impl Notifications {
         let channel_kind = channel_of(channel);
         let mut address = String::new();
         let mut verified = false;
-        if let Some(vault) = &self.vault
-            && let Some(p) = vault.personal(customer).await.map_err(internal)?
-            && let Some(c) = p
-                .contact_points
-                .iter()
-                .find(|c| channel_of(&c.channel) == channel_kind)
-        {
-            address = c.address.clone();
-            verified = c.verified;
+        let mut text = text.clone();
+        let mut response = item.response.clone();
+        let mut customer_id = customer.clone();
+        if let Some(vault) = &self.vault {
+            text = vault.reveal(customer, &text).await.map_err(internal)?;
+            if let Some(r) = response.as_mut() {
+                r.free_text = vault
+                    .reveal(customer, &r.free_text)
+                    .await
+                    .map_err(internal)?;
+            }
+            match vault.personal(customer).await.map_err(internal)? {
+                Some(p) => {
+                    if let Some(c) = p
+                        .contact_points
+                        .iter()
+                        .find(|c| channel_of(&c.channel) == channel_kind)
+                    {
+                        address = c.address.clone();
+                        verified = c.verified;
+                    }
+                }
+                // Erased: the entry stays in the log, but whose it was is not shown (as
+                // for cases).
+                None if vault.is_erased(customer).await.map_err(internal)? => {
+                    customer_id.clear();
+                    // Sealed text is unreadable already; text recorded before sealing
+                    // began is hidden from every read all the same.
+                    text = crate::pii::ERASED.to_owned();
+                    if let Some(r) = response.as_mut()
+                        && !r.free_text.is_empty()
+                    {
+                        r.free_text = crate::pii::ERASED.to_owned();
+                    }
+                }
+                None => {}
+            }
         }
         Ok(v1::Notification {
             notification_id: notification_id.clone(),
-            customer_id: customer.clone(),
+            customer_id,
             case_id: question_id
                 .as_deref()
                 .and_then(|q| q.rsplit_once('/'))
@@ -420,7 +475,7 @@ impl Notifications {
             priority: convert::priority(*priority) as i32,
             locale: String::new(),
             title: String::new(),
-            body: text.clone(),
+            body: text,
             options: options
                 .iter()
                 .map(|o| v1::ResponseOption {
@@ -431,8 +486,46 @@ impl Notifications {
             expires_at_ms: None,
             created_at_ms: *at_ms as i64,
             state: item.state,
-            response: item.response.clone(),
+            response,
         })
+    }
+
+    /// Every notification sent to `customer`, oldest first, as the contract shows it.
+    pub(crate) async fn of_customer(
+        &self,
+        customer: &str,
+    ) -> Result<Vec<v1::Notification>, Status> {
+        let book = self.catch_up(tenant_of(customer)).await?;
+        let items: Vec<Item> = {
+            let b = book.lock().await;
+            b.order
+                .values()
+                .filter_map(|id| b.items.get(id))
+                .filter(|i| {
+                    matches!(&i.created, NotificationEvent::Created { customer: c, .. } if c == customer)
+                })
+                .cloned()
+                .collect()
+        };
+        let mut out = Vec::with_capacity(items.len());
+        for item in &items {
+            out.push(self.show(item).await?);
+        }
+        Ok(out)
+    }
+
+    /// `text` as it goes into the log: sealed for `customer` when there is a vault, the
+    /// erased marker when the customer is gone.
+    async fn seal(&self, customer: &str, text: String) -> Result<String, Status> {
+        match &self.vault {
+            None => Ok(text),
+            Some(_) if text.is_empty() => Ok(text),
+            Some(v) => Ok(v
+                .seal(customer, &text)
+                .await
+                .map_err(internal)?
+                .unwrap_or_else(|| crate::pii::ERASED.to_owned())),
+        }
     }
 
     async fn append(&self, tenant: &str, ev: &NotificationEvent) -> Result<u64, Status> {
@@ -737,7 +830,8 @@ impl NotificationService for NotificationApi {
                     r.notification_id
                 )));
             }
-            let answer = item
+            let shown = self.0.show(&item).await?;
+            let answer = shown
                 .response
                 .as_ref()
                 .map(|a| {
@@ -751,7 +845,7 @@ impl NotificationService for NotificationApi {
             self.0
                 .tell_customer(&p.tenant, &item, *index, answer)
                 .await?;
-            return Ok(Response::new(self.0.show(&item).await?));
+            return Ok(Response::new(shown));
         }
         let NotificationEvent::Created { options, .. } = &item.created else {
             return Err(Status::internal("a notification starts with its creation"));
@@ -782,10 +876,15 @@ impl NotificationService for NotificationApi {
         } else {
             crate::node::now_ms()
         };
+        let NotificationEvent::Created { customer, .. } = &item.created else {
+            return Err(Status::internal("a notification starts with its creation"));
+        };
+        // The customer's own words: sealed like the notification's text.
+        let free_text = self.0.seal(customer, response.free_text).await?;
         let ev = NotificationEvent::Answered {
             notification_id: r.notification_id.clone(),
             option_id: response.option_id,
-            free_text: response.free_text,
+            free_text,
             at_ms: at,
             idempotency_key: r.idempotency_key,
         };

@@ -108,7 +108,8 @@ fn supplier_id(tenant: &str) -> String {
     format!("{tenant}:supplier")
 }
 
-fn to_part_order(tenant: &str, key: &str, o: &Order) -> v1::PartOrder {
+/// A part order as the contract shows it (`key` is the desk's key of the order).
+pub(crate) fn to_part_order(tenant: &str, key: &str, o: &Order) -> v1::PartOrder {
     let (reference, arrives) = match &o.state {
         OrderState::Placed { arrives, detail } | OrderState::Shipped { arrives, detail } => {
             (detail.clone(), *arrives)
@@ -142,7 +143,8 @@ fn to_part_order(tenant: &str, key: &str, o: &Order) -> v1::PartOrder {
     }
 }
 
-fn to_appointment(b: &Booking, wo: Option<&WorkOrder>) -> v1::Appointment {
+/// A booking as the contract's appointment; `wo` is the work order it serves.
+pub(crate) fn to_appointment(b: &Booking, wo: Option<&WorkOrder>) -> v1::Appointment {
     let state = if b.cancelled {
         v1::AppointmentState::Cancelled
     } else if wo.is_some_and(|w| w.state == WorkOrderState::Completed) {
@@ -173,7 +175,8 @@ fn to_appointment(b: &Booking, wo: Option<&WorkOrder>) -> v1::Appointment {
     }
 }
 
-fn to_work_order(s: &Scheduler, id: &str, w: &WorkOrder) -> v1::WorkOrder {
+/// A work order as the contract shows it, with its current appointment.
+pub(crate) fn to_work_order(s: &Scheduler, id: &str, w: &WorkOrder) -> v1::WorkOrder {
     let appointment = w
         .appointment
         .as_deref()
@@ -195,6 +198,22 @@ fn to_work_order(s: &Scheduler, id: &str, w: &WorkOrder) -> v1::WorkOrder {
         created_at_ms: w.created as i64,
         updated_at_ms: w.updated as i64,
         completion_notes: w.notes.clone(),
+    }
+}
+
+/// Fills in the parts of `appointments` from `orders` (part orders by id): part number,
+/// quantity, expected arrival, and whether it has arrived (delivered).
+pub(crate) fn fill_reservations(
+    orders: &HashMap<String, v1::PartOrder>,
+    appointments: &mut [v1::Appointment],
+) {
+    for r in appointments.iter_mut().flat_map(|a| a.parts.iter_mut()) {
+        if let Some(o) = orders.get(&r.part_order_id) {
+            r.part_number = o.part_number.clone();
+            r.quantity = o.quantity;
+            r.expected_arrival_at_ms = o.expected_delivery_at_ms.unwrap_or_default();
+            r.reserved = o.state == v1::PartOrderState::Delivered as i32;
+        }
     }
 }
 
@@ -345,14 +364,7 @@ impl WorkApi {
             })
             .await?
         };
-        for r in appointments.iter_mut().flat_map(|a| a.parts.iter_mut()) {
-            if let Some(o) = orders.get(&r.part_order_id) {
-                r.part_number = o.part_number.clone();
-                r.quantity = o.quantity;
-                r.expected_arrival_at_ms = o.expected_delivery_at_ms.unwrap_or_default();
-                r.reserved = o.state == v1::PartOrderState::Delivered as i32;
-            }
-        }
+        fill_reservations(&orders, appointments);
         Ok(())
     }
 
