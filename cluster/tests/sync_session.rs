@@ -1290,9 +1290,12 @@ async fn a_command_held_on_the_edge_is_cancelled_at_both_ends_and_never_reaches_
     // Cancelled after SENT_TO_EDGE: the answer is the command as it stands; the edge is told.
     let r = cancel(&c, &api, &sent.command_id).await.unwrap();
     assert_eq!(r.state, S::SentToEdge as i32);
-    // Asked twice before the edge answers: the edge is told once.
+    // Asked again (the edge may have answered meanwhile): the edge is told only once.
     let r = cancel(&c, &api, &sent.command_id).await.unwrap();
-    assert_eq!(r.state, S::SentToEdge as i32);
+    assert!(
+        [S::SentToEdge as i32, S::Cancelled as i32].contains(&r.state),
+        "{r:?}"
+    );
     eventually("cancelled at the cluster", || async {
         record(&api, &sent.command_id).await.state == S::Cancelled as i32
     })
@@ -1303,17 +1306,21 @@ async fn a_command_held_on_the_edge_is_cancelled_at_both_ends_and_never_reaches_
         r.history[2].detail, "cancelled: customer called",
         "ended by the edge's answer"
     );
-    // At the edge: ended, so the adapter that now gets round to it must not hand it over.
+    // At the edge: ended (and forgotten once the cluster has the result), so the adapter
+    // that now gets round to it must not hand it over.
+    let late = edge
+        .outbox
+        .set_command_state(
+            &got.command_id,
+            caretwin_edge::outbox::CommandState::DeliveredToDevice,
+        )
+        .await;
     assert!(
-        !edge
-            .outbox
-            .set_command_state(
-                &got.command_id,
-                caretwin_edge::outbox::CommandState::DeliveredToDevice
-            )
-            .await
-            .unwrap(),
-        "the device never gets a cancelled command"
+        matches!(
+            late,
+            Ok(false) | Err(caretwin_edge::outbox::OutboxError::UnknownCommand { .. })
+        ),
+        "the device never gets a cancelled command: {late:?}"
     );
     let outbox = edge.outbox.clone();
     eventually("the cancelled result acknowledged at the edge", || async {
@@ -1326,7 +1333,9 @@ async fn a_command_held_on_the_edge_is_cancelled_at_both_ends_and_never_reaches_
     assert_eq!(again.history, r.history);
     assert!(edge.downlink.try_recv().is_err(), "nothing else went down");
     assert_eq!(
-        edge.stats.cancels.load(std::sync::atomic::Ordering::Relaxed),
+        edge.stats
+            .cancels
+            .load(std::sync::atomic::Ordering::Relaxed),
         1,
         "one cancel reached the edge"
     );

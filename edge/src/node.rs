@@ -262,9 +262,15 @@ async fn simulate(
                     Downlink::Command(cmd) => {
                         // Handed to the device: recorded, then the cluster is told. Not if
                         // it ended meanwhile (cancelled by the cluster): it never runs.
-                        let handed = outbox
+                        let handed = match outbox
                             .set_command_state(&cmd.command_id, crate::outbox::CommandState::DeliveredToDevice)
-                            .await?;
+                            .await
+                        {
+                            Ok(handed) => handed,
+                            // Ended and already forgotten (cancelled, its result acknowledged).
+                            Err(crate::outbox::OutboxError::UnknownCommand { .. }) => false,
+                            Err(e) => return Err(e.into()),
+                        };
                         if !handed {
                             tracing::info!(command = %cmd.command_id, device = %cmd.device, "command ended before the device got it");
                             continue;

@@ -1302,7 +1302,11 @@ fn cancels_to_edge(c: &Ctx) -> Vec<String> {
 fn command_states_only_move_forward_and_cancels_follow_them() {
     use super::device::{CancelStep, cancel_step, command_rank};
     let order = ["queued", "sent_to_edge", "delivered_to_device", "succeeded"];
-    assert!(order.windows(2).all(|w| command_rank(w[0]) < command_rank(w[1])));
+    assert!(
+        order
+            .windows(2)
+            .all(|w| command_rank(w[0]) < command_rank(w[1]))
+    );
     for end in ["succeeded", "failed", "expired", "cancelled"] {
         assert_eq!(command_rank(end), 3);
     }
@@ -1335,11 +1339,18 @@ fn a_cancel_of_a_command_on_the_edge_asks_the_edge_once_and_ends_with_its_answer
     assert!(c.ops().is_empty() && mail_of(&c).is_empty());
     // A repeated SENT_TO_EDGE changes nothing either.
     let mut c = ctx(T0 + 3, DEVICE);
-    assert_eq!(d.handle(status("sent_to_edge"), &mut c, &env), DeviceReply::Ok);
+    assert_eq!(
+        d.handle(status("sent_to_edge"), &mut c, &env),
+        DeviceReply::Ok
+    );
     assert!(command_events(&c).is_empty());
     // The edge answers CANCELLED: the command ends, the customer hears it once.
     let mut c = ctx(T0 + 4, DEVICE);
-    applied(d.handle(result(1, false, true, "cancelled: not needed"), &mut c, &env));
+    applied(d.handle(
+        result(1, false, true, "cancelled: not needed"),
+        &mut c,
+        &env,
+    ));
     let events = command_events(&c);
     assert_eq!(events.len(), 1);
     assert_eq!(
@@ -1405,7 +1416,10 @@ fn a_queued_command_cancelled_at_once_is_cancelled_on_the_edge_too_and_stays_can
         let mut c = ctx(T0 + 2, DEVICE);
         applied(d.handle(result(seq, succeeded, cancelled, ""), &mut c, &env));
         assert!(command_events(&c).is_empty());
-        assert!(mail_of(&c).is_empty(), "the customer heard the outcome once");
+        assert!(
+            mail_of(&c).is_empty(),
+            "the customer heard the outcome once"
+        );
     }
     assert_eq!(d.commands()[0].state, "cancelled");
 }

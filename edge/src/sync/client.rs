@@ -424,7 +424,11 @@ impl SyncClient {
                     } else {
                         format!("cancelled: {}", x.reason)
                     };
-                    match self.outbox.cancel_command(&x.command_id, &detail, now).await? {
+                    match self
+                        .outbox
+                        .cancel_command(&x.command_id, &detail, now)
+                        .await?
+                    {
                         CancelOutcome::Cancelled => {
                             self.new_items.notify_waiters();
                             tracing::info!(command = %x.command_id, "command cancelled before delivery");
