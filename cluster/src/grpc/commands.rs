@@ -290,9 +290,19 @@ impl CommandService for CommandApi {
             .ok_or_else(|| Status::not_found(format!("device {device:?} not found")))?;
         let remedy = match r.payload.and_then(|p| p.kind) {
             Some(v1::command_payload::Kind::RemoteRemedy(remedy)) => remedy,
-            Some(_) => {
+            Some(v1::command_payload::Kind::Configuration(_)) => {
                 return Err(Status::unimplemented(
-                    "only remote remedies can be sent as commands yet",
+                    "configuration commands are not supported yet; set the fields with TwinService.SetDesired, the device reports what it applied",
+                ));
+            }
+            Some(v1::command_payload::Kind::FirmwareUpdate(_)) => {
+                return Err(Status::unimplemented(
+                    "firmware updates are not supported yet",
+                ));
+            }
+            Some(v1::command_payload::Kind::AnswerQuestion(_)) => {
+                return Err(Status::unimplemented(
+                    "answers to product questions cannot be sent as commands yet",
                 ));
             }
             None => return Err(Status::invalid_argument("payload must be set")),

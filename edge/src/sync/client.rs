@@ -424,11 +424,20 @@ impl SyncClient {
                     } else {
                         format!("cancelled: {}", x.reason)
                     };
-                    match self
+                    let outcome = match self
                         .outbox
                         .cancel_command(&x.command_id, &detail, now)
-                        .await?
+                        .await
                     {
+                        Ok(outcome) => outcome,
+                        // An id no command could have: nothing to cancel, the session goes on.
+                        Err(crate::outbox::OutboxError::InvalidArgument(why)) => {
+                            tracing::warn!(command = %x.command_id, error = %why, "cancel ignored");
+                            CancelOutcome::Unknown
+                        }
+                        Err(e) => return Err(e.into()),
+                    };
+                    match outcome {
                         CancelOutcome::Cancelled => {
                             self.new_items.notify_waiters();
                             tracing::info!(command = %x.command_id, "command cancelled before delivery");
