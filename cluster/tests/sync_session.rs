@@ -1422,3 +1422,62 @@ async fn a_cancel_that_comes_after_the_device_got_the_command_ends_with_the_devi
     let _ = edge.stop.send(());
     let _ = edge.running.await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cancel_asked_while_the_edge_is_away_reaches_it_when_it_reconnects() {
+    use v1::CommandState as S;
+    let c = cluster().await;
+    let api = command_api(&c);
+    let sent = send_descale(&c, &api, "descale-3", v1::Priority::Normal).await;
+    let mut edge = start_edge(&c);
+    let Some(Downlink::Command(_)) = tokio::time::timeout(DEADLINE, edge.downlink.recv())
+        .await
+        .unwrap()
+    else {
+        panic!("expected the command")
+    };
+    eventually("sent_to_edge", || async {
+        record(&api, &sent.command_id).await.state == S::SentToEdge as i32
+    })
+    .await;
+    // The edge goes away with the command stored and not yet handed to the device.
+    let _ = edge.stop.send(());
+    edge.running.await.unwrap();
+    drop(edge.outbox); // its lock, for the edge that comes back
+    let r = cancel(&c, &api, &sent.command_id).await.unwrap();
+    assert_eq!(r.state, S::SentToEdge as i32, "waits for the edge");
+    // Back again: the session sends the cancel logged after the edge's last command.
+    let mut edge = start_edge(&c);
+    eventually("cancelled at the cluster", || async {
+        record(&api, &sent.command_id).await.state == S::Cancelled as i32
+    })
+    .await;
+    assert_eq!(
+        states(&record(&api, &sent.command_id).await),
+        [S::Queued, S::SentToEdge, S::Cancelled]
+    );
+    // The restarted edge handed the stored command to its adapter again; the adapter that
+    // gets round to it now finds it ended.
+    let Some(Downlink::Command(again)) = tokio::time::timeout(DEADLINE, edge.downlink.recv())
+        .await
+        .unwrap()
+    else {
+        panic!("expected the stored command handed over again")
+    };
+    let late = edge
+        .outbox
+        .set_command_state(
+            &again.command_id,
+            caretwin_edge::outbox::CommandState::DeliveredToDevice,
+        )
+        .await;
+    assert!(
+        matches!(
+            late,
+            Ok(false) | Err(caretwin_edge::outbox::OutboxError::UnknownCommand { .. })
+        ),
+        "{late:?}"
+    );
+    let _ = edge.stop.send(());
+    let _ = edge.running.await;
+}
