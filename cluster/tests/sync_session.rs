@@ -471,6 +471,13 @@ async fn desired_state_set_while_offline_reaches_the_device_and_the_delta_closes
         .unwrap();
     edge.new_items.notify_waiters();
     eventually("the delta to close", || async { delta().await == 0 }).await;
+    // The twin applies the report before the cluster acks it: the edge may read the ack
+    // a moment after the delta closed.
+    let stats = edge.stats.clone();
+    eventually("the report's ack", || async {
+        stats.ack_latency().is_some()
+    })
+    .await;
     let (frames, p50, p99) = edge
         .stats
         .ack_latency()
