@@ -95,6 +95,9 @@ pub struct DeviceCommand {
     pub args: Vec<(String, String)>,
     /// When it expires if not delivered.
     pub expires_at_ms: TimeMs,
+    /// Urgency: the edge delivers SAFETY commands first (absent in older mail: normal).
+    #[serde(default)]
+    pub priority: Priority,
 }
 
 /// The context a human agent gets with a case, so nobody asks the customer again.
@@ -298,6 +301,16 @@ pub enum Body {
     // ---- customer twin → device twin / edge
     /// Send a remote command to a device.
     Command(DeviceCommand),
+    /// Device twin → edge: cancel a command the edge may hold, unless the device already
+    /// has it (then it runs to its outcome).
+    CancelCommand {
+        /// The device.
+        device: String,
+        /// The command.
+        command_id: String,
+        /// Why, for the edge's logs.
+        reason: String,
+    },
     /// The desired state of a device's fields, for its edge to apply (each field only if
     /// its version is newer than the one the edge holds).
     DesiredState {

@@ -57,12 +57,15 @@ pub enum ConsentScope {
 }
 
 /// How urgent something is.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[derive(
+    Debug, Clone, Copy, Default, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize,
+)]
 #[serde(rename_all = "snake_case")]
 pub enum Priority {
     /// Can wait.
     Low,
     /// The usual.
+    #[default]
     Normal,
     /// Soon.
     High,

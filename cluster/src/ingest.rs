@@ -74,6 +74,17 @@ pub struct LoggedDesired {
     pub desired: Vec<(String, String, u64)>,
 }
 
+/// A cancel of a command as kept in a site's command log.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LoggedCancel {
+    /// The device.
+    pub device: String,
+    /// The command to cancel.
+    pub cancel: String,
+    /// Why, for the edge's logs.
+    pub reason: String,
+}
+
 /// What a site's log holds, in the order it must reach the edge.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(untagged)]
@@ -82,6 +93,8 @@ pub enum SiteLogEntry {
     Command(LoggedCommand),
     /// A desired state.
     Desired(LoggedDesired),
+    /// A cancel: after its command in the log, so the edge hears it after the command.
+    Cancel(LoggedCancel),
 }
 
 /// The key of a site's command log.
@@ -140,9 +153,18 @@ impl Router for EdgeGateway {
                 device: device.clone(),
                 desired: fields.clone(),
             }),
+            Body::CancelCommand {
+                device,
+                command_id,
+                reason,
+            } => SiteLogEntry::Cancel(LoggedCancel {
+                device: device.clone(),
+                cancel: command_id.clone(),
+                reason: reason.clone(),
+            }),
             _ => {
                 return Ok(Delivery::Rejected(format!(
-                    "edge mail {} is neither a command nor desired state",
+                    "edge mail {} is neither a command, a cancel nor desired state",
                     mail.id
                 )));
             }
@@ -401,6 +423,7 @@ impl Ingest {
                 command_id: r.command_id,
                 succeeded: r.outcome == v1::CommandOutcome::Succeeded as i32,
                 expired: r.outcome == v1::CommandOutcome::Expired as i32,
+                cancelled: r.outcome == v1::CommandOutcome::Cancelled as i32,
                 detail: r.detail,
             },
             None => {
@@ -591,7 +614,7 @@ impl Ingest {
             .and_then(|e| serde_json::from_slice::<SiteLogEntry>(&e.value).ok())
             .and_then(|e| match e {
                 SiteLogEntry::Command(c) => Some(c),
-                SiteLogEntry::Desired(_) => None,
+                SiteLogEntry::Desired(_) | SiteLogEntry::Cancel(_) => None,
             }))
     }
 
@@ -609,7 +632,8 @@ impl Ingest {
     }
 
     /// The site's commands after `position`, not yet expired at `now` nor cancelled, as
-    /// frames.
+    /// frames; with the desired states and the cancels logged after it. A cancel is always
+    /// sent: the edge ignores one for a command it does not hold or already finished.
     pub async fn commands_after(
         &self,
         site: &SiteId,
@@ -651,6 +675,15 @@ impl Ingest {
                         });
                         continue;
                     }
+                    Ok(SiteLogEntry::Cancel(x)) => {
+                        frames.push(ClusterFrame {
+                            body: Some(cluster_frame::Body::CancelCommand(v1::CommandCancel {
+                                command_id: x.cancel,
+                                reason: x.reason,
+                            })),
+                        });
+                        continue;
+                    }
                     Err(_) => continue,
                 };
                 if c.command.expires_at_ms <= now || self.cancelled(&c).await? {
@@ -668,7 +701,7 @@ impl Ingest {
                                 args,
                             })),
                         }),
-                        priority: v1::Priority::Normal as i32,
+                        priority: crate::grpc::convert::priority(c.command.priority) as i32,
                         issued_at_ms: now as i64,
                         expires_at_ms: c.command.expires_at_ms as i64,
                     })),

@@ -1070,7 +1070,14 @@ async fn commands_check_scopes_tenants_and_input() {
     past.expires_at_ms = Some(T0 as i64 - 1);
     let mut no_payload = descale("k", "t1:coffee-1");
     no_payload.payload = None;
+    let mut firmware = descale("k", "t1:coffee-1");
+    firmware.payload = Some(v1::CommandPayload {
+        kind: Some(v1::command_payload::Kind::FirmwareUpdate(
+            v1::FirmwareUpdate::default(),
+        )),
+    });
     for (req, code) in [
+        (firmware, Code::Unimplemented),
         (unknown, Code::InvalidArgument),
         (past, Code::InvalidArgument),
         (no_payload, Code::InvalidArgument),

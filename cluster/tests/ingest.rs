@@ -280,6 +280,7 @@ async fn a_command_waits_in_the_sites_log_and_its_state_is_truthful() {
             name: "descale".into(),
             args: vec![],
             expires_at_ms: T0 + 6 * HOUR_MS,
+            priority: Default::default(),
         }),
     };
     let r = f
@@ -378,6 +379,7 @@ async fn a_command_waits_in_the_sites_log_and_its_state_is_truthful() {
             name: "descale".into(),
             args: vec![],
             expires_at_ms: T0 + HOUR_MS,
+            priority: Default::default(),
         }),
     };
     f.system

@@ -271,6 +271,7 @@ async fn descaling_before_the_coffee_tastes_wrong() {
                     command_id: cmd_id,
                     succeeded: true,
                     expired: false,
+                    cancelled: false,
                     detail: "descale cycle complete".into(),
                 }],
             )

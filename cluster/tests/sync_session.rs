@@ -471,6 +471,13 @@ async fn desired_state_set_while_offline_reaches_the_device_and_the_delta_closes
         .unwrap();
     edge.new_items.notify_waiters();
     eventually("the delta to close", || async { delta().await == 0 }).await;
+    // The twin applies the report before the cluster acks it: the edge may read the ack
+    // a moment after the delta closed.
+    let stats = edge.stats.clone();
+    eventually("the report's ack", || async {
+        stats.ack_latency().is_some()
+    })
+    .await;
     let (frames, p50, p99) = edge
         .stats
         .ack_latency()
@@ -494,6 +501,7 @@ async fn a_command_sent_while_the_edge_is_offline_arrives_after_it_connects() {
             name: "descale".into(),
             args: vec![],
             expires_at_ms: u64::MAX / 2,
+            priority: Default::default(),
         }),
     };
     let r = c
@@ -564,6 +572,7 @@ async fn a_command_sent_while_the_edge_is_offline_arrives_after_it_connects() {
                 command_id: got.command_id.clone(),
                 succeeded: true,
                 expired: false,
+                cancelled: false,
                 detail: "cycle complete".into(),
             },
         )])
@@ -939,6 +948,7 @@ async fn queue_command(c: &Cluster, n: u32, expires_at_ms: u64) {
             name: "descale".into(),
             args: vec![],
             expires_at_ms,
+            priority: Default::default(),
         }),
     };
     let r = c
@@ -1150,6 +1160,7 @@ async fn an_integrators_command_is_watched_from_queued_to_succeeded_through_a_re
                 command_id: got.command_id.clone(),
                 succeeded: true,
                 expired: false,
+                cancelled: false,
                 detail: "cycle complete".into(),
             },
         )])
@@ -1175,6 +1186,305 @@ async fn an_integrators_command_is_watched_from_queued_to_succeeded_through_a_re
     assert_eq!(record.state, v1::CommandState::Succeeded as i32);
     assert_eq!(record.history.len(), 4);
     assert_eq!(record.history[3].detail, "cycle complete");
+    let _ = edge.stop.send(());
+    let _ = edge.running.await;
+}
+
+/// The command service over `c`'s twins, its clock set to the wall clock (the edge judges
+/// expiry by its own).
+fn command_api(c: &Cluster) -> caretwin_cluster::grpc::commands::CommandApi {
+    use caretwin_cluster::grpc::commands::{CommandApi, Commands};
+    c.clock.set(caretwin_cluster::node::now_ms());
+    CommandApi(Arc::new(Commands::new(
+        c.system.clone(),
+        c.store.clone(),
+        c.log_signals.clone(),
+        Arc::new(Catalogue::builtin()),
+        c.clock.clone(),
+    )))
+}
+
+/// Sends a descale to `DEVICE` with `key`, at `priority`.
+async fn send_descale(
+    c: &Cluster,
+    api: &caretwin_cluster::grpc::commands::CommandApi,
+    key: &str,
+    priority: v1::Priority,
+) -> v1::CommandRecord {
+    use caretwin_proto::v1::command_service_server::CommandService;
+    let sent = api
+        .send_command(call(v1::SendCommandRequest {
+            idempotency_key: key.into(),
+            device_id: DEVICE.into(),
+            payload: Some(v1::CommandPayload {
+                kind: Some(v1::command_payload::Kind::RemoteRemedy(v1::RemoteRemedy {
+                    name: "descale".into(),
+                    args: Default::default(),
+                })),
+            }),
+            priority: priority as i32,
+            ..Default::default()
+        }))
+        .await
+        .unwrap()
+        .into_inner();
+    c.system.settle(5).await.unwrap();
+    sent
+}
+
+async fn cancel(
+    c: &Cluster,
+    api: &caretwin_cluster::grpc::commands::CommandApi,
+    id: &str,
+) -> Result<v1::CommandRecord, tonic::Status> {
+    use caretwin_proto::v1::command_service_server::CommandService;
+    let r = api
+        .cancel_command(call(v1::CancelCommandRequest {
+            command_id: id.into(),
+            reason: "customer called".into(),
+            idempotency_key: String::new(),
+        }))
+        .await
+        .map(tonic::Response::into_inner);
+    c.system.settle(5).await.unwrap();
+    r
+}
+
+async fn record(api: &caretwin_cluster::grpc::commands::CommandApi, id: &str) -> v1::CommandRecord {
+    use caretwin_proto::v1::command_service_server::CommandService;
+    api.get_command(call(v1::GetCommandRequest {
+        command_id: id.into(),
+    }))
+    .await
+    .unwrap()
+    .into_inner()
+}
+
+fn states(r: &v1::CommandRecord) -> Vec<v1::CommandState> {
+    r.history
+        .iter()
+        .map(|t| v1::CommandState::try_from(t.state).unwrap())
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_command_held_on_the_edge_is_cancelled_at_both_ends_and_never_reaches_the_device() {
+    use v1::CommandState as S;
+    let c = cluster().await;
+    let api = command_api(&c);
+    let sent = send_descale(&c, &api, "descale-1", v1::Priority::High).await;
+    let mut edge = start_edge(&c);
+    // The edge stores it and hands it to the adapter, which holds it (the device is busy).
+    let down = tokio::time::timeout(DEADLINE, edge.downlink.recv())
+        .await
+        .unwrap()
+        .unwrap();
+    let Downlink::Command(got) = down else {
+        panic!("expected the command, got {down:?}")
+    };
+    assert_eq!(got.command_id, sent.command_id);
+    let stored = edge.outbox.commands_pending().await.unwrap();
+    assert_eq!(
+        stored[0].priority,
+        caretwin_edge::outbox::Priority::High,
+        "the command's priority travels to the edge"
+    );
+    eventually("sent_to_edge", || async {
+        record(&api, &sent.command_id).await.state == S::SentToEdge as i32
+    })
+    .await;
+
+    // Cancelled after SENT_TO_EDGE: the answer is the command as it stands; the edge is told.
+    let r = cancel(&c, &api, &sent.command_id).await.unwrap();
+    assert_eq!(r.state, S::SentToEdge as i32);
+    // Asked again (the edge may have answered meanwhile): the edge is told only once.
+    let r = cancel(&c, &api, &sent.command_id).await.unwrap();
+    assert!(
+        [S::SentToEdge as i32, S::Cancelled as i32].contains(&r.state),
+        "{r:?}"
+    );
+    eventually("cancelled at the cluster", || async {
+        record(&api, &sent.command_id).await.state == S::Cancelled as i32
+    })
+    .await;
+    let r = record(&api, &sent.command_id).await;
+    assert_eq!(states(&r), [S::Queued, S::SentToEdge, S::Cancelled]);
+    assert_eq!(
+        r.history[2].detail, "cancelled: customer called",
+        "ended by the edge's answer"
+    );
+    // At the edge: ended (and forgotten once the cluster has the result), so the adapter
+    // that now gets round to it must not hand it over.
+    let late = edge
+        .outbox
+        .set_command_state(
+            &got.command_id,
+            caretwin_edge::outbox::CommandState::DeliveredToDevice,
+        )
+        .await;
+    assert!(
+        matches!(
+            late,
+            Ok(false) | Err(caretwin_edge::outbox::OutboxError::UnknownCommand { .. })
+        ),
+        "the device never gets a cancelled command: {late:?}"
+    );
+    let outbox = edge.outbox.clone();
+    eventually("the cancelled result acknowledged at the edge", || async {
+        outbox.commands_pending().await.unwrap().is_empty() && outbox.stats().backlog_items == 0
+    })
+    .await;
+    // A repeated cancel changes nothing.
+    let again = cancel(&c, &api, &sent.command_id).await.unwrap();
+    assert_eq!(again.state, S::Cancelled as i32);
+    assert_eq!(again.history, r.history);
+    assert!(edge.downlink.try_recv().is_err(), "nothing else went down");
+    assert_eq!(
+        edge.stats
+            .cancels
+            .load(std::sync::atomic::Ordering::Relaxed),
+        1,
+        "one cancel reached the edge"
+    );
+    assert_eq!(command_state(&c, 0).await, "cancelled");
+    let _ = edge.stop.send(());
+    let _ = edge.running.await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cancel_that_comes_after_the_device_got_the_command_ends_with_the_devices_result() {
+    use v1::CommandState as S;
+    let c = cluster().await;
+    let api = command_api(&c);
+    let sent = send_descale(&c, &api, "descale-2", v1::Priority::Normal).await;
+    let mut edge = start_edge(&c);
+    let down = tokio::time::timeout(DEADLINE, edge.downlink.recv())
+        .await
+        .unwrap()
+        .unwrap();
+    let Downlink::Command(got) = down else {
+        panic!("expected the command, got {down:?}")
+    };
+    eventually("sent_to_edge", || async {
+        record(&api, &sent.command_id).await.state == S::SentToEdge as i32
+    })
+    .await;
+    // The adapter hands it to the device; the cluster has not heard yet when the cancel
+    // comes, so the cancel is accepted and goes to the edge, where it is too late.
+    assert!(
+        edge.outbox
+            .set_command_state(
+                &got.command_id,
+                caretwin_edge::outbox::CommandState::DeliveredToDevice
+            )
+            .await
+            .unwrap()
+    );
+    let r = cancel(&c, &api, &sent.command_id).await.unwrap();
+    assert_eq!(r.state, S::SentToEdge as i32);
+    let stats = edge.stats.clone();
+    eventually("the edge handled the cancel", || async {
+        stats.cancels.load(std::sync::atomic::Ordering::Relaxed) == 1
+    })
+    .await;
+    // Too late there: no result was written for it, the device keeps it.
+    assert_eq!(edge.outbox.stats().backlog_items, 0);
+    assert_eq!(edge.outbox.commands_pending().await.unwrap().len(), 1);
+    edge.progress.notify_one();
+    eventually("delivered_to_device", || async {
+        record(&api, &sent.command_id).await.state == S::DeliveredToDevice as i32
+    })
+    .await;
+    // Now a cancel is refused, and changes nothing.
+    let refused = cancel(&c, &api, &sent.command_id).await.unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::FailedPrecondition);
+    // The device's outcome is the command's.
+    edge.outbox
+        .accept(vec![Item::new(
+            DEVICE,
+            1_795_392_000_000,
+            ItemKind::CommandResult {
+                command_id: got.command_id.clone(),
+                succeeded: true,
+                expired: false,
+                cancelled: false,
+                detail: "cycle complete".into(),
+            },
+        )])
+        .await
+        .unwrap();
+    edge.new_items.notify_waiters();
+    eventually("succeeded", || async {
+        record(&api, &sent.command_id).await.state == S::Succeeded as i32
+    })
+    .await;
+    let r = record(&api, &sent.command_id).await;
+    assert_eq!(
+        states(&r),
+        [S::Queued, S::SentToEdge, S::DeliveredToDevice, S::Succeeded]
+    );
+    let refused = cancel(&c, &api, &sent.command_id).await.unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::FailedPrecondition);
+    assert_eq!(record(&api, &sent.command_id).await.history, r.history);
+    let _ = edge.stop.send(());
+    let _ = edge.running.await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cancel_asked_while_the_edge_is_away_reaches_it_when_it_reconnects() {
+    use v1::CommandState as S;
+    let c = cluster().await;
+    let api = command_api(&c);
+    let sent = send_descale(&c, &api, "descale-3", v1::Priority::Normal).await;
+    let mut edge = start_edge(&c);
+    let Some(Downlink::Command(_)) = tokio::time::timeout(DEADLINE, edge.downlink.recv())
+        .await
+        .unwrap()
+    else {
+        panic!("expected the command")
+    };
+    eventually("sent_to_edge", || async {
+        record(&api, &sent.command_id).await.state == S::SentToEdge as i32
+    })
+    .await;
+    // The edge goes away with the command stored and not yet handed to the device.
+    let _ = edge.stop.send(());
+    edge.running.await.unwrap();
+    drop(edge.outbox); // its lock, for the edge that comes back
+    let r = cancel(&c, &api, &sent.command_id).await.unwrap();
+    assert_eq!(r.state, S::SentToEdge as i32, "waits for the edge");
+    // Back again: the session sends the cancel logged after the edge's last command.
+    let mut edge = start_edge(&c);
+    eventually("cancelled at the cluster", || async {
+        record(&api, &sent.command_id).await.state == S::Cancelled as i32
+    })
+    .await;
+    assert_eq!(
+        states(&record(&api, &sent.command_id).await),
+        [S::Queued, S::SentToEdge, S::Cancelled]
+    );
+    // The restarted edge handed the stored command to its adapter again; the adapter that
+    // gets round to it now finds it ended.
+    let Some(Downlink::Command(again)) = tokio::time::timeout(DEADLINE, edge.downlink.recv())
+        .await
+        .unwrap()
+    else {
+        panic!("expected the stored command handed over again")
+    };
+    let late = edge
+        .outbox
+        .set_command_state(
+            &again.command_id,
+            caretwin_edge::outbox::CommandState::DeliveredToDevice,
+        )
+        .await;
+    assert!(
+        matches!(
+            late,
+            Ok(false) | Err(caretwin_edge::outbox::OutboxError::UnknownCommand { .. })
+        ),
+        "{late:?}"
+    );
     let _ = edge.stop.send(());
     let _ = edge.running.await;
 }

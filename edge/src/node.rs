@@ -260,10 +260,21 @@ async fn simulate(
                 let now = clock.now_ms();
                 match down {
                     Downlink::Command(cmd) => {
-                        // Handed to the device: recorded, then the cluster is told.
-                        outbox
+                        // Handed to the device: recorded, then the cluster is told. Not if
+                        // it ended meanwhile (cancelled by the cluster): it never runs.
+                        let handed = match outbox
                             .set_command_state(&cmd.command_id, crate::outbox::CommandState::DeliveredToDevice)
-                            .await?;
+                            .await
+                        {
+                            Ok(handed) => handed,
+                            // Ended and already forgotten (cancelled, its result acknowledged).
+                            Err(crate::outbox::OutboxError::UnknownCommand { .. }) => false,
+                            Err(e) => return Err(e.into()),
+                        };
+                        if !handed {
+                            tracing::info!(command = %cmd.command_id, device = %cmd.device, "command ended before the device got it");
+                            continue;
+                        }
                         progress.notify_one();
                         if let Some(out) = sim.command(&cmd.device, &cmd.command_id, &cmd.name, now) {
                             accept(&outbox, &catalogue, &models, vec![out]).await?;
@@ -342,11 +353,13 @@ async fn accept(
                     command_id,
                     succeeded,
                     expired,
+                    cancelled,
                     detail,
                 } => ItemKind::CommandResult {
                     command_id,
                     succeeded,
                     expired,
+                    cancelled,
                     detail,
                 },
                 DeviceKind::Reported { fields } => {

@@ -46,7 +46,9 @@
 //! the edge confirms SENT_TO_EDGE. Accepting a [`ItemKind::CommandResult`] for a stored
 //! command marks it finished in the same write, so the result enters the device log
 //! exactly once (a second result is refused); the command is forgotten once the cluster
-//! acknowledged its result.
+//! acknowledged its result. [`Outbox::cancel_command`] ends a command the device has not
+//! got yet with a CANCELLED result, decided and written in the writer like any result, so
+//! a cancel racing the adapter's [`Outbox::set_command_state`] has exactly one winner.
 
 use fjall::{Database, Keyspace, KeyspaceCreateOptions, PersistMode};
 use serde::{Deserialize, Serialize};
@@ -264,6 +266,10 @@ pub enum ItemKind {
         /// It was never started: its time to live ran out before the device got it
         /// (`succeeded` is then false).
         expired: bool,
+        /// It was never started: the cluster cancelled it before the device got it
+        /// (`succeeded` is then false).
+        #[serde(default)]
+        cancelled: bool,
         /// Explanation, may be empty.
         detail: String,
     },
@@ -471,6 +477,30 @@ pub enum CommandState {
     Cancelled,
 }
 
+/// What a cancel from the cluster did to a stored command.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CancelOutcome {
+    /// It was not handed to the device yet: it ended as cancelled, its result is in the
+    /// device log.
+    Cancelled,
+    /// It had ended already, or the device has it: the cancel changed nothing, the command
+    /// keeps (or runs to) this outcome.
+    TooLate(CommandState),
+    /// No stored command has this id (never received, or finished and forgotten).
+    Unknown,
+}
+
+/// What a cancel does to a command in `state` (`None`: not stored). Only a command still
+/// waiting for its device can be cancelled; once the adapter recorded it delivered, the
+/// device's outcome wins.
+pub fn cancel_verdict(state: Option<CommandState>) -> CancelOutcome {
+    match state {
+        None => CancelOutcome::Unknown,
+        Some(CommandState::SentToEdge) => CancelOutcome::Cancelled,
+        Some(s) => CancelOutcome::TooLate(s),
+    }
+}
+
 impl CommandState {
     /// Whether the command has ended.
     pub fn is_terminal(self) -> bool {
@@ -660,14 +690,16 @@ pub fn encode_item(item: &Item) -> Vec<u8> {
             command_id,
             succeeded,
             expired,
+            cancelled,
             detail,
         } => {
             str(&mut out, command_id);
-            // 0 failed, 1 succeeded, 2 expired.
-            out.push(match (*succeeded, *expired) {
-                (true, _) => 1,
-                (false, true) => 2,
-                (false, false) => 0,
+            // 0 failed, 1 succeeded, 2 expired, 3 cancelled.
+            out.push(match (*succeeded, *expired, *cancelled) {
+                (true, _, _) => 1,
+                (false, true, _) => 2,
+                (false, false, true) => 3,
+                (false, false, false) => 0,
             });
             str(&mut out, detail);
         }
@@ -768,16 +800,18 @@ pub fn decode_item(device: &str, value: &[u8]) -> Result<Item> {
         },
         5 => {
             let command_id = c.string()?;
-            let (succeeded, expired) = match c.u8()? {
-                0 => (false, false),
-                1 => (true, false),
-                2 => (false, true),
+            let (succeeded, expired, cancelled) = match c.u8()? {
+                0 => (false, false, false),
+                1 => (true, false, false),
+                2 => (false, true, false),
+                3 => (false, false, true),
                 o => return Err(OutboxError::Corrupt(format!("unknown command outcome {o}"))),
             };
             ItemKind::CommandResult {
                 command_id,
                 succeeded,
                 expired,
+                cancelled,
                 detail: c.string()?,
             }
         }
@@ -927,6 +961,12 @@ enum Request {
         state: CommandState,
         reply: oneshot::Sender<Result<bool>>,
     },
+    CancelCommand {
+        command_id: String,
+        detail: String,
+        now_ms: u64,
+        reply: oneshot::Sender<Result<CancelOutcome>>,
+    },
     /// Tests: the writer says it is held, then waits for the release, so that requests
     /// pile up in the queue deterministically.
     #[cfg(test)]
@@ -1031,6 +1071,15 @@ impl Writer {
             } => later(
                 reply,
                 poisoned.and_then(|()| self.set_command_state(command_id, state)),
+            ),
+            Request::CancelCommand {
+                command_id,
+                detail,
+                now_ms,
+                reply,
+            } => later(
+                reply,
+                poisoned.and_then(|()| self.cancel_command(command_id, detail, now_ms)),
             ),
             #[cfg(test)]
             Request::Hold { held, release } => {
@@ -1271,15 +1320,17 @@ impl Writer {
                 command_id,
                 succeeded,
                 expired,
+                cancelled,
                 ..
             } = &item.kind
                 && let Some(mut r) = self.command(command_id)
             {
                 if !r.command.state.is_terminal() {
-                    r.command.state = match (*succeeded, *expired) {
-                        (true, _) => CommandState::Succeeded,
-                        (false, true) => CommandState::Expired,
-                        (false, false) => CommandState::Failed,
+                    r.command.state = match (*succeeded, *expired, *cancelled) {
+                        (true, _, _) => CommandState::Succeeded,
+                        (false, true, _) => CommandState::Expired,
+                        (false, false, true) => CommandState::Cancelled,
+                        (false, false, false) => CommandState::Failed,
                     };
                 }
                 r.result_seq = Some(a.seq);
@@ -1426,6 +1477,35 @@ impl Writer {
             }),
         );
         true
+    }
+
+    /// Ends a stored command as cancelled if [`cancel_verdict`] allows: its result joins
+    /// the device log in this group, like an accepted result.
+    fn cancel_command(
+        &mut self,
+        command_id: String,
+        detail: String,
+        now_ms: u64,
+    ) -> Result<CancelOutcome> {
+        let stored = self.command(&command_id);
+        let verdict = cancel_verdict(stored.as_ref().map(|r| r.command.state));
+        let Some(r) = stored.filter(|_| verdict == CancelOutcome::Cancelled) else {
+            return Ok(verdict);
+        };
+        let item = Item::new(
+            r.command.device,
+            now_ms,
+            ItemKind::CommandResult {
+                command_id,
+                succeeded: false,
+                expired: false,
+                cancelled: true,
+                detail,
+            },
+        );
+        let value = encode_item(&item);
+        self.accept(&[item], vec![value])?;
+        Ok(CancelOutcome::Cancelled)
     }
 
     fn set_command_state(&mut self, command_id: String, state: CommandState) -> Result<bool> {
@@ -1745,6 +1825,39 @@ impl Outbox {
         .await
     }
 
+    /// Cancels a stored command the device has not got yet (see [`cancel_verdict`]): it
+    /// ends as cancelled, with a CANCELLED result in its device's log (`detail` truncated
+    /// to the item limit, `now_ms` its time), written before this returns. A command the
+    /// adapter already recorded as delivered, or one that ended, is left as it is. Decided
+    /// in the writer, so it and [`Outbox::set_command_state`] never both win.
+    pub async fn cancel_command(
+        &self,
+        command_id: &str,
+        detail: &str,
+        now_ms: u64,
+    ) -> Result<CancelOutcome> {
+        check_id("command id", command_id).map_err(OutboxError::InvalidArgument)?;
+        let mut detail = detail.to_owned();
+        if detail.len() > MAX_TEXT_BYTES {
+            let mut end = MAX_TEXT_BYTES;
+            while !detail.is_char_boundary(end) {
+                end -= 1;
+            }
+            detail.truncate(end);
+        }
+        let (reply, rx) = oneshot::channel();
+        self.call(
+            Request::CancelCommand {
+                command_id: command_id.to_owned(),
+                detail,
+                now_ms,
+                reply,
+            },
+            rx,
+        )
+        .await
+    }
+
     /// Holds the writer until the returned sender is dropped or sent to.
     #[cfg(test)]
     async fn hold(&self) -> std::sync::mpsc::Sender<()> {
@@ -1831,6 +1944,7 @@ mod tests {
                 command_id: command_id.into(),
                 succeeded,
                 expired: false,
+                cancelled: false,
                 detail: String::new(),
             },
         )
@@ -2183,6 +2297,7 @@ mod tests {
                 command_id: "c-1".into(),
                 succeeded: true,
                 expired: false,
+                cancelled: false,
                 detail: "done".into(),
             },
             ItemKind::Reported {
@@ -2305,6 +2420,98 @@ mod tests {
         );
         assert!(matches!(
             outbox.store_command(command("", 9, "a")).await,
+            Err(OutboxError::InvalidArgument(_))
+        ));
+    }
+
+    #[test]
+    fn only_a_command_still_waiting_for_its_device_can_be_cancelled() {
+        assert_eq!(cancel_verdict(None), CancelOutcome::Unknown);
+        assert_eq!(
+            cancel_verdict(Some(CommandState::SentToEdge)),
+            CancelOutcome::Cancelled
+        );
+        for s in [
+            CommandState::DeliveredToDevice,
+            CommandState::Succeeded,
+            CommandState::Failed,
+            CommandState::Expired,
+            CommandState::Cancelled,
+        ] {
+            assert_eq!(cancel_verdict(Some(s)), CancelOutcome::TooLate(s));
+        }
+    }
+
+    #[tokio::test]
+    async fn a_cancel_ends_a_waiting_command_with_one_result_and_the_device_never_gets_it() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let outbox = open(&dir);
+            assert!(outbox.store_command(command("c-1", 1, "a")).await.unwrap());
+            assert!(outbox.store_command(command("c-2", 2, "a")).await.unwrap());
+            assert_eq!(
+                outbox
+                    .cancel_command("c-1", "cancelled: not needed", 1_700_000_000_900)
+                    .await
+                    .unwrap(),
+                CancelOutcome::Cancelled
+            );
+            // The adapter comes too late: it must not hand it over.
+            assert!(
+                !outbox
+                    .set_command_state("c-1", CommandState::DeliveredToDevice)
+                    .await
+                    .unwrap()
+            );
+            // A repeated cancel (the cluster resends it after a reconnect) writes nothing.
+            assert_eq!(
+                outbox.cancel_command("c-1", "again", 1).await.unwrap(),
+                CancelOutcome::TooLate(CommandState::Cancelled)
+            );
+            // The device got c-2 first: the cancel loses, c-2 runs to its outcome.
+            assert!(
+                outbox
+                    .set_command_state("c-2", CommandState::DeliveredToDevice)
+                    .await
+                    .unwrap()
+            );
+            assert_eq!(
+                outbox.cancel_command("c-2", "late", 1).await.unwrap(),
+                CancelOutcome::TooLate(CommandState::DeliveredToDevice)
+            );
+            assert_eq!(
+                outbox.cancel_command("nope", "", 1).await.unwrap(),
+                CancelOutcome::Unknown
+            );
+        }
+        // Durable: the one result in the device log, and the state, survive a restart.
+        let outbox = open(&dir);
+        let items = outbox.pending("a", 0, 100).await.unwrap();
+        assert_eq!(items.len(), 1, "exactly one result");
+        assert_eq!(
+            items[0].item.kind,
+            ItemKind::CommandResult {
+                command_id: "c-1".into(),
+                succeeded: false,
+                expired: false,
+                cancelled: true,
+                detail: "cancelled: not needed".into(),
+            }
+        );
+        assert_eq!(items[0].item.ts_ms, 1_700_000_000_900);
+        let pending = outbox.commands_pending().await.unwrap();
+        let ids: Vec<_> = pending.iter().map(|c| c.command_id.as_str()).collect();
+        assert_eq!(ids, ["c-2"], "the cancelled command has its result");
+        assert!(matches!(
+            outbox.accept(vec![result("a", "c-1", true)]).await,
+            Err(OutboxError::ResultAlreadyRecorded { .. })
+        ));
+        assert_eq!(
+            outbox.cancel_command("c-1", "again", 1).await.unwrap(),
+            CancelOutcome::TooLate(CommandState::Cancelled)
+        );
+        assert!(matches!(
+            outbox.cancel_command("", "", 1).await,
             Err(OutboxError::InvalidArgument(_))
         ));
     }

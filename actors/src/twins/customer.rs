@@ -735,6 +735,7 @@ impl CustomerTwin {
                         .map(|(k, v)| (k.clone(), serde_json::to_string(v).unwrap_or_default()))
                         .collect(),
                     expires_at_ms: due,
+                    priority: Default::default(),
                 };
                 self.send(ctx, Address::Device(device), Body::Command(cmd));
                 ctx.arm(due, &format!("case:{case_id}:remedy"));

@@ -211,6 +211,9 @@ pub enum ItemKind {
         /// It was never started: its time to live ran out before the device got it
         /// (`succeeded` is then false).
         expired: bool,
+        /// It was never started: the edge cancelled it before the device got it
+        /// (`succeeded` is then false).
+        cancelled: bool,
         /// What the device said.
         detail: String,
     },
@@ -259,7 +262,8 @@ pub enum DeviceMsg {
     },
     /// An integrator's command (boxed like mail).
     Issue(Box<IssuedCommand>),
-    /// Cancel a command the edge has not confirmed yet.
+    /// Cancel a command: one the edge has not confirmed yet ends at once; for one stored
+    /// on the edge the edge is asked, and the command ends when it answers.
     CancelCommand {
         /// The command.
         command_id: String,
@@ -381,11 +385,53 @@ pub struct CommandEntry {
     /// Its name.
     pub name: String,
     /// Where it stands: `queued` (not yet confirmed by the edge), `sent_to_edge` (stored
-    /// on the edge), `delivered_to_device`, then one of `succeeded`, `failed`, `expired`.
+    /// on the edge), `delivered_to_device`, then one of `succeeded`, `failed`, `expired`,
+    /// `cancelled`. It only moves forward (see [`command_rank`]).
     pub state: String,
     /// When it expires if the device has not started it, Unix ms (its expiry timer).
     #[serde(default)]
     pub expires_at_ms: TimeMs,
+    /// A cancel was asked of the edge, which has not answered yet.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub cancel_requested: bool,
+}
+
+/// How far a command state is along its lifecycle: `queued` 0, `sent_to_edge` 1,
+/// `delivered_to_device` 2, a final state 3. A command only moves to a higher rank, so a
+/// late or repeated report never takes it back.
+pub fn command_rank(state: &str) -> u8 {
+    match state {
+        "queued" => 0,
+        "sent_to_edge" => 1,
+        "delivered_to_device" => 2,
+        _ => 3,
+    }
+}
+
+/// What a cancel does to a command, by where it stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CancelStep {
+    /// Not confirmed by the edge: it ends as cancelled at once (the edge is told too, in
+    /// case it stored the command while its confirmation was on the way).
+    EndNow,
+    /// Stored on the edge: the edge is asked; it ends when the edge answers.
+    AskEdge,
+    /// Already cancelled, or already asked: nothing changes.
+    Nothing,
+    /// The device has it, or it ended otherwise: too late.
+    Refuse,
+}
+
+/// The cancel rule of a command in `state`, `requested` telling whether the edge was
+/// asked already.
+pub fn cancel_step(state: &str, requested: bool) -> CancelStep {
+    match state {
+        "queued" => CancelStep::EndNow,
+        "sent_to_edge" if requested => CancelStep::Nothing,
+        "sent_to_edge" => CancelStep::AskEdge,
+        "cancelled" => CancelStep::Nothing,
+        _ => CancelStep::Refuse,
+    }
 }
 
 /// The tenant's log of command transitions: every state a command of one of its devices
@@ -937,21 +983,30 @@ impl DeviceTwin {
                 command_id,
                 succeeded,
                 expired,
+                cancelled,
                 detail,
             } => {
                 if let Some(c) = self.commands.iter_mut().find(|c| c.id == *command_id) {
-                    let state = match (*succeeded, *expired) {
-                        (true, _) => "succeeded",
-                        (false, true) => "expired",
-                        (false, false) => "failed",
+                    let state = match (*succeeded, *expired, *cancelled) {
+                        (true, _, _) => "succeeded",
+                        (false, true, _) => "expired",
+                        (false, false, true) => "cancelled",
+                        (false, false, false) => "failed",
                     };
-                    let first = c.state != state;
+                    if command_final(&c.state) {
+                        // The first ending stands: the edge confirming a cancel the twin
+                        // already made, or a device that ran a command cancelled while its
+                        // confirmation was on the way (rare; logged).
+                        if c.state != state {
+                            tracing::warn!(device = %self.id, command = %command_id, was = %c.state, reported = state, "late command result ignored");
+                        }
+                        return Ok(());
+                    }
                     c.state = state.into();
+                    c.cancel_requested = false;
                     // Ended: its expiry timer has nothing left to do.
                     ctx.disarm(c.expires_at_ms, &expiry_tag(command_id));
-                    if first {
-                        self.log_command(ctx, command_id, state, detail, None);
-                    }
+                    self.log_command(ctx, command_id, state, detail, None);
                 }
                 self.tell_customer(
                     ctx,
@@ -1210,32 +1265,46 @@ impl DeviceTwin {
         self.queue_command(command, info, ctx)
     }
 
-    /// Cancels a command the edge has not confirmed yet; one already cancelled is left as
-    /// it is.
+    /// Cancels a command (see [`cancel_step`]): one the edge has not confirmed ends at
+    /// once; for one the edge holds, the edge is asked, once.
     fn cancel_command(&mut self, command_id: &str, reason: String, ctx: &mut Ctx) -> DeviceReply {
         let Some(c) = self.commands.iter_mut().find(|c| c.id == command_id) else {
             return DeviceReply::Rejected(format!("unknown command {command_id:?}"));
         };
-        match c.state.as_str() {
-            "cancelled" => return DeviceReply::Ok,
-            "queued" => {}
-            other => {
+        let step = cancel_step(&c.state, c.cancel_requested);
+        match step {
+            CancelStep::Nothing => return DeviceReply::Ok,
+            CancelStep::Refuse => {
                 return DeviceReply::Rejected(format!(
-                    "command {command_id:?} is {other}, it can no longer be cancelled here"
+                    "command {command_id:?} is {}, it can no longer be cancelled",
+                    c.state
                 ));
             }
+            CancelStep::EndNow => {
+                c.state = "cancelled".into();
+                ctx.disarm(c.expires_at_ms, &expiry_tag(command_id));
+            }
+            CancelStep::AskEdge => c.cancel_requested = true,
         }
-        c.state = "cancelled".into();
-        ctx.disarm(c.expires_at_ms, &expiry_tag(command_id));
-        self.log_command(ctx, command_id, "cancelled", &reason, None);
-        let body = Body::CommandOutcome {
-            device: self.id.clone(),
-            command_id: command_id.to_owned(),
-            succeeded: false,
-            detail: format!("cancelled: {reason}"),
-        };
-        self.tell_customer(ctx, body);
         ctx.changed();
+        if step == CancelStep::EndNow {
+            self.log_command(ctx, command_id, "cancelled", &reason, None);
+            let body = Body::CommandOutcome {
+                device: self.id.clone(),
+                command_id: command_id.to_owned(),
+                succeeded: false,
+                detail: format!("cancelled: {reason}"),
+            };
+            self.tell_customer(ctx, body);
+        }
+        if let Some(site) = self.site.clone() {
+            let body = Body::CancelCommand {
+                device: self.id.clone(),
+                command_id: command_id.to_owned(),
+                reason,
+            };
+            self.send(ctx, Address::Edge(site), body);
+        }
         DeviceReply::Ok
     }
 
@@ -1281,6 +1350,7 @@ impl DeviceTwin {
             name: cmd.name.clone(),
             state: "queued".into(),
             expires_at_ms: cmd.expires_at_ms,
+            cancel_requested: false,
         });
         if self.commands.len() > MAX_COMMANDS {
             self.commands.remove(0);
@@ -1377,12 +1447,12 @@ impl Twin for DeviceTwin {
                     return refusal;
                 }
                 match self.commands.iter_mut().find(|c| c.id == command_id) {
-                    // Results are final; a late progress report does not undo them.
-                    Some(c) if !command_final(&c.state) => {
-                        if c.state != state {
-                            c.state = state.clone();
-                            self.log_command(ctx, &command_id, &state, "", None);
-                        }
+                    // Only forward: a late or repeated progress report (a SENT_TO_EDGE
+                    // resent after DELIVERED_TO_DEVICE, any report after the result)
+                    // changes nothing.
+                    Some(c) if command_rank(&state) > command_rank(&c.state) => {
+                        c.state = state.clone();
+                        self.log_command(ctx, &command_id, &state, "", None);
                         ctx.changed();
                         DeviceReply::Ok
                     }

@@ -1125,6 +1125,7 @@ fn issued(id: &str, name: &str) -> DeviceMsg {
             name: name.into(),
             args: vec![],
             expires_at_ms: T0 + HOUR_MS,
+            priority: Default::default(),
         },
         key: "k-1".into(),
         issued_by: "crm".into(),
@@ -1236,6 +1237,7 @@ fn every_transition_of_a_command_is_logged() {
             command_id: "t1:cmd/k-1".into(),
             succeeded: true,
             expired: false,
+            cancelled: false,
             detail: "descaled".into(),
         },
     };
@@ -1254,6 +1256,172 @@ fn every_transition_of_a_command_is_logged() {
         d.handle(cancel, &mut c, &env),
         DeviceReply::Rejected(_)
     ));
+}
+
+fn status(state: &str) -> DeviceMsg {
+    DeviceMsg::CommandStatus {
+        site: "t1:home-1".into(),
+        command_id: "t1:cmd/k-1".into(),
+        state: state.into(),
+    }
+}
+
+fn result(seq: u64, succeeded: bool, cancelled: bool, detail: &str) -> DeviceMsg {
+    DeviceMsg::Apply(vec![DeviceItem {
+        seq,
+        ts_ms: T0 + 5,
+        kind: ItemKind::CommandResult {
+            command_id: "t1:cmd/k-1".into(),
+            succeeded,
+            expired: false,
+            cancelled,
+            detail: detail.into(),
+        },
+    }])
+}
+
+fn cancel_k1() -> DeviceMsg {
+    DeviceMsg::CancelCommand {
+        command_id: "t1:cmd/k-1".into(),
+        reason: "not needed".into(),
+    }
+}
+
+/// The cancels of a step, as mail to the edge.
+fn cancels_to_edge(c: &Ctx) -> Vec<String> {
+    mail_of(c)
+        .into_iter()
+        .filter_map(|m| match (m.to, m.body) {
+            (Address::Edge(_), Body::CancelCommand { command_id, .. }) => Some(command_id),
+            _ => None,
+        })
+        .collect()
+}
+
+#[test]
+fn command_states_only_move_forward_and_cancels_follow_them() {
+    use super::device::{CancelStep, cancel_step, command_rank};
+    let order = ["queued", "sent_to_edge", "delivered_to_device", "succeeded"];
+    assert!(
+        order
+            .windows(2)
+            .all(|w| command_rank(w[0]) < command_rank(w[1]))
+    );
+    for end in ["succeeded", "failed", "expired", "cancelled"] {
+        assert_eq!(command_rank(end), 3);
+    }
+    assert_eq!(cancel_step("queued", false), CancelStep::EndNow);
+    assert_eq!(cancel_step("sent_to_edge", false), CancelStep::AskEdge);
+    assert_eq!(cancel_step("sent_to_edge", true), CancelStep::Nothing);
+    assert_eq!(cancel_step("cancelled", false), CancelStep::Nothing);
+    for late in ["delivered_to_device", "succeeded", "failed", "expired"] {
+        assert_eq!(cancel_step(late, false), CancelStep::Refuse, "{late}");
+        assert_eq!(cancel_step(late, true), CancelStep::Refuse, "{late}");
+    }
+}
+
+#[test]
+fn a_cancel_of_a_command_on_the_edge_asks_the_edge_once_and_ends_with_its_answer() {
+    let env = device_env();
+    let mut d = coffee(&env);
+    d.handle(issued("t1:cmd/k-1", "descale"), &mut ctx(T0, DEVICE), &env);
+    d.handle(status("sent_to_edge"), &mut ctx(T0 + 1, DEVICE), &env);
+    // Asked of the edge: no transition yet, the command is still on the edge.
+    let mut c = ctx(T0 + 2, DEVICE);
+    assert_eq!(d.handle(cancel_k1(), &mut c, &env), DeviceReply::Ok);
+    assert!(command_events(&c).is_empty());
+    assert_eq!(cancels_to_edge(&c), ["t1:cmd/k-1"]);
+    assert_eq!(d.commands()[0].state, "sent_to_edge");
+    assert!(d.commands()[0].cancel_requested);
+    // Asked again: nothing new goes out.
+    let mut c = ctx(T0 + 3, DEVICE);
+    assert_eq!(d.handle(cancel_k1(), &mut c, &env), DeviceReply::Ok);
+    assert!(c.ops().is_empty() && mail_of(&c).is_empty());
+    // A repeated SENT_TO_EDGE changes nothing either.
+    let mut c = ctx(T0 + 3, DEVICE);
+    assert_eq!(
+        d.handle(status("sent_to_edge"), &mut c, &env),
+        DeviceReply::Ok
+    );
+    assert!(command_events(&c).is_empty());
+    // The edge answers CANCELLED: the command ends, the customer hears it once.
+    let mut c = ctx(T0 + 4, DEVICE);
+    applied(d.handle(
+        result(1, false, true, "cancelled: not needed"),
+        &mut c,
+        &env,
+    ));
+    let events = command_events(&c);
+    assert_eq!(events.len(), 1);
+    assert_eq!(
+        (events[0].state.as_str(), events[0].detail.as_str()),
+        ("cancelled", "cancelled: not needed")
+    );
+    assert_eq!(d.commands()[0].state, "cancelled");
+    assert!(!d.commands()[0].cancel_requested);
+    // Cancelling a cancelled command: unchanged, nothing sent.
+    let mut c = ctx(T0 + 5, DEVICE);
+    assert_eq!(d.handle(cancel_k1(), &mut c, &env), DeviceReply::Ok);
+    assert!(c.ops().is_empty() && mail_of(&c).is_empty());
+    // A late status does not revive it.
+    let mut c = ctx(T0 + 6, DEVICE);
+    d.handle(status("delivered_to_device"), &mut c, &env);
+    assert!(command_events(&c).is_empty());
+    assert_eq!(d.commands()[0].state, "cancelled");
+}
+
+#[test]
+fn a_cancel_that_loses_the_race_to_the_device_ends_with_the_devices_outcome() {
+    let env = device_env();
+    let mut d = coffee(&env);
+    d.handle(issued("t1:cmd/k-1", "descale"), &mut ctx(T0, DEVICE), &env);
+    d.handle(status("sent_to_edge"), &mut ctx(T0 + 1, DEVICE), &env);
+    assert_eq!(
+        d.handle(cancel_k1(), &mut ctx(T0 + 2, DEVICE), &env),
+        DeviceReply::Ok
+    );
+    // The device got it before the edge read the cancel.
+    let mut c = ctx(T0 + 3, DEVICE);
+    d.handle(status("delivered_to_device"), &mut c, &env);
+    assert_eq!(command_events(&c)[0].state, "delivered_to_device");
+    // Now a cancel is refused, and a SENT_TO_EDGE resent late does not go back.
+    let mut c = ctx(T0 + 4, DEVICE);
+    assert!(matches!(
+        d.handle(cancel_k1(), &mut c, &env),
+        DeviceReply::Rejected(_)
+    ));
+    assert!(c.ops().is_empty());
+    let mut c = ctx(T0 + 4, DEVICE);
+    d.handle(status("sent_to_edge"), &mut c, &env);
+    assert!(command_events(&c).is_empty());
+    assert_eq!(d.commands()[0].state, "delivered_to_device");
+    let mut c = ctx(T0 + 5, DEVICE);
+    applied(d.handle(result(1, true, false, "descaled"), &mut c, &env));
+    assert_eq!(command_events(&c)[0].state, "succeeded");
+    assert_eq!(d.commands()[0].state, "succeeded");
+}
+
+#[test]
+fn a_queued_command_cancelled_at_once_is_cancelled_on_the_edge_too_and_stays_cancelled() {
+    let env = device_env();
+    let mut d = coffee(&env);
+    d.handle(issued("t1:cmd/k-1", "descale"), &mut ctx(T0, DEVICE), &env);
+    let mut c = ctx(T0 + 1, DEVICE);
+    assert_eq!(d.handle(cancel_k1(), &mut c, &env), DeviceReply::Ok);
+    assert_eq!(command_events(&c)[0].state, "cancelled");
+    // The edge may have stored it while its confirmation was on the way: it is told.
+    assert_eq!(cancels_to_edge(&c), ["t1:cmd/k-1"]);
+    // Its answer (or a device that ran it anyway) does not change the first ending.
+    for (seq, succeeded, cancelled) in [(1, false, true), (2, true, false)] {
+        let mut c = ctx(T0 + 2, DEVICE);
+        applied(d.handle(result(seq, succeeded, cancelled, ""), &mut c, &env));
+        assert!(command_events(&c).is_empty());
+        assert!(
+            mail_of(&c).is_empty(),
+            "the customer heard the outcome once"
+        );
+    }
+    assert_eq!(d.commands()[0].state, "cancelled");
 }
 
 #[test]

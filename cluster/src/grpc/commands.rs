@@ -7,7 +7,8 @@
 //! node's [`Watched`](crate::store::watch::Watched) store signals appends, which wake
 //! `WatchCommand` streams). Sending and cancelling are messages to the device twin, which
 //! decides; the twin's command reaches the site's edge like the twins' own commands (its
-//! outbox, then the site's command log).
+//! outbox, then the site's command log), and so does its cancel of a command the edge
+//! holds (the protocol's `CommandCancel`), which ends with the edge's answer.
 
 use super::auth::{Principal, Scope};
 use crate::store::watch::LogSignals;
@@ -289,9 +290,19 @@ impl CommandService for CommandApi {
             .ok_or_else(|| Status::not_found(format!("device {device:?} not found")))?;
         let remedy = match r.payload.and_then(|p| p.kind) {
             Some(v1::command_payload::Kind::RemoteRemedy(remedy)) => remedy,
-            Some(_) => {
+            Some(v1::command_payload::Kind::Configuration(_)) => {
                 return Err(Status::unimplemented(
-                    "only remote remedies can be sent as commands yet",
+                    "configuration commands are not supported yet; set the fields with TwinService.SetDesired, the device reports what it applied",
+                ));
+            }
+            Some(v1::command_payload::Kind::FirmwareUpdate(_)) => {
+                return Err(Status::unimplemented(
+                    "firmware updates are not supported yet",
+                ));
+            }
+            Some(v1::command_payload::Kind::AnswerQuestion(_)) => {
+                return Err(Status::unimplemented(
+                    "answers to product questions cannot be sent as commands yet",
                 ));
             }
             None => return Err(Status::invalid_argument("payload must be set")),
@@ -353,6 +364,7 @@ impl CommandService for CommandApi {
                 name: remedy.name,
                 args,
                 expires_at_ms: expires,
+                priority,
             },
             key: r.idempotency_key.clone(),
             issued_by: p.name.clone(),
@@ -470,14 +482,10 @@ impl CommandService for CommandApi {
         }
         match v1::CommandState::try_from(current.state) {
             Ok(v1::CommandState::Cancelled) => return Ok(Response::new(current)),
-            Ok(v1::CommandState::Queued) => {}
-            Ok(v1::CommandState::SentToEdge) => {
-                // The protocol's CommandCancel to the edge is not sent yet.
-                return Err(Status::failed_precondition(format!(
-                    "command {:?} is already stored on the edge; cancelling it there is not supported yet",
-                    r.command_id
-                )));
-            }
+            // Queued: it ends at once. Stored on the edge: the twin asks the edge (once,
+            // however often this is called), and the command ends when the edge answers:
+            // CANCELLED, or the device's outcome if the device got it first.
+            Ok(v1::CommandState::Queued | v1::CommandState::SentToEdge) => {}
             Ok(s) => {
                 return Err(Status::failed_precondition(format!(
                     "command {:?} is {}, it can no longer be cancelled",

@@ -232,6 +232,7 @@ impl Simulator {
                 command_id: command_id.to_owned(),
                 succeeded,
                 expired: false,
+                cancelled: false,
                 detail,
             },
         })

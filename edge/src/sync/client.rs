@@ -9,7 +9,7 @@
 use super::transport::{FrameReader, TransportError, connect, send_frame};
 use crate::error::{Error, Result};
 use crate::outbox::{
-    CommandState, FieldValue, ItemKind, Outbox, Priority, Sequenced, StoredCommand,
+    CancelOutcome, CommandState, FieldValue, ItemKind, Outbox, Priority, Sequenced, StoredCommand,
 };
 use caretwin_actors::host::clock::{Clock, SystemClock};
 use caretwin_proto::frame::Codec;
@@ -27,6 +27,16 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 use tokio::sync::{Mutex, Notify, Semaphore, mpsc};
+
+/// The outbox's urgency of a command from the cluster (unspecified: normal).
+fn priority_of(p: i32) -> Priority {
+    match v1::Priority::try_from(p) {
+        Ok(v1::Priority::Low) => Priority::Low,
+        Ok(v1::Priority::High) => Priority::High,
+        Ok(v1::Priority::Safety) => Priority::Safety,
+        _ => Priority::Normal,
+    }
+}
 
 /// A command received from the cluster, for the device adapters.
 #[derive(Debug, Clone, PartialEq)]
@@ -84,6 +94,8 @@ pub struct ClientStats {
     pub frames_sent: AtomicU64,
     /// Bytes of device log frames as written to the streams (after compression).
     pub bytes_sent: AtomicU64,
+    /// Command cancels from the cluster handled (whatever their outcome).
+    pub cancels: AtomicU64,
     /// Microseconds from sending a frame to reading its ack.
     ack_latency_us: std::sync::Mutex<Option<hdrhistogram::Histogram<u64>>>,
 }
@@ -378,7 +390,7 @@ impl SyncClient {
                         command_id: c.command_id.clone(),
                         position: c.position,
                         device: c.device_id.clone(),
-                        priority: Priority::Normal,
+                        priority: priority_of(c.priority),
                         issued_at_ms: u64::try_from(c.issued_at_ms).unwrap_or(0),
                         expires_at_ms: u64::try_from(c.expires_at_ms).unwrap_or(0),
                         payload: payload.encode_to_vec(),
@@ -402,6 +414,42 @@ impl SyncClient {
                         // The adapters went away: the edge is shutting down.
                         return Ok(());
                     }
+                }
+                Some(cluster_frame::Body::CancelCommand(x)) => {
+                    // Resent by the cluster after every reconnect until the command ends:
+                    // every outcome here is final and a repeat changes nothing.
+                    let now = self.clock.now_ms();
+                    let detail = if x.reason.is_empty() {
+                        "cancelled by the cluster".to_owned()
+                    } else {
+                        format!("cancelled: {}", x.reason)
+                    };
+                    let outcome = match self
+                        .outbox
+                        .cancel_command(&x.command_id, &detail, now)
+                        .await
+                    {
+                        Ok(outcome) => outcome,
+                        // An id no command could have: nothing to cancel, the session goes on.
+                        Err(crate::outbox::OutboxError::InvalidArgument(why)) => {
+                            tracing::warn!(command = %x.command_id, error = %why, "cancel ignored");
+                            CancelOutcome::Unknown
+                        }
+                        Err(e) => return Err(e.into()),
+                    };
+                    match outcome {
+                        CancelOutcome::Cancelled => {
+                            self.new_items.notify_waiters();
+                            tracing::info!(command = %x.command_id, "command cancelled before delivery");
+                        }
+                        CancelOutcome::TooLate(state) => {
+                            tracing::info!(command = %x.command_id, state = ?state, "cancel came too late, the command keeps its course");
+                        }
+                        CancelOutcome::Unknown => {
+                            tracing::debug!(command = %x.command_id, "cancel for a command not held");
+                        }
+                    }
+                    self.stats.cancels.fetch_add(1, Ordering::Relaxed);
                 }
                 Some(cluster_frame::Body::DesiredState(d)) => {
                     let fields = d
@@ -446,6 +494,7 @@ impl SyncClient {
                     command_id: c.command_id.clone(),
                     succeeded: false,
                     expired: true,
+                    cancelled: false,
                     detail: format!(
                         "expired at {} before it reached the device",
                         c.expires_at_ms
@@ -970,13 +1019,15 @@ fn to_frame(device: &str, s: Sequenced) -> Piece {
             command_id,
             succeeded,
             expired,
+            cancelled,
             detail,
         } => event(device_event::Kind::CommandResult(v1::CommandResult {
             command_id,
-            outcome: match (succeeded, expired) {
-                (true, _) => v1::CommandOutcome::Succeeded,
-                (false, true) => v1::CommandOutcome::Expired,
-                (false, false) => v1::CommandOutcome::Failed,
+            outcome: match (succeeded, expired, cancelled) {
+                (true, _, _) => v1::CommandOutcome::Succeeded,
+                (false, true, _) => v1::CommandOutcome::Expired,
+                (false, false, true) => v1::CommandOutcome::Cancelled,
+                (false, false, false) => v1::CommandOutcome::Failed,
             } as i32,
             detail,
             finished_at_ms: ts,
