@@ -331,7 +331,8 @@ impl System {
         r.handoff.tick().await
     }
 
-    /// Ticks and delivers until nothing moves (or `rounds` rounds). Returns the totals.
+    /// Ticks and delivers until nothing moves and no queue is stalled (or `rounds` rounds).
+    /// Returns the totals.
     pub async fn settle(&self, rounds: usize) -> Result<PumpReport> {
         let mut total = PumpReport::default();
         for _ in 0..rounds {
@@ -340,7 +341,8 @@ impl System {
             total.delivered += r.delivered;
             total.dropped += r.dropped;
             total.stalled = r.stalled;
-            if r.delivered == 0 && r.dropped == 0 {
+            // A queue that stalled on a transient failure is tried again next round.
+            if r.delivered == 0 && r.dropped == 0 && r.stalled == 0 {
                 break;
             }
         }
