@@ -489,7 +489,13 @@ impl CaseService for CaseApi {
         let cases = self.0.clone();
         let after = match r.after_cursor {
             Some(c) => c,
-            None => stored_cursor(&*cases.store, &p.tenant, &r.subscriber_id).await?,
+            None => {
+                super::stream::stored_cursor(
+                    &*cases.store,
+                    &subscriber_key(&p.tenant, &r.subscriber_id),
+                )
+                .await?
+            }
         };
         let priorities: Vec<i32> = r.priorities.clone();
         let kinds: Vec<i32> = r.kinds.clone();
@@ -551,17 +557,8 @@ impl CaseService for CaseApi {
                         return; // the client went away
                     }
                 }
-                let node_closing = async {
-                    match closing.as_mut() {
-                        // A node that went away without saying so is closing too.
-                        Some(c) => drop(c.wait_for(|c| *c).await),
-                        None => std::future::pending().await,
-                    }
-                };
-                tokio::select! {
-                    changed = grew.changed() => if changed.is_err() { return },
-                    () = tx.closed() => return,
-                    () = node_closing => return,
+                if !super::stream::more(&mut grew, &tx, &mut closing).await {
+                    return;
                 }
             }
         });
@@ -580,7 +577,9 @@ impl CaseService for CaseApi {
         check_name("subscriber_id", &r.subscriber_id, 64)?;
         let store = &*self.0.store;
         let _one_at_a_time = self.0.acks.lock().await;
-        let stored = stored_cursor(store, &p.tenant, &r.subscriber_id).await?;
+        let stored =
+            super::stream::stored_cursor(store, &subscriber_key(&p.tenant, &r.subscriber_id))
+                .await?;
         let last = self.0.catch_up(&p.tenant).await?.lock().await.next - 1;
         if r.cursor > last {
             return Err(Status::invalid_argument(format!(
@@ -866,14 +865,4 @@ impl CaseApi {
             Err(e) => Err(internal(e)),
         }
     }
-}
-
-async fn stored_cursor(store: &dyn Store, tenant: &str, subscriber: &str) -> Result<u64, Status> {
-    let raw = store
-        .idempotency(&subscriber_key(tenant, subscriber))
-        .await
-        .map_err(internal)?;
-    Ok(raw
-        .and_then(|v| <[u8; 8]>::try_from(v.as_slice()).ok())
-        .map_or(0, u64::from_be_bytes))
 }

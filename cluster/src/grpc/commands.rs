@@ -449,16 +449,8 @@ impl CommandService for CommandApi {
                         return;
                     }
                 }
-                let node_closing = async {
-                    match closing.as_mut() {
-                        Some(c) => drop(c.wait_for(|c| *c).await),
-                        None => std::future::pending().await,
-                    }
-                };
-                tokio::select! {
-                    changed = grew.changed() => if changed.is_err() { return },
-                    () = tx.closed() => return,
-                    () = node_closing => return,
+                if !super::stream::more(&mut grew, &tx, &mut closing).await {
+                    return;
                 }
             }
         });

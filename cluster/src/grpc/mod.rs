@@ -10,6 +10,7 @@
 //! - [`customers`] — `CustomerService`: profiles, preferences, consent, export, erasure.
 //! - [`notifications`] — `NotificationService`: the durable notification log, its stream
 //!   for channel gateways, delivery reports and customers' answers.
+//! - `stream` — what the log-backed streams share: waiting for more, durable cursors.
 //! - [`twins`] — `TwinService`: get, query (through the device index) and watch twins,
 //!   set desired state.
 //! - [`work`] — `WorkService`: work orders, appointments, part orders, technicians.
@@ -25,6 +26,7 @@ pub mod commands;
 pub mod convert;
 pub mod customers;
 pub mod notifications;
+mod stream;
 pub mod twins;
 pub mod work;
 

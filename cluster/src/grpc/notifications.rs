@@ -603,16 +603,6 @@ fn check_name(what: &str, s: &str, max: usize) -> Result<(), Status> {
     Ok(())
 }
 
-async fn stored_cursor(store: &dyn Store, tenant: &str, subscriber: &str) -> Result<u64, Status> {
-    let raw = store
-        .idempotency(&subscriber_key(tenant, subscriber))
-        .await
-        .map_err(internal)?;
-    Ok(raw
-        .and_then(|v| <[u8; 8]>::try_from(v.as_slice()).ok())
-        .map_or(0, u64::from_be_bytes))
-}
-
 type DeliveryStream = Pin<Box<dyn Stream<Item = Result<v1::NotificationDelivery, Status>> + Send>>;
 
 /// The gRPC face of [`Notifications`].
@@ -649,7 +639,13 @@ impl NotificationService for NotificationApi {
         let n = self.0.clone();
         let after = match r.after_cursor {
             Some(c) => c,
-            None => stored_cursor(&*n.store, &p.tenant, &r.subscriber_id).await?,
+            None => {
+                super::stream::stored_cursor(
+                    &*n.store,
+                    &subscriber_key(&p.tenant, &r.subscriber_id),
+                )
+                .await?
+            }
         };
         let channels = r.channels.clone();
         let log = notifications_log(&p.tenant);
@@ -697,16 +693,8 @@ impl NotificationService for NotificationApi {
                         return; // the client went away
                     }
                 }
-                let node_closing = async {
-                    match closing.as_mut() {
-                        Some(c) => drop(c.wait_for(|c| *c).await),
-                        None => std::future::pending().await,
-                    }
-                };
-                tokio::select! {
-                    changed = grew.changed() => if changed.is_err() { return },
-                    () = tx.closed() => return,
-                    () = node_closing => return,
+                if !super::stream::more(&mut grew, &tx, &mut closing).await {
+                    return;
                 }
             }
         });
@@ -725,7 +713,9 @@ impl NotificationService for NotificationApi {
         check_name("subscriber_id", &r.subscriber_id, 64)?;
         let store = &*self.0.store;
         let _one_at_a_time = self.0.writes.lock().await;
-        let stored = stored_cursor(store, &p.tenant, &r.subscriber_id).await?;
+        let stored =
+            super::stream::stored_cursor(store, &subscriber_key(&p.tenant, &r.subscriber_id))
+                .await?;
         let last = self.0.catch_up(&p.tenant).await?.lock().await.next - 1;
         if r.cursor > last {
             return Err(Status::invalid_argument(format!(
