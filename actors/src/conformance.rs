@@ -351,6 +351,71 @@ pub async fn logs_read_in_order(mut h: impl Harness) {
     );
 }
 
+/// Trimming drops a log's old entries and only those; indexes are never reused, and a
+/// trim in the same batch as appends sees them.
+pub async fn logs_trim_old_entries(mut h: impl Harness) {
+    let s = h.open().await;
+    let (log, other) = (Key::from("t1/trim/log"), Key::from("t1/trim/log2"));
+    for i in 1..=30u64 {
+        s.commit(
+            WriteBatch::new()
+                .with(append(log.as_str(), format!("e{i}").as_bytes()))
+                .with(append(other.as_str(), b"x")),
+        )
+        .await
+        .unwrap();
+    }
+    let trim = |log: &Key, before| Op::TrimLog {
+        log: log.clone(),
+        before,
+    };
+    let applied = s.commit(WriteBatch::new().with(trim(&log, 11))).await;
+    assert_eq!(applied.unwrap(), vec![Applied::Trimmed]);
+    let kept = s.read_log(&log, 1, 1000).await.unwrap();
+    assert_eq!(kept.first().map(|e| e.index), Some(11));
+    assert_eq!(kept.len(), 20);
+    assert_eq!(kept[0].value, b"e11");
+    assert_eq!(s.read_log(&other, 1, 1000).await.unwrap().len(), 30);
+    // Again, and below what is gone: harmless.
+    s.commit(WriteBatch::new().with(trim(&log, 11)).with(trim(&log, 3)))
+        .await
+        .unwrap();
+    // Appends go on from the last index, even after everything was trimmed.
+    s.commit(WriteBatch::new().with(trim(&log, 31)))
+        .await
+        .unwrap();
+    assert!(s.read_log(&log, 1, 1000).await.unwrap().is_empty());
+    let applied = s
+        .commit(
+            WriteBatch::new()
+                .with(append(log.as_str(), b"e31"))
+                .with(append(log.as_str(), b"e32"))
+                .with(trim(&log, 32)),
+        )
+        .await
+        .unwrap();
+    assert_eq!(applied[0], Applied::Index { index: 31 });
+    let kept = s.read_log(&log, 1, 1000).await.unwrap();
+    assert_eq!(kept.len(), 1);
+    assert_eq!((kept[0].index, kept[0].value.as_slice()), (32, &b"e32"[..]));
+    // A refused batch trims nothing.
+    let err = s
+        .commit(
+            WriteBatch::new()
+                .with(trim(&other, 31))
+                .with(put("t1/trim/snap", 5, b"no")),
+        )
+        .await;
+    assert!(err.is_err());
+    assert_eq!(s.read_log(&other, 1, 1000).await.unwrap().len(), 30);
+    // Trimming before 0 is refused.
+    assert!(
+        s.commit(WriteBatch::new().with(trim(&log, 0)))
+            .await
+            .is_err()
+    );
+}
+
 /// Leases expire on the caller's clock, change hands with a new token, and are exclusive.
 pub async fn leases_expire_and_fence(mut h: impl Harness) {
     let s = h.open().await;
@@ -775,6 +840,7 @@ macro_rules! store_conformance {
             high_water_marks_only_move_forward,
             batches_are_atomic,
             logs_read_in_order,
+            logs_trim_old_entries,
             leases_expire_and_fence,
             idempotency_records_claim_once,
             outbox_delivers_until_acknowledged,

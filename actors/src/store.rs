@@ -206,6 +206,16 @@ pub enum Op {
         /// The entry.
         value: Vec<u8>,
     },
+    /// Drop a log's entries with an index below `before` (retention). Indexes are never
+    /// reused: later appends go on counting from the log's last index, and reads from an
+    /// index that was trimmed start at the first entry kept. Trimming what is already gone
+    /// is not an error.
+    TrimLog {
+        /// The log.
+        log: Key,
+        /// The first index kept.
+        before: u64,
+    },
     /// Record an idempotency record.
     PutIdempotency {
         /// The idempotency key (e.g. `part-order/<case>/<part>`).
@@ -267,6 +277,7 @@ impl Op {
             }
             Op::AdvanceHighWater { device, .. } => device.0.len() + 8,
             Op::Dequeue { queue, .. } => queue.0.len() + 8,
+            Op::TrimLog { log, .. } => log.0.len() + 8,
         }
     }
 
@@ -324,6 +335,16 @@ impl Op {
                             "timer items in {schedule:?} must be 1..={MAX_KEY_BYTES} bytes, got {}",
                             item.len()
                         ),
+                    });
+                }
+                Ok(())
+            }
+            Op::TrimLog { log, before } => {
+                log.validate()?;
+                if *before == 0 {
+                    return Err(Error::InvalidArgument {
+                        name: "before",
+                        reason: "log indexes start at 1; trimming before 0 means nothing".into(),
                     });
                 }
                 Ok(())
@@ -434,6 +455,8 @@ pub enum Applied {
     Recorded,
     /// An outbox entry was removed (or was already gone).
     Dequeued,
+    /// A log's entries below an index were dropped (or were already gone).
+    Trimmed,
     /// A timer was armed.
     Scheduled,
     /// A timer was disarmed (or was already gone).

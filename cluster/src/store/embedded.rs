@@ -168,6 +168,17 @@ impl Tables {
 }
 
 impl Tables {
+    /// Keys of `t` under `prefix` with an index below `before`.
+    fn keys_below(&self, t: Table, prefix: &[u8], before: u64) -> Result<Vec<Vec<u8>>> {
+        self.check_poison()?;
+        let start = indexed_raw(prefix, 0);
+        let end = indexed_raw(prefix, before);
+        self.table(t)
+            .range(start..end)
+            .map(|guard| guard.key().map(|k| k.to_vec()).map_err(backend))
+            .collect()
+    }
+
     /// Timers of a schedule due at or before `until_ms`, earliest first.
     fn due(&self, prefix: &[u8], until_ms: u64, limit: usize) -> Result<Vec<Due>> {
         self.check_poison()?;
@@ -219,7 +230,12 @@ fn prefixed(name: &Key) -> Vec<u8> {
 }
 
 fn indexed(name: &Key, index: u64) -> Vec<u8> {
-    let mut k = prefixed(name);
+    indexed_raw(&prefixed(name), index)
+}
+
+fn indexed_raw(prefix: &[u8], index: u64) -> Vec<u8> {
+    let mut k = Vec::with_capacity(prefix.len() + 8);
+    k.extend_from_slice(prefix);
     k.extend_from_slice(&index.to_be_bytes());
     k
 }
@@ -373,6 +389,28 @@ impl<'a> Txn<'a> {
         Ok(next)
     }
 
+    /// Deletes the entries of `t` under `prefix` with an index below `before`: those on
+    /// disk and those written earlier in this group or request.
+    fn trim(&mut self, t: Table, prefix: &[u8], before: u64) -> Result<()> {
+        let below = |k: &[u8]| {
+            k.len() == prefix.len() + 8
+                && k.starts_with(prefix)
+                && decode_u64(&k[prefix.len()..]).is_ok_and(|i| i < before)
+        };
+        let mut doomed: Vec<Vec<u8>> = self
+            .group
+            .keys()
+            .chain(self.own.keys())
+            .filter(|(table, k)| *table == t && below(k))
+            .map(|(_, k)| k.clone())
+            .collect();
+        doomed.extend(self.tables.keys_below(t, prefix, before)?);
+        for k in doomed {
+            self.delete(t, k);
+        }
+        Ok(())
+    }
+
     fn apply_batch(&mut self, batch: &WriteBatch) -> Result<Vec<Applied>> {
         batch.validate()?;
         if let Some(fence) = &batch.fence {
@@ -454,6 +492,10 @@ impl<'a> Txn<'a> {
             Op::Dequeue { queue, index } => {
                 self.delete(Table::Outbox, indexed(queue, *index));
                 Applied::Dequeued
+            }
+            Op::TrimLog { log, before } => {
+                self.trim(Table::Logs, &prefixed(log), *before)?;
+                Applied::Trimmed
             }
             Op::Schedule {
                 schedule,
