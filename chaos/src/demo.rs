@@ -284,6 +284,7 @@ pub async fn run(
         NodeOptions {
             clock: clock.clone(),
             outside,
+            ..NodeOptions::default()
         },
     )
     .await

@@ -16,6 +16,10 @@
 //! - [`ingest`] — what the node does with a site's sync frames, whatever carries them.
 //! - [`integrations`] — outbound gRPC clients of the parts supplier and the field-service
 //!   scheduler, with durable intent and outcome records, and their built-in stand-ins.
+//! - [`membership`] — the membership loop: member view, shard leases acquired, renewed,
+//!   handed over and dropped as `caretwin_actors::placement` decides.
+//! - [`peer`] — the peer channel: calls for twins hosted on other nodes, over QUIC with
+//!   mutual TLS.
 //! - [`pii`] — customers' personal data, sealed with a per-customer key so erasure can
 //!   destroy it (crypto-shredding), and the tenants' customer indexes.
 
@@ -26,7 +30,9 @@ pub mod error;
 pub mod grpc;
 pub mod ingest;
 pub mod integrations;
+pub mod membership;
 pub mod node;
+pub mod peer;
 pub mod pii;
 pub mod replay;
 pub mod store;

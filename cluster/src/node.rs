@@ -108,6 +108,12 @@ pub struct NodeOptions {
     /// Where effects with no integration of their own go (notifications): by default the
     /// log. Part orders and bookings go to the partners of `[integrations]`.
     pub outside: Arc<dyn Router>,
+    /// Who learns when shards are hosted and dropped here (the chaos tools' single
+    /// activation monitor); nobody by default.
+    pub monitor: Option<Arc<dyn caretwin_actors::host::remote::Monitor>>,
+    /// A store to use instead of opening `[store]` (nodes of one process sharing a store
+    /// in tests).
+    pub store: Option<Arc<dyn Store>>,
 }
 
 impl Default for NodeOptions {
@@ -115,6 +121,8 @@ impl Default for NodeOptions {
         Self {
             clock: Arc::new(SystemClock),
             outside: Arc::new(LogOutside),
+            monitor: None,
+            store: None,
         }
     }
 }
@@ -128,6 +136,8 @@ pub struct Node {
     supplier: Option<Arc<crate::integrations::supplier::InProcessSupplier>>,
     stop: tokio::sync::oneshot::Sender<()>,
     task: tokio::task::JoinHandle<Result<()>>,
+    kill: Option<tokio::sync::watch::Sender<bool>>,
+    peer_addr: Option<SocketAddr>,
 }
 
 /// Runs a node until `shutdown` resolves (see [`Node::start`] and [`Node::stop`]).
@@ -144,7 +154,10 @@ impl Node {
     /// and the integrator gRPC endpoint, fires timers and delivers mail.
     pub async fn start(config: ClusterConfig, options: NodeOptions) -> Result<Self> {
         config.validate()?;
-        let backend = crate::store::open(&config.store)?;
+        let backend = match options.store {
+            Some(store) => store,
+            None => crate::store::open(&config.store)?,
+        };
         // The twins write through the watched store, so the gRPC case streams wake as soon
         // as a case event or command transition is durable, and twin watches as soon as a
         // twin changed.
@@ -192,8 +205,13 @@ impl Node {
         let field_service = partners
             .books_visits()
             .then(|| partners.clone() as Arc<dyn Router>);
+        let hosting = if config.cluster.enabled {
+            caretwin_actors::system::Hosting::Placed
+        } else {
+            caretwin_actors::system::Hosting::Everything
+        };
         let system = Arc::new(
-            System::start_with_field_service(
+            System::start_hosting(
                 Components {
                     store: store.clone(),
                     clock: clock.clone(),
@@ -205,14 +223,23 @@ impl Node {
                     local_supplier: None,
                 },
                 field_service,
+                hosting,
             )
             .await?,
         );
         partners.bind(&system);
+        ensure_dev_pki(&config.sync)?;
+        let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+        let mut cluster = if config.cluster.enabled {
+            Some(join_cluster(&config, &store, &system, options.monitor, stop_rx.clone()).await?)
+        } else {
+            None
+        };
+        let kill = cluster.as_mut().map(|c| c.kill.clone());
+        let peer_addr = cluster.as_ref().map(|c| c.addr);
         if let Some(path) = &config.provision {
             provision(&system, &vault, path).await?;
         }
-        ensure_dev_pki(&config.sync)?;
         let server_config = crate::sync::tls::server_config_from_files(
             &config.sync.ca,
             &config.sync.cert,
@@ -241,7 +268,6 @@ impl Node {
             crate::grpc::auth::Tokens::default()
         };
         tracing::info!(addr = %grpc_addr, tokens = tokens.len(), "gRPC listening");
-        let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
         let sites = server.clone();
         let directory = Arc::new(crate::grpc::twins::Directory::new(
             store.clone(),
@@ -323,6 +349,11 @@ impl Node {
             let lease = serve(&*store, &twins, &config, lease, &mail, shutdown).await;
             let _ = stop_tx.send(true);
             let _ = serving.await;
+            // A member hands its shards over (drained, leases released) before it stops.
+            if let Some(c) = cluster {
+                let _ = c.membership.await;
+                let _ = c.peers.await;
+            }
             // Calls in flight get a moment to finish; streams end by themselves on shutdown.
             let abort = grpc.abort_handle();
             match tokio::time::timeout(std::time::Duration::from_secs(5), grpc).await {
@@ -354,6 +385,8 @@ impl Node {
             supplier: builtin_supplier,
             stop,
             task,
+            kill,
+            peer_addr,
         })
     }
 
@@ -370,6 +403,11 @@ impl Node {
     /// Where integrators connect (gRPC over TLS).
     pub fn grpc_addr(&self) -> SocketAddr {
         self.grpc_addr
+    }
+
+    /// Where the node's peers reach it (QUIC), when it is a cluster member.
+    pub fn peer_addr(&self) -> Option<SocketAddr> {
+        self.peer_addr
     }
 
     /// The built-in parts supplier, when `[integrations] supplier = "builtin"`.
@@ -398,6 +436,27 @@ impl Node {
         }
     }
 
+    /// Ends the node the way a crash would, for the chaos tools and tests of one process:
+    /// its shards stop at once without draining, nothing is released (its member and shard
+    /// leases run out by themselves), its membership, timers and mail stop. Only for a
+    /// node in a cluster (a crash of the only node is a process kill).
+    pub async fn kill(self) {
+        let Self {
+            system, task, kill, ..
+        } = self;
+        if let Some(kill) = kill {
+            let _ = kill.send(true);
+            // Wait (explicitly, no sleep) until nothing is hosted here any more.
+            let mut wait = std::time::Duration::from_millis(1);
+            while !system.hosted_shards().is_empty() {
+                tokio::time::sleep(wait).await;
+                wait = (wait * 2).min(std::time::Duration::from_millis(20));
+            }
+        }
+        task.abort();
+        let _ = task.await;
+    }
+
     /// Stops the node: it stops accepting sites and calls, drains the twins, releases its
     /// lease and closes the store cleanly.
     pub async fn stop(self) -> Result<()> {
@@ -414,6 +473,68 @@ impl Node {
         task.await
             .map_err(|e| Error::Config(format!("node task: {e}")))?
     }
+}
+
+/// A node's part in a cluster: its membership loop and its peer endpoint, running.
+struct Joined {
+    addr: SocketAddr,
+    membership: tokio::task::JoinHandle<()>,
+    peers: tokio::task::JoinHandle<()>,
+    kill: tokio::sync::watch::Sender<bool>,
+}
+
+/// Binds the peer endpoint, announces the node, takes its first shards and starts the
+/// membership loop.
+async fn join_cluster(
+    config: &ClusterConfig,
+    store: &Arc<dyn Store>,
+    system: &Arc<System>,
+    monitor: Option<Arc<dyn caretwin_actors::host::remote::Monitor>>,
+    stop: tokio::sync::watch::Receiver<bool>,
+) -> Result<Joined> {
+    let c = &config.cluster;
+    let tls = crate::peer::PeerTls::from_files(
+        &config.sync.ca,
+        &config.sync.cert,
+        &config.sync.key,
+        &c.server_name,
+    )?;
+    let view = Arc::new(std::sync::RwLock::new(crate::peer::View::default()));
+    let peers = Arc::new(crate::peer::Peers::bind(
+        &config.node_id,
+        c.listen,
+        tls,
+        view.clone(),
+    )?);
+    let bound = peers.local_addr()?;
+    let advertise = c.advertise.unwrap_or(bound);
+    system.connect(peers.clone(), monitor);
+    let serving = tokio::spawn(peers.serve(Arc::downgrade(system), stop.clone()));
+    let timing = crate::membership::Timing {
+        lease_ttl: config.lease_ttl,
+        round: config.renew_every,
+        margin: config.lease_ttl / 3,
+    };
+    let mut membership = crate::membership::Membership::join(
+        &config.node_id,
+        &advertise.to_string(),
+        store.clone(),
+        system.clone(),
+        view,
+        timing,
+    )
+    .await?;
+    // The first rounds before serving: the node starts with its shards (as far as their
+    // previous holders let go of them in time).
+    let settled = membership.settle(config.lease_ttl * 2).await;
+    tracing::info!(node = %config.node_id, peer = %advertise, shards = membership.held().len(), settled, "joined the cluster");
+    let (kill, killed) = tokio::sync::watch::channel(false);
+    Ok(Joined {
+        addr: bound,
+        membership: tokio::spawn(membership.run(stop, killed)),
+        peers: serving,
+        kill,
+    })
 }
 
 /// On a fresh checkout, `run` must work with no manual step: when the sync certificates

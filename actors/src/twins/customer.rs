@@ -73,7 +73,7 @@ impl Default for Profile {
 }
 
 /// What a customer twin is sent.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum CustomerMsg {
     /// Mail from another twin (delivered at least once; de-duplicated here).
     Mail(Mail),
@@ -100,7 +100,7 @@ pub enum CustomerMsg {
 }
 
 /// A customer twin's answer.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum CustomerReply {
     /// Taken (or a duplicate, ignored).
     Ok,
