@@ -163,12 +163,20 @@ impl Node {
         // twin changed.
         let watched = crate::store::watch::Watched::new(
             backend,
-            &["cases/", "commands/", "device-index/", "notifications/"],
+            &[
+                "cases/",
+                "commands/",
+                "device-index/",
+                "notifications/",
+                "edge/",
+            ],
         );
+
         let log_signals = watched.signals();
         let snapshot_signals = watched.snapshot_signals();
         let mail = watched.mail_signal();
-        let store: Arc<dyn Store> = Arc::new(watched);
+        let watched = Arc::new(watched);
+        let store: Arc<dyn Store> = watched.clone();
         let lease = register(&*store, &config).await?;
         tracing::info!(node = %config.node_id, token = lease.token, "node registered");
 
@@ -231,7 +239,21 @@ impl Node {
         ensure_dev_pki(&config.sync)?;
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
         let mut cluster = if config.cluster.enabled {
-            Some(join_cluster(&config, &store, &system, options.monitor, stop_rx.clone()).await?)
+            let wake = Wake {
+                logs: log_signals.clone(),
+                sites: signals.clone(),
+            };
+            Some(
+                join_cluster(
+                    &config,
+                    (&store, &watched),
+                    &system,
+                    wake,
+                    options.monitor,
+                    stop_rx.clone(),
+                )
+                .await?,
+            )
         } else {
             None
         };
@@ -485,10 +507,17 @@ struct Joined {
 
 /// Binds the peer endpoint, announces the node, takes its first shards and starts the
 /// membership loop.
+/// The waiters a peer's "log grew" wakes here.
+struct Wake {
+    logs: Arc<crate::store::watch::LogSignals>,
+    sites: Arc<CommandSignals>,
+}
+
 async fn join_cluster(
     config: &ClusterConfig,
-    store: &Arc<dyn Store>,
+    (store, watched): (&Arc<dyn Store>, &Arc<crate::store::watch::Watched>),
     system: &Arc<System>,
+    wake: Wake,
     monitor: Option<Arc<dyn caretwin_actors::host::remote::Monitor>>,
     stop: tokio::sync::watch::Receiver<bool>,
 ) -> Result<Joined> {
@@ -509,7 +538,17 @@ async fn join_cluster(
     let bound = peers.local_addr()?;
     let advertise = c.advertise.unwrap_or(bound);
     system.connect(peers.clone(), monitor);
-    let serving = tokio::spawn(peers.serve(Arc::downgrade(system), stop.clone()));
+    // Waiters on a watched log (gRPC streams, a site's command stream) may be on any node;
+    // appends here are told to the peers, and theirs wake ours.
+    let teller = peers.clone();
+    watched.also_tell(Arc::new(move |log: &Key| teller.tell_grew(log.as_str())));
+    let on_grew: crate::peer::OnGrew = Arc::new(move |log: &str| {
+        wake.logs.grew(&Key::new(log));
+        if let Some(site) = log.strip_prefix("edge/") {
+            wake.sites.of(site).notify_waiters();
+        }
+    });
+    let serving = tokio::spawn(peers.serve(Arc::downgrade(system), on_grew, stop.clone()));
     let timing = crate::membership::Timing {
         lease_ttl: config.lease_ttl,
         round: config.renew_every,

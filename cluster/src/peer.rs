@@ -33,6 +33,12 @@ pub const PEER_ALPN: &[u8] = b"caretwin-peer/1";
 /// Prefix of the URI subject alternative name a node certificate carries.
 pub const NODE_URI_PREFIX: &str = "caretwin://node";
 
+/// The request kind that tells a peer a watched log grew (its id is the log's name).
+const GREW: &str = "!grew";
+
+/// What a node does when a peer says a watched log grew there.
+pub type OnGrew = Arc<dyn Fn(&str) + Send + Sync>;
+
 /// Largest request or answer on the peer channel.
 const MAX_FRAME: usize = 8 * 1024 * 1024;
 
@@ -229,6 +235,7 @@ impl Peers {
     pub async fn serve(
         self: Arc<Self>,
         system: Weak<System>,
+        on_grew: OnGrew,
         mut shutdown: tokio::sync::watch::Receiver<bool>,
     ) {
         loop {
@@ -240,6 +247,7 @@ impl Peers {
                 },
             };
             let system = system.clone();
+            let on_grew = on_grew.clone();
             tokio::spawn(async move {
                 let conn = match incoming.await {
                     Ok(c) => c,
@@ -254,8 +262,7 @@ impl Peers {
                     return;
                 }
                 while let Ok((send, recv)) = conn.accept_bi().await {
-                    let system = system.clone();
-                    tokio::spawn(answer(system, send, recv));
+                    tokio::spawn(answer(system.clone(), on_grew.clone(), send, recv));
                 }
             });
         }
@@ -297,10 +304,19 @@ impl Peers {
     }
 }
 
-/// Handles one forwarded call.
-async fn answer(system: Weak<System>, mut send: quinn::SendStream, mut recv: quinn::RecvStream) {
+/// Handles one forwarded call (or signal).
+async fn answer(
+    system: Weak<System>,
+    on_grew: OnGrew,
+    mut send: quinn::SendStream,
+    mut recv: quinn::RecvStream,
+) {
     let answer = match recv.read_to_end(MAX_FRAME).await {
         Ok(bytes) => match (decode_request(&bytes), system.upgrade()) {
+            (Some((GREW, log, _)), _) => {
+                on_grew(log);
+                Vec::new()
+            }
             (Some((kind, id, msg)), Some(system)) => system.call_here(kind, id, msg).await,
             (None, _) => caretwin_actors::host::remote::encode_answer::<()>(&Err(
                 caretwin_actors::Error::InvalidBatch {
@@ -322,6 +338,35 @@ async fn answer(system: Weak<System>, mut send: quinn::SendStream, mut recv: qui
     };
     if send.write_all(&answer).await.is_ok() {
         let _ = send.finish();
+    }
+}
+
+impl Peers {
+    /// Tells every other live member that watched log `log` grew here, so their waiters
+    /// on it (gRPC streams, a site's command stream) wake. Fire and forget: a peer that
+    /// misses it catches up at its waiters' next wake-up.
+    pub fn tell_grew(self: &Arc<Self>, log: &str) {
+        let peers: Vec<String> = self
+            .view
+            .read()
+            .expect("view lock")
+            .live
+            .iter()
+            .filter(|m| m.node_id != self.me)
+            .map(|m| m.peer_addr.clone())
+            .collect();
+        for addr in peers {
+            let Ok(addr) = addr.parse::<SocketAddr>() else {
+                continue;
+            };
+            let me = self.clone();
+            let request = encode_request(GREW, log, &[]);
+            tokio::spawn(async move {
+                if let Err(e) = tokio::time::timeout(CALL_TIMEOUT, me.call(addr, request)).await {
+                    tracing::debug!(peer = %addr, error = %e, "log signal not delivered");
+                }
+            });
+        }
     }
 }
 
