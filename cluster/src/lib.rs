@@ -19,7 +19,10 @@
 //! - [`pii`] — customers' personal data, sealed with a per-customer key so erasure can
 //!   destroy it (crypto-shredding), and the tenants' customer indexes.
 
-#![forbid(unsafe_code)]
+// Forbidden, except with feature `fdb`: booting FoundationDB's network thread is unsafe in
+// its bindings, and is allowed once, in `store::fdb::boot`.
+#![cfg_attr(not(feature = "fdb"), forbid(unsafe_code))]
+#![cfg_attr(feature = "fdb", deny(unsafe_code))]
 
 pub mod config;
 pub mod error;

@@ -212,7 +212,7 @@ fn backend(e: fjall::Error) -> Error {
     Error::Backend(format!("fjall: {e}"))
 }
 
-fn decode_u64(b: &[u8]) -> Result<u64> {
+pub(super) fn decode_u64(b: &[u8]) -> Result<u64> {
     let arr: [u8; 8] = b
         .try_into()
         .map_err(|_| Error::Backend(format!("corrupt u64 of {} bytes", b.len())))?;
@@ -268,7 +268,7 @@ fn decode_lease(name: &Key, v: &[u8]) -> Result<Lease> {
     })
 }
 
-fn decode_snapshot(v: &[u8]) -> Result<Versioned> {
+pub(super) fn decode_snapshot(v: &[u8]) -> Result<Versioned> {
     if v.len() < 8 {
         return Err(Error::Backend("corrupt snapshot record".into()));
     }
