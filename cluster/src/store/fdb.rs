@@ -62,14 +62,14 @@ use caretwin_actors::store::{
 use caretwin_actors::{Error, Result};
 use foundationdb::api::{FdbApiBuilder, NetworkAutoStop};
 use foundationdb::options::{DatabaseOption, StreamingMode};
-use foundationdb::tuple::Subspace;
+use foundationdb::tuple::{PackError, Subspace};
 use foundationdb::{Database, FdbBindingError, FdbError, RangeOption, Transaction};
 use futures::TryStreamExt;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 
 use super::FdbConfig;
-use super::embedded::{decode_snapshot, decode_u64};
+use super::embedded::{check_version, decode_snapshot, decode_u64, encode_snapshot};
 
 /// Markers of settled batches cleared by one later batch.
 const CLEAR_PER_BATCH: usize = 64;
@@ -307,18 +307,9 @@ impl FdbStore {
             } => {
                 let k = self.snap_key(key);
                 let actual = snapshot_version(trx, &k).await?;
-                if actual != *expected_version {
-                    return Err(port(Error::VersionConflict {
-                        key: key.to_string(),
-                        expected: *expected_version,
-                        actual,
-                    }));
-                }
+                check_version(key, *expected_version, actual).map_err(port)?;
                 let version = actual + 1;
-                let mut v = Vec::with_capacity(8 + value.len());
-                v.extend_from_slice(&version.to_be_bytes());
-                v.extend_from_slice(value);
-                trx.set(&k, &v);
+                trx.set(&k, &encode_snapshot(version, value));
                 Applied::Snapshot { version }
             }
             Op::DeleteSnapshot {
@@ -327,13 +318,7 @@ impl FdbStore {
             } => {
                 let k = self.snap_key(key);
                 let actual = snapshot_version(trx, &k).await?;
-                if actual != *expected_version {
-                    return Err(port(Error::VersionConflict {
-                        key: key.to_string(),
-                        expected: *expected_version,
-                        actual,
-                    }));
-                }
+                check_version(key, *expected_version, actual).map_err(port)?;
                 trx.clear(&k);
                 Applied::Deleted
             }
@@ -458,8 +443,26 @@ impl FdbStore {
     ) -> Result<Vec<Entry>> {
         let under = space.subspace(&(name.as_str(),));
         let begin = under.pack(&(from,));
-        let end = under.range().1;
-        let (under, begin, end) = (&under, &begin, &end);
+        self.scan(begin, under.range().1, limit, |key, value| {
+            let (index,): (u64,) = under.unpack(key)?;
+            Ok(Entry {
+                index,
+                value: value.to_vec(),
+            })
+        })
+        .await
+    }
+
+    /// Reads up to `limit` key-value pairs from `begin` up to `end`, in key order, each
+    /// turned into a `T`.
+    async fn scan<T>(
+        &self,
+        begin: Vec<u8>,
+        end: Vec<u8>,
+        limit: usize,
+        each: impl Fn(&[u8], &[u8]) -> std::result::Result<T, PackError>,
+    ) -> Result<Vec<T>> {
+        let (begin, end, each) = (&begin, &end, &each);
         self.db
             .run(|trx, _| async move {
                 let range = RangeOption {
@@ -470,12 +473,7 @@ impl FdbStore {
                 let mut out = Vec::new();
                 let mut kvs = trx.get_ranges_keyvalues(range, false);
                 while let Some(kv) = kvs.try_next().await? {
-                    let (index,): (u64,) =
-                        under.unpack(kv.key()).map_err(FdbBindingError::PackError)?;
-                    out.push(Entry {
-                        index,
-                        value: kv.value().to_vec(),
-                    });
+                    out.push(each(kv.key(), kv.value()).map_err(FdbBindingError::PackError)?);
                 }
                 Ok(out)
             })
@@ -684,27 +682,12 @@ impl Store for FdbStore {
     async fn read_due(&self, schedule: &Key, until_ms: u64, limit: usize) -> Result<Vec<Due>> {
         store::validate_due(schedule, limit)?;
         let under = self.space.due.subspace(&(schedule.as_str(),));
-        let begin = under.range().0;
         let end = under.subspace(&(until_ms,)).range().1;
-        let (under, begin, end) = (&under, &begin, &end);
-        self.db
-            .run(|trx, _| async move {
-                let range = RangeOption {
-                    limit: Some(limit),
-                    mode: StreamingMode::WantAll,
-                    ..RangeOption::from((begin.clone(), end.clone()))
-                };
-                let mut out = Vec::new();
-                let mut kvs = trx.get_ranges_keyvalues(range, false);
-                while let Some(kv) = kvs.try_next().await? {
-                    let (due_ms, item): (u64, Vec<u8>) =
-                        under.unpack(kv.key()).map_err(FdbBindingError::PackError)?;
-                    out.push(Due { due_ms, item });
-                }
-                Ok(out)
-            })
-            .await
-            .map_err(from_binding)
+        self.scan(under.range().0, end, limit, |key, _| {
+            let (due_ms, item): (u64, Vec<u8>) = under.unpack(key)?;
+            Ok(Due { due_ms, item })
+        })
+        .await
     }
 
     async fn acquire_lease(
