@@ -52,9 +52,11 @@
 //! and must be stopped before the process exits, after every `Database` is gone.
 //! [`FdbNetwork::get`] boots it on first use and hands out shared handles; every
 //! [`FdbStore`] holds one and drops its `Database` first, and the last handle dropped stops
-//! the thread. The node owns the network through its store: `node::run` drops the store
-//! before it returns, so the thread is stopped before `main` ends. Once stopped it cannot
-//! be started again in the same process (a later open fails with a clear error).
+//! the thread. The node owns the network through its store: the node's tasks hold the
+//! store, and they are dropped when the node stops or, at the latest, when `main`'s tokio
+//! runtime shuts down as `main` returns (the binary never calls `process::exit`), so the
+//! thread is stopped before the process ends. Once stopped it cannot be started again in
+//! the same process (a later open fails with a clear error).
 
 use caretwin_actors::store::{
     self, Applied, Due, Entry, IdempotencyMode, Key, Lease, Op, Store, Versioned, WriteBatch,
@@ -128,7 +130,8 @@ fn boot() -> Result<NetworkAutoStop> {
     let builder = FdbApiBuilder::default().build().map_err(fdb_error)?;
     // SAFETY: the returned guard must be dropped before the process exits. It lives in
     // the one `FdbNetwork`, which every store holds and drops after its `Database`; the
-    // node drops its store before `run` returns (see the module documentation).
+    // node's stores are dropped at the latest when `main`'s runtime shuts down (see the
+    // module documentation).
     unsafe { builder.boot() }.map_err(fdb_error)
 }
 
