@@ -1,294 +1,19 @@
 //! Several nodes sharing one store: placement, forwarding over the peer channel, single
-//! activation, rebalancing on join and leave, failover after a crash.
+//! activation, rebalancing on join and leave, failover after a crash, a partition.
 //!
-//! The nodes run in one process on one embedded store (the process-level test with
-//! PostgreSQL and SIGKILL lives with the chaos tools). Every node's shard hosting is
-//! recorded by a monitor, which checks that no shard is ever hosted on two nodes at once
-//! and that every new host holds a newer fencing token.
+//! The nodes run in one process on one embedded store ([`caretwin_chaos::cluster`]); a
+//! monitor checks that no shard is ever hosted on two nodes at once and that every new
+//! host holds a newer fencing token.
 
-use caretwin_actors::host::remote::Monitor;
-use caretwin_actors::store::{Applied, Due, Entry, Key, Lease, Op, Store, Versioned, WriteBatch};
+use caretwin_actors::store::{Key, Op, WriteBatch};
 use caretwin_actors::twins::device::{DeviceItem, DeviceMsg, DeviceReply, ItemKind};
-use caretwin_cluster::config::{ClusterConfig, GrpcConfig, MembershipConfig, SyncConfig};
-use caretwin_cluster::node::{Node, NodeOptions};
-use caretwin_cluster::store::{EmbeddedConfig, EmbeddedStore};
-use caretwin_cluster::sync::dev::{DevPki, generate};
-use std::collections::BTreeMap;
+use caretwin_chaos::cluster::{Cluster, Cut};
+use caretwin_cluster::node::Node;
 use std::path::Path;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 const SHARDS: u32 = 16;
-
-/// Records every shard hosted and dropped, by node, and checks single activation.
-#[derive(Default)]
-struct Activations {
-    /// (kind, shard) → the node hosting it now and its token.
-    now: Mutex<BTreeMap<(String, u32), (String, u64)>>,
-    /// (kind, shard) → highest token seen.
-    tokens: Mutex<BTreeMap<(String, u32), u64>>,
-    violations: Mutex<Vec<String>>,
-    hosted_total: Mutex<u64>,
-}
-
-struct NodeMonitor {
-    node: String,
-    all: Arc<Activations>,
-}
-
-impl Monitor for NodeMonitor {
-    fn hosted(&self, kind: &'static str, shard: u32, token: u64) {
-        let key = (kind.to_owned(), shard);
-        let mut now = self.all.now.lock().unwrap();
-        if let Some((other, t)) = now.get(&key) {
-            self.all.violations.lock().unwrap().push(format!(
-                "{kind}/{shard} hosted on {} (token {token}) while on {other} (token {t})",
-                self.node
-            ));
-        }
-        let mut tokens = self.all.tokens.lock().unwrap();
-        let last = tokens.entry(key.clone()).or_insert(0);
-        if token <= *last {
-            self.all.violations.lock().unwrap().push(format!(
-                "{kind}/{shard} hosted on {} with token {token}, not above {last}",
-                self.node
-            ));
-        }
-        *last = token;
-        now.insert(key, (self.node.clone(), token));
-        *self.all.hosted_total.lock().unwrap() += 1;
-    }
-
-    fn unhosted(&self, kind: &'static str, shard: u32, token: u64) {
-        let key = (kind.to_owned(), shard);
-        let mut now = self.all.now.lock().unwrap();
-        match now.get(&key) {
-            Some((node, t)) if *node == self.node && *t == token => {
-                now.remove(&key);
-            }
-            other => self.all.violations.lock().unwrap().push(format!(
-                "{kind}/{shard} dropped by {} (token {token}) but hosted as {other:?}",
-                self.node
-            )),
-        }
-    }
-}
-
-/// A node's way to the store, which the test can cut (a network partition between the
-/// node and the database): every call then fails as an unreachable database would.
-struct Cut {
-    inner: Arc<dyn Store>,
-    cut: std::sync::atomic::AtomicBool,
-}
-
-impl Cut {
-    fn check(&self) -> caretwin_actors::Result<()> {
-        if self.cut.load(std::sync::atomic::Ordering::SeqCst) {
-            return Err(caretwin_actors::Error::Backend(
-                "partitioned from the store".into(),
-            ));
-        }
-        Ok(())
-    }
-}
-
-#[async_trait::async_trait]
-impl Store for Cut {
-    async fn commit(&self, batch: WriteBatch) -> caretwin_actors::Result<Vec<Applied>> {
-        self.check()?;
-        self.inner.commit(batch).await
-    }
-    async fn snapshot(&self, key: &Key) -> caretwin_actors::Result<Option<Versioned>> {
-        self.check()?;
-        self.inner.snapshot(key).await
-    }
-    async fn high_water(&self, device: &Key) -> caretwin_actors::Result<u64> {
-        self.check()?;
-        self.inner.high_water(device).await
-    }
-    async fn read_log(
-        &self,
-        log: &Key,
-        from: u64,
-        limit: usize,
-    ) -> caretwin_actors::Result<Vec<Entry>> {
-        self.check()?;
-        self.inner.read_log(log, from, limit).await
-    }
-    async fn idempotency(&self, key: &Key) -> caretwin_actors::Result<Option<Vec<u8>>> {
-        self.check()?;
-        self.inner.idempotency(key).await
-    }
-    async fn read_outbox(
-        &self,
-        queue: &Key,
-        from: u64,
-        limit: usize,
-    ) -> caretwin_actors::Result<Vec<Entry>> {
-        self.check()?;
-        self.inner.read_outbox(queue, from, limit).await
-    }
-    async fn read_due(
-        &self,
-        schedule: &Key,
-        until_ms: u64,
-        limit: usize,
-    ) -> caretwin_actors::Result<Vec<Due>> {
-        self.check()?;
-        self.inner.read_due(schedule, until_ms, limit).await
-    }
-    async fn acquire_lease(
-        &self,
-        name: &Key,
-        holder: &str,
-        ttl_ms: u64,
-        now_ms: u64,
-    ) -> caretwin_actors::Result<Lease> {
-        self.check()?;
-        self.inner.acquire_lease(name, holder, ttl_ms, now_ms).await
-    }
-    async fn renew_lease(
-        &self,
-        lease: &Lease,
-        ttl_ms: u64,
-        now_ms: u64,
-    ) -> caretwin_actors::Result<Lease> {
-        self.check()?;
-        self.inner.renew_lease(lease, ttl_ms, now_ms).await
-    }
-    async fn release_lease(&self, lease: &Lease) -> caretwin_actors::Result<()> {
-        self.check()?;
-        self.inner.release_lease(lease).await
-    }
-    async fn lease(&self, name: &Key) -> caretwin_actors::Result<Option<Lease>> {
-        self.check()?;
-        self.inner.lease(name).await
-    }
-}
-
-struct Cluster {
-    dir: tempfile::TempDir,
-    store: Arc<dyn Store>,
-    activations: Arc<Activations>,
-    nodes: BTreeMap<String, Node>,
-}
-
-impl Cluster {
-    async fn new() -> Self {
-        let dir = tempfile::tempdir().unwrap();
-        generate(&DevPki {
-            out: dir.path().join("certs"),
-            cluster_name: "localhost".into(),
-            sites: vec![caretwin_cluster::sync::tls::SiteIdentity::new("t1:home").unwrap()],
-            force: true,
-        })
-        .unwrap();
-        let store: Arc<dyn Store> =
-            Arc::new(EmbeddedStore::open(&EmbeddedConfig::at(dir.path().join("data"))).unwrap());
-        Self {
-            dir,
-            store,
-            activations: Arc::default(),
-            nodes: BTreeMap::new(),
-        }
-    }
-
-    fn config(dir: &Path, id: &str) -> ClusterConfig {
-        let certs = dir.join("certs");
-        let mut c = ClusterConfig {
-            node_id: id.into(),
-            lease_ttl: Duration::from_millis(1500),
-            renew_every: Duration::from_millis(200),
-            sync: SyncConfig {
-                listen: "127.0.0.1:0".parse().unwrap(),
-                ca: certs.join("ca.pem"),
-                cert: certs.join("cluster.pem"),
-                key: certs.join("cluster.key"),
-                ..SyncConfig::default()
-            },
-            grpc: GrpcConfig {
-                listen: "127.0.0.1:0".parse().unwrap(),
-                tokens: dir.join("no-tokens.toml"),
-            },
-            cluster: MembershipConfig {
-                enabled: true,
-                ..MembershipConfig::default()
-            },
-            ..ClusterConfig::default()
-        };
-        c.host.shards = SHARDS;
-        c
-    }
-
-    async fn start(&mut self, id: &str) {
-        self.start_on(id, self.store.clone()).await;
-    }
-
-    async fn start_on(&mut self, id: &str, store: Arc<dyn Store>) {
-        let node = Node::start(
-            Self::config(self.dir.path(), id),
-            NodeOptions {
-                monitor: Some(Arc::new(NodeMonitor {
-                    node: id.into(),
-                    all: self.activations.clone(),
-                })),
-                store: Some(store),
-                ..NodeOptions::default()
-            },
-        )
-        .await
-        .unwrap();
-        self.nodes.insert(id.into(), node);
-    }
-
-    fn node(&self, id: &str) -> &Node {
-        &self.nodes[id]
-    }
-
-    /// Which node hosts each shard now (devices; every kind moves together).
-    fn hosts(&self) -> BTreeMap<u32, Vec<String>> {
-        let mut hosts: BTreeMap<u32, Vec<String>> = BTreeMap::new();
-        for (id, n) in &self.nodes {
-            for s in n.system().hosted_shards() {
-                hosts.entry(s).or_default().push(id.clone());
-            }
-        }
-        hosts
-    }
-
-    /// Waits until every shard is hosted by exactly one of the running nodes, and each by
-    /// the one placement names; fails after `within`.
-    async fn wait_balanced(&self, within: Duration) -> BTreeMap<u32, String> {
-        let ids: Vec<&str> = self.nodes.keys().map(String::as_str).collect();
-        let want: BTreeMap<u32, String> = (0..SHARDS)
-            .map(|s| {
-                let owner = caretwin_actors::placement::owner(s, ids.iter().copied()).unwrap();
-                (s, owner.to_owned())
-            })
-            .collect();
-        let deadline = tokio::time::Instant::now() + within;
-        loop {
-            let hosts = self.hosts();
-            let got: BTreeMap<u32, String> = hosts
-                .iter()
-                .filter(|(_, h)| h.len() == 1)
-                .map(|(s, h)| (*s, h[0].clone()))
-                .collect();
-            if got == want {
-                return got;
-            }
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "shards not placed within {within:?}: hosts {hosts:?}, want {want:?}"
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    }
-
-    fn violations(&self) -> Vec<String> {
-        self.activations.violations.lock().unwrap().clone()
-    }
-}
 
 fn device(i: usize) -> String {
     format!("t1:dev-{i}")
@@ -342,7 +67,7 @@ async fn high_water(node: &Node, i: usize) -> u64 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn nodes_share_the_shards_forward_calls_and_rebalance_without_losing_a_reading() {
-    let mut c = Cluster::new().await;
+    let mut c = Cluster::new(SHARDS).await;
     for id in ["n1", "n2", "n3"] {
         c.start(id).await;
     }
@@ -423,7 +148,7 @@ async fn nodes_share_the_shards_forward_calls_and_rebalance_without_losing_a_rea
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_crashed_nodes_shards_are_hosted_elsewhere_after_its_leases_run_out() {
-    let mut c = Cluster::new().await;
+    let mut c = Cluster::new(SHARDS).await;
     for id in ["n1", "n2", "n3"] {
         c.start(id).await;
     }
@@ -461,11 +186,8 @@ async fn a_crashed_nodes_shards_are_hosted_elsewhere_after_its_leases_run_out() 
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_partitioned_node_stops_acting_before_its_shards_move_and_its_stale_writes_are_refused() {
-    let mut c = Cluster::new().await;
-    let cut = Arc::new(Cut {
-        inner: c.store.clone(),
-        cut: false.into(),
-    });
+    let mut c = Cluster::new(SHARDS).await;
+    let cut = Cut::new(c.store.clone());
     c.start("n1").await;
     c.start_on("n2", cut.clone()).await;
     let placed = c.wait_balanced(Duration::from_secs(10)).await;
@@ -487,7 +209,7 @@ async fn a_partitioned_node_stops_acting_before_its_shards_move_and_its_stale_wr
         .unwrap();
     assert_eq!(stale.holder, "n2");
 
-    cut.cut.store(true, std::sync::atomic::Ordering::SeqCst);
+    cut.set(true);
     // n2 can renew nothing: it drops its shards before their leases run out, and n1 takes
     // them over only after (the monitor would record two hosts at once otherwise).
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
@@ -568,7 +290,7 @@ fn intruder(dir: &Path, node: &Node, cert: &str, key: &str) -> caretwin_cluster:
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn only_cluster_nodes_may_forward_calls_a_site_certificate_is_refused() {
     use caretwin_actors::host::remote::{Elsewhere, decode_answer, encode};
-    let mut c = Cluster::new().await;
+    let mut c = Cluster::new(SHARDS).await;
     c.start("n1").await;
     c.wait_balanced(Duration::from_secs(10)).await;
     provision(c.node("n1"), 0).await;
