@@ -32,6 +32,8 @@ pub enum Address {
     Notifier(String),
     /// Outside: the tenant's parts supplier.
     Supplier(String),
+    /// Outside: the tenant's field-service partner (cancelling the visits it booked).
+    FieldService(String),
 }
 
 impl Address {
@@ -45,7 +47,8 @@ impl Address {
             | Address::Handoff(id)
             | Address::Edge(id)
             | Address::Notifier(id)
-            | Address::Supplier(id) => id,
+            | Address::Supplier(id)
+            | Address::FieldService(id) => id,
         };
         id.split_once(':').map_or(id.as_str(), |(t, _)| t)
     }
@@ -339,6 +342,9 @@ pub enum Body {
         customer: String,
         /// The case it belongs to.
         case_id: String,
+        /// The device it is for (absent in older mail: unknown).
+        #[serde(default)]
+        device: String,
     },
     /// What became of an order.
     PartOrderUpdate {
@@ -383,6 +389,10 @@ pub enum Body {
         windows: Vec<(TimeMs, TimeMs)>,
         /// How long the visit takes.
         duration_ms: u64,
+        /// Book it confirmed (the customer's standing approval of visits); otherwise it is
+        /// held as proposed until the customer confirms (absent in older mail: held).
+        #[serde(default)]
+        confirmed: bool,
     },
     /// What became of a booking.
     Booking {
@@ -394,6 +404,38 @@ pub enum Body {
         slot: Option<(TimeMs, TimeMs)>,
         /// Work order id or failure reason.
         detail: String,
+    },
+    /// The customer confirmed the visit booked under `key`.
+    ConfirmVisit {
+        /// The booking's idempotency key.
+        key: String,
+    },
+    /// Cancel the visit booked under `key`: from the customer twin to the scheduler (the
+    /// customer declined it), and from the scheduler to the field-service partner that
+    /// booked it (its slot there is freed).
+    CancelVisit {
+        /// The booking's idempotency key.
+        key: String,
+        /// Why, for people.
+        reason: String,
+    },
+    /// The field-service partner booked a visit: the scheduler keeps it with the tenant's
+    /// appointments (the partner's calendar holds the slot).
+    PartnerBooked {
+        /// The booking's idempotency key.
+        key: String,
+        /// The customer.
+        customer: String,
+        /// The case.
+        case_id: String,
+        /// The partner's technician.
+        technician: String,
+        /// The visit, `[start, end)` Unix ms.
+        slot: (TimeMs, TimeMs),
+        /// The partner's work order reference.
+        reference: String,
+        /// Booked confirmed (the customer's standing approval).
+        confirmed: bool,
     },
 
     // ---- integrators (gRPC WorkService) → parts desk and scheduler
@@ -476,6 +518,10 @@ pub enum Body {
         part_number: String,
         /// How many.
         quantity: u32,
+        /// The device it is for, if known: the supplier delivers to its site (absent in
+        /// older mail: the tenant's default depot).
+        #[serde(default, skip_serializing_if = "String::is_empty")]
+        device: String,
     },
 }
 
@@ -495,6 +541,7 @@ mod tests {
                 quantity: 1,
                 customer: "t1:cust-1".into(),
                 case_id: "case-1".into(),
+                device: "t1:dev-1".into(),
             },
         };
         assert_eq!(Mail::decode(&m.encode()).unwrap(), m);
