@@ -212,6 +212,7 @@ fn order_part() -> Mail {
             quantity: 1,
             customer: "t1:cust-1".into(),
             case_id: "case-7".into(),
+            device: "t1:dev-1".into(),
         },
     }
 }
@@ -300,6 +301,7 @@ async fn transient_failures_are_retried_with_backoff_and_the_order_placed_once()
             quantity: 1,
             customer: "t1:cust-1".into(),
             case_id: "case-8".into(),
+            device: "t1:dev-1".into(),
         },
         ..order_part()
     };
@@ -442,6 +444,7 @@ fn book(id: &str) -> Mail {
             not_before_ms: MON,
             windows: vec![],
             duration_ms: HOUR_MS,
+            confirmed: false,
         },
     }
 }

@@ -875,7 +875,7 @@ impl<'a> Checker<'a> {
                         ended_at.get_or_insert(n);
                     }
                 }
-                Action::OrderConsumable { .. } | Action::BookTechnician { .. } => {}
+                Action::OrderConsumable { .. } => {}
             }
             steps.push(Step {
                 when: when.clone(),
