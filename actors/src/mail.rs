@@ -259,6 +259,25 @@ pub struct SlotRequest {
     pub confirmed: bool,
 }
 
+/// A visit the field-service partner booked, for the scheduler's books.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PartnerVisit {
+    /// The booking's idempotency key.
+    pub key: String,
+    /// The customer.
+    pub customer: String,
+    /// The case.
+    pub case_id: String,
+    /// The partner's technician.
+    pub technician: String,
+    /// The visit, `[start, end)` Unix ms.
+    pub slot: (TimeMs, TimeMs),
+    /// The partner's work order reference.
+    pub reference: String,
+    /// Booked confirmed (the customer's standing approval).
+    pub confirmed: bool,
+}
+
 /// What mail says.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case", tag = "type")]
@@ -421,22 +440,7 @@ pub enum Body {
     },
     /// The field-service partner booked a visit: the scheduler keeps it with the tenant's
     /// appointments (the partner's calendar holds the slot).
-    PartnerBooked {
-        /// The booking's idempotency key.
-        key: String,
-        /// The customer.
-        customer: String,
-        /// The case.
-        case_id: String,
-        /// The partner's technician.
-        technician: String,
-        /// The visit, `[start, end)` Unix ms.
-        slot: (TimeMs, TimeMs),
-        /// The partner's work order reference.
-        reference: String,
-        /// Booked confirmed (the customer's standing approval).
-        confirmed: bool,
-    },
+    PartnerBooked(PartnerVisit),
 
     // ---- integrators (gRPC WorkService) → parts desk and scheduler
     /// Order a part or consumable for an integrator, once per key.

@@ -217,17 +217,22 @@ fn order_part() -> Mail {
     }
 }
 
-/// The supplier orders waiting in the parts desk's outbox.
-async fn supplier_orders(store: &dyn Store) -> Vec<Mail> {
-    let queue = Key::new(format!("outbox/parts/{}", shard_of("t1", SHARDS)));
+/// The mail waiting in `kind`'s outbox (tenant t1's shard) that `wanted` picks.
+async fn waiting(store: &dyn Store, kind: &str, wanted: fn(&Body) -> bool) -> Vec<Mail> {
+    let queue = Key::new(format!("outbox/{kind}/{}", shard_of("t1", SHARDS)));
     store
         .read_outbox(&queue, 1, 100)
         .await
         .unwrap()
         .iter()
         .map(|e| Mail::decode(&e.value).unwrap())
-        .filter(|m| matches!(m.body, Body::SupplierOrder { .. }))
+        .filter(|m| wanted(&m.body))
         .collect()
+}
+
+/// The supplier orders waiting in the parts desk's outbox.
+async fn supplier_orders(store: &dyn Store) -> Vec<Mail> {
+    waiting(store, "parts", |b| matches!(b, Body::SupplierOrder { .. })).await
 }
 
 async fn record(store: &dyn Store, partner: &str, key: &str) -> serde_json::Value {
@@ -526,15 +531,10 @@ async fn bookings_go_to_the_field_service_over_grpc_once_across_a_crash() {
 
 /// The `CancelVisit` mail waiting in the scheduler desk's outbox.
 async fn cancellations(store: &dyn Store) -> Vec<Mail> {
-    let queue = Key::new(format!("outbox/scheduler/{}", shard_of("t1", SHARDS)));
-    store
-        .read_outbox(&queue, 1, 100)
-        .await
-        .unwrap()
-        .iter()
-        .map(|e| Mail::decode(&e.value).unwrap())
-        .filter(|m| matches!(m.body, Body::CancelVisit { .. }))
-        .collect()
+    waiting(store, "scheduler", |b| {
+        matches!(b, Body::CancelVisit { .. })
+    })
+    .await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -32,7 +32,9 @@ use super::{
     tenant_id,
 };
 use crate::host::{Ctx, Twin};
-use crate::mail::{Address, Body, Mail, SlotRequest, WorkOrderRequest, WorkOrderState, tenant_of};
+use crate::mail::{
+    Address, Body, Mail, PartnerVisit, SlotRequest, WorkOrderRequest, WorkOrderState, tenant_of,
+};
 use crate::model::{DAY_MS, Priority, TimeMs};
 use crate::{Error, Result};
 use serde::{Deserialize, Serialize};
@@ -539,17 +541,6 @@ struct Ask {
     not_before_ms: TimeMs,
     windows: Vec<(TimeMs, TimeMs)>,
     duration_ms: u64,
-    confirmed: bool,
-}
-
-/// A visit the field-service partner booked (`PartnerBooked`'s fields).
-struct PartnerVisit {
-    key: String,
-    customer: String,
-    case_id: String,
-    technician: String,
-    slot: (TimeMs, TimeMs),
-    reference: String,
     confirmed: bool,
 }
 
@@ -1414,34 +1405,13 @@ impl Twin for Scheduler {
             Body::CancelVisit { key, reason } => self
                 .customers_booking(&mail.from, &key)
                 .map(|()| self.cancel(&key, &reason, ctx)),
-            Body::PartnerBooked { .. }
-                if mail.from != Address::FieldService(self.tenant.clone()) =>
-            {
+            Body::PartnerBooked(_) if mail.from != Address::FieldService(self.tenant.clone()) => {
                 Err(format!(
                     "a partner's booking comes from its field service, not {:?}",
                     mail.from
                 ))
             }
-            Body::PartnerBooked {
-                key,
-                customer,
-                case_id,
-                technician,
-                slot,
-                reference,
-                confirmed,
-            } => {
-                let visit = PartnerVisit {
-                    key,
-                    customer,
-                    case_id,
-                    technician,
-                    slot,
-                    reference,
-                    confirmed,
-                };
-                self.partner_booked(ctx, env.get(&self.tenant), visit)
-            }
+            Body::PartnerBooked(visit) => self.partner_booked(ctx, env.get(&self.tenant), visit),
             other => Err(format!("the scheduler does not take {}", body_name(&other))),
         };
         out.unwrap_or_else(|why| refuse(Self::KIND, &self.tenant, &id, why))
@@ -2148,7 +2118,7 @@ mod tests {
                 "t1/field-service/k1/booked",
                 from.clone(),
                 desk.clone(),
-                Body::PartnerBooked {
+                Body::PartnerBooked(PartnerVisit {
                     key: "k1".into(),
                     customer: "t1:cust-1".into(),
                     case_id: "case-1".into(),
@@ -2156,7 +2126,7 @@ mod tests {
                     slot: (at(0, 8, 0), at(0, 9, 0)),
                     reference: "FS-7".into(),
                     confirmed: false,
-                },
+                }),
             )
         };
         let customer = Address::Customer("t1:cust-1".into());

@@ -39,7 +39,7 @@ use crate::config::{FieldServiceChoice, IntegrationsConfig, SupplierChoice};
 use crate::{Error, Result};
 use caretwin_actors::host::clock::Clock;
 use caretwin_actors::host::dispatch::{Delivery, Router};
-use caretwin_actors::mail::{Address, Body, Mail, tenant_of};
+use caretwin_actors::mail::{Address, Body, Mail, PartnerVisit, tenant_of};
 use caretwin_actors::services::scheduler::SchedulerConfig;
 use caretwin_actors::services::{MAX_KEY_LEN, Status, Tenants};
 use caretwin_actors::store::{IdempotencyMode, Key, Op, Store, WriteBatch};
@@ -383,7 +383,7 @@ impl Integrations {
                 id: format!("{tenant}/field-service/{key}/booked"),
                 from: Address::FieldService(tenant.clone()),
                 to: Address::Scheduler(tenant.clone()),
-                body: Body::PartnerBooked {
+                body: Body::PartnerBooked(PartnerVisit {
                     key: key.clone(),
                     customer: customer.clone(),
                     case_id: case_id.clone(),
@@ -391,7 +391,7 @@ impl Integrations {
                     slot,
                     reference: outcome.detail.clone(),
                     confirmed: *confirmed,
-                },
+                }),
             };
             match self.system()?.scheduler().call(&tenant, booked).await {
                 Ok(Status::Refused(why)) => {

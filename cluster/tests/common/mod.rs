@@ -26,6 +26,7 @@ use caretwin_cluster::pii::Vault;
 use caretwin_cluster::store::watch::Watched;
 use caretwin_cluster::store::{EmbeddedConfig, EmbeddedStore};
 use caretwin_cluster::sync::dev::{DevPki, generate};
+use std::path::Path;
 use std::sync::{Arc, Mutex};
 use tonic::Request;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig};
@@ -217,18 +218,7 @@ impl Builder {
         tokio::spawn(serve(listener, id, tokens, services, async move {
             let _ = stopped.await;
         }));
-        let ca = std::fs::read(certs.join("ca.pem")).unwrap();
-        let channel = Channel::from_shared(format!("https://{addr}"))
-            .unwrap()
-            .tls_config(
-                ClientTlsConfig::new()
-                    .ca_certificate(Certificate::from_pem(ca))
-                    .domain_name("localhost"),
-            )
-            .unwrap()
-            .connect()
-            .await
-            .unwrap();
+        let channel = connect(&certs, &addr.to_string()).await;
         TestNode {
             dir,
             system,
@@ -243,6 +233,23 @@ impl Builder {
             _stop: stop,
         }
     }
+}
+
+/// A TLS channel to the gRPC endpoint at `addr` whose certificate the dev CA in `certs`
+/// signed for `localhost`.
+pub async fn connect(certs: &Path, addr: &str) -> Channel {
+    let ca = std::fs::read(certs.join("ca.pem")).unwrap();
+    Channel::from_shared(format!("https://{addr}"))
+        .unwrap()
+        .tls_config(
+            ClientTlsConfig::new()
+                .ca_certificate(Certificate::from_pem(ca))
+                .domain_name("localhost"),
+        )
+        .unwrap()
+        .connect()
+        .await
+        .unwrap()
 }
 
 /// `msg` with `token` as its bearer.
