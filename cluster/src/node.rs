@@ -186,9 +186,7 @@ impl Node {
             signals.clone(),
             partners.clone(),
         ));
-        let field_service = partners
-            .books_visits()
-            .then(|| partners.clone() as Arc<dyn Router>);
+        let field_service = integrations.booking_router();
         let system = Arc::new(
             System::start_with_field_service(
                 Components {

@@ -26,6 +26,8 @@ use caretwin_proto::v1::parts_supplier_server::PartsSupplierServer;
 use std::sync::Arc;
 use std::time::Duration;
 
+mod common;
+
 /// Monday 2024-01-01 00:00 UTC.
 const MON: u64 = 1_704_067_200_000;
 const SHARDS: u32 = 4;
@@ -644,19 +646,11 @@ async fn without_a_field_service_the_desk_books() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_partner_is_reached_over_tls_with_its_ca_and_our_token() {
     use caretwin_cluster::config::RemoteService;
-    use caretwin_cluster::sync::dev::{DevPki, generate};
     use caretwin_proto::v1::PlaceOrderRequest;
     use tonic::transport::{Server, ServerTlsConfig};
 
     let dir = tempfile::tempdir().unwrap();
-    let certs = dir.path().join("certs");
-    generate(&DevPki {
-        out: certs.clone(),
-        cluster_name: "localhost".into(),
-        sites: vec![],
-        force: false,
-    })
-    .unwrap();
+    let certs = common::dev_pki(dir.path());
     let identity =
         caretwin_cluster::grpc::identity(&certs.join("cluster.pem"), &certs.join("cluster.key"))
             .unwrap();

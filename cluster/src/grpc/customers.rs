@@ -1334,4 +1334,37 @@ mod tests {
         let e = apply_preferences(&mut copy, &mut locale, &bad, &["nope".into()]).unwrap_err();
         assert!(e.message().contains("nope"));
     }
+
+    #[test]
+    fn standing_approvals_of_orders_and_visits_round_trip() {
+        let approval = |kind: v1::ApprovalKind, subject: &str| v1::StandingApproval {
+            kind: kind as i32,
+            subject: subject.into(),
+            ..Default::default()
+        };
+        let new = v1::Preferences {
+            standing_approvals: vec![
+                approval(v1::ApprovalKind::ConsumableOrder, "DESC-250"),
+                approval(v1::ApprovalKind::TechnicianVisit, "gas-safe"),
+            ],
+            ..Default::default()
+        };
+        let (mut prefs, mut locale) = (policy::Preferences::default(), String::new());
+        let mask = ["standing_approvals".into()];
+        apply_preferences(&mut prefs, &mut locale, &new, &mask).unwrap();
+        assert_eq!(prefs.standing_approvals, ["DESC-250"]);
+        assert_eq!(prefs.visit_approvals, ["gas-safe"]);
+        assert_eq!(
+            preferences(&prefs, "").standing_approvals,
+            new.standing_approvals
+        );
+        let remote = v1::Preferences {
+            standing_approvals: vec![approval(v1::ApprovalKind::RemoteRemedy, "reset")],
+            ..Default::default()
+        };
+        let before = prefs.clone();
+        let e = apply_preferences(&mut prefs, &mut locale, &remote, &mask).unwrap_err();
+        assert_eq!(e.code(), tonic::Code::InvalidArgument);
+        assert_eq!(prefs, before, "a refused change changes nothing");
+    }
 }

@@ -604,6 +604,16 @@ pub struct Started {
     pub servers: Vec<Loopback>,
 }
 
+impl Started {
+    /// The router to give the system as its field service
+    /// ([`System::start_with_field_service`]), when visits are booked with a partner.
+    pub fn booking_router(&self) -> Option<Arc<dyn Router>> {
+        self.router
+            .books_visits()
+            .then(|| self.router.clone() as Arc<dyn Router>)
+    }
+}
+
 /// Starts the built-in partners that `config` chooses and builds the router, with `rest`
 /// for the mail it does not handle. The field service's built-in books with `technicians`
 /// (the scheduler desk's settings).

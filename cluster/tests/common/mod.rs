@@ -26,7 +26,7 @@ use caretwin_cluster::pii::Vault;
 use caretwin_cluster::store::watch::Watched;
 use caretwin_cluster::store::{EmbeddedConfig, EmbeddedStore};
 use caretwin_cluster::sync::dev::{DevPki, generate};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use tonic::Request;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig};
@@ -119,14 +119,7 @@ impl Builder {
     /// Starts the node and connects to its gRPC endpoint.
     pub async fn start(self) -> TestNode {
         let dir = tempfile::tempdir().unwrap();
-        let certs = dir.path().join("certs");
-        generate(&DevPki {
-            out: certs.clone(),
-            cluster_name: "localhost".into(),
-            sites: vec![],
-            force: false,
-        })
-        .unwrap();
+        let certs = dev_pki(dir.path());
         let backend: Arc<dyn Store> =
             Arc::new(EmbeddedStore::open(&EmbeddedConfig::at(dir.path().join("data"))).unwrap());
         let watched = Watched::new(backend, WATCHED_LOGS);
@@ -162,10 +155,7 @@ impl Builder {
             Some(p) => p.router.clone(),
             None => recorder.clone(),
         };
-        let field_service = partners
-            .as_ref()
-            .filter(|p| p.router.books_visits())
-            .map(|p| p.router.clone() as Arc<dyn Router>);
+        let field_service = partners.as_ref().and_then(Started::booking_router);
         let catalogue = Arc::new(Catalogue::builtin());
         let system = Arc::new(
             System::start_with_field_service(
@@ -233,6 +223,19 @@ impl Builder {
             _stop: stop,
         }
     }
+}
+
+/// A dev PKI for a cluster named `localhost` in `dir/certs`; returns that folder.
+pub fn dev_pki(dir: &Path) -> PathBuf {
+    let certs = dir.join("certs");
+    generate(&DevPki {
+        out: certs.clone(),
+        cluster_name: "localhost".into(),
+        sites: vec![],
+        force: false,
+    })
+    .unwrap();
+    certs
 }
 
 /// A TLS channel to the gRPC endpoint at `addr` whose certificate the dev CA in `certs`
