@@ -177,9 +177,16 @@ impl Router for MailRouter {
                     ))),
                 }
             }
-            Address::Edge(_) | Address::Notifier(_) | Address::Supplier(_) => {
-                self.outside.deliver(mail).await
+            // A cancellation for the partner that booked the visit; with none configured
+            // (any more) it goes outside like other partner mail.
+            Address::FieldService(_) if self.field_service.is_some() => {
+                let field_service = self.field_service.as_ref().expect("checked above");
+                field_service.deliver(mail).await
             }
+            Address::Edge(_)
+            | Address::Notifier(_)
+            | Address::Supplier(_)
+            | Address::FieldService(_) => self.outside.deliver(mail).await,
         }
     }
 }

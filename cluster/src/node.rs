@@ -161,17 +161,7 @@ impl Node {
         // The twins write through the watched store, so the gRPC case streams wake as soon
         // as a case event or command transition is durable, and twin watches as soon as a
         // twin changed.
-        let watched = crate::store::watch::Watched::new(
-            backend,
-            &[
-                "cases/",
-                "commands/",
-                "device-index/",
-                "notifications/",
-                "edge/",
-            ],
-        );
-
+        let watched = crate::store::watch::Watched::new(backend, crate::grpc::WATCHED_LOGS);
         let log_signals = watched.signals();
         let snapshot_signals = watched.snapshot_signals();
         let mail = watched.mail_signal();
@@ -210,9 +200,7 @@ impl Node {
             signals.clone(),
             partners.clone(),
         ));
-        let field_service = partners
-            .books_visits()
-            .then(|| partners.clone() as Arc<dyn Router>);
+        let field_service = integrations.booking_router();
         let hosting = if config.cluster.enabled {
             caretwin_actors::system::Hosting::Placed
         } else {
@@ -291,60 +279,18 @@ impl Node {
         };
         tracing::info!(addr = %grpc_addr, tokens = tokens.len(), "gRPC listening");
         let sites = server.clone();
-        let directory = Arc::new(crate::grpc::twins::Directory::new(
-            store.clone(),
-            log_signals.clone(),
-            snapshot_signals,
-        ));
-        let cases = crate::grpc::cases::CaseApi(Arc::new(
-            crate::grpc::cases::Cases::new(system.clone(), store.clone(), log_signals.clone())
-                .with_shutdown(stop_rx.clone())
-                .with_vault(vault.clone()),
-        ));
-        let notifications = crate::grpc::notifications::NotificationApi(Arc::new(
-            crate::grpc::notifications::Notifications::new(
-                system.clone(),
-                store.clone(),
-                log_signals.clone(),
-            )
-            .with_vault(vault.clone())
-            .with_shutdown(stop_rx.clone()),
-        ));
-        let services = crate::grpc::Services {
-            notifications: notifications.clone(),
-            customers: crate::grpc::customers::CustomerApi::new(
-                system.clone(),
-                store.clone(),
-                vault.clone(),
-                cases.0.clone(),
-                catalogue.clone(),
-            )
-            .with_notifications(notifications.0.clone()),
-            cases,
-            twins: crate::grpc::twins::TwinApi::new(
-                system.clone(),
-                Arc::new(move || sites.live_sites()),
-            )
-            .with_directory(directory)
-            .with_shutdown(stop_rx.clone()),
-            catalogue: crate::grpc::catalogue::CatalogueApi::new(catalogue.clone()),
-            work: crate::grpc::work::WorkApi::new(
-                system.clone(),
-                catalogue.clone(),
-                Arc::new(config.services.scheduler.clone()),
-                clock.clone(),
-            ),
-            commands: crate::grpc::commands::CommandApi(Arc::new(
-                crate::grpc::commands::Commands::new(
-                    system.clone(),
-                    store.clone(),
-                    log_signals,
-                    catalogue.clone(),
-                    clock.clone(),
-                )
-                .with_shutdown(stop_rx.clone()),
-            )),
-        };
+        let services = crate::grpc::Services::new(crate::grpc::Parts {
+            system: system.clone(),
+            store: store.clone(),
+            logs: log_signals,
+            snapshots: snapshot_signals,
+            vault: vault.clone(),
+            clock: clock.clone(),
+            catalogue: catalogue.clone(),
+            scheduler: config.services.scheduler.clone(),
+            sites_online: Arc::new(move || sites.live_sites()),
+            closing: stop_rx.clone(),
+        });
         let identity = crate::grpc::identity(&config.sync.cert, &config.sync.key)?;
 
         let mut stop_server = stop_rx.clone();
