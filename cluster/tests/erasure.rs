@@ -523,13 +523,25 @@ async fn an_erased_customer_leaves_nothing_personal_in_any_read_or_any_byte() {
             },
         )
     };
-    // (The case's mail to the customer twin was delivered long before: the desk read the
-    // resolved case back through several calls since.)
-    let before = customers
-        .get_customer(with(&t.reader, get(CUSTOMER)))
-        .await
-        .unwrap()
-        .into_inner();
+    // The resolution reaches the customer twin as mail, after the desk's answer: wait for
+    // it (the case leaves the customer's open cases), so nothing else moves the customer's
+    // version while the bad updates below are tried.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    let before = loop {
+        let c = customers
+            .get_customer(with(&t.reader, get(CUSTOMER)))
+            .await
+            .unwrap()
+            .into_inner();
+        if !c.open_case_ids.contains(&case_id) {
+            break c;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the resolution never reached the customer"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
     for (tz, expected, code) in [
         ("Mars/Olympus", None, Code::InvalidArgument),
         (
