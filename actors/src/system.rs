@@ -194,7 +194,9 @@ impl Router for MailRouter {
 /// The deciding system on one node.
 pub struct System {
     regs: Arc<Registries>,
-    dispatcher: tokio::sync::Mutex<Dispatcher>,
+    dispatcher: Dispatcher,
+    /// One pump at a time (queues are added and removed without it).
+    pumping: tokio::sync::Mutex<()>,
     supplier: Option<Arc<LocalSupplier>>,
 }
 
@@ -312,7 +314,8 @@ impl System {
         });
         let system = Self {
             regs,
-            dispatcher: tokio::sync::Mutex::new(Dispatcher::new(store, router, Vec::new())),
+            dispatcher: Dispatcher::new(store, router, Vec::new()),
+            pumping: tokio::sync::Mutex::new(()),
             supplier,
         };
         if hosting == Hosting::Everything {
@@ -342,7 +345,7 @@ impl System {
         r.parts.host(shard, fence.clone()).await?;
         r.scheduler.host(shard, fence.clone()).await?;
         r.handoff.host(shard, fence).await?;
-        self.dispatcher.lock().await.add_queues(shard_queues(shard));
+        self.dispatcher.add_queues(shard_queues(shard));
         Ok(())
     }
 
@@ -351,8 +354,6 @@ impl System {
     /// lease can no longer be counted on). Returns when nothing of it runs here.
     pub async fn drop_shard(&self, shard: u32, drain: bool) {
         self.dispatcher
-            .lock()
-            .await
             .remove_queues(&shard_queues(shard).collect::<Vec<_>>());
         let r = &self.regs;
         r.devices.unhost(shard, drain).await;
@@ -430,7 +431,8 @@ impl System {
 
     /// Delivers the mail waiting in every outbox, once over.
     pub async fn pump(&self) -> Result<PumpReport> {
-        self.dispatcher.lock().await.pump().await
+        let _one = self.pumping.lock().await;
+        self.dispatcher.pump().await
     }
 
     /// Fires due timers and passivates idle twins everywhere.

@@ -219,7 +219,7 @@ async fn main() {
         }
     }
     println!(
-        "\nFailover after a node of 3 is killed (leases 1.5 s, rounds every 200 ms), {trials} trial(s), median: \
+        "\nFailover after a node of 3 is killed (leases 1 s, rounds every 100 ms), {trials} trial(s), median: \
          a call to one of its twins answered after {:.0} ms; every shard hosted again after {:.0} ms",
         median(answered),
         median(placed)

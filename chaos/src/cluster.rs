@@ -218,15 +218,15 @@ impl Cluster {
         }
     }
 
-    /// The configuration of node `id`: leases of 1.5 s renewed every 200 ms, endpoints
+    /// The configuration of node `id`: leases of 1 s renewed every 100 ms, endpoints
     /// on free loopback ports.
     pub fn config(&self, id: &str) -> ClusterConfig {
         let dir = self.dir.path();
         let certs = dir.join("certs");
         let mut c = ClusterConfig {
             node_id: id.into(),
-            lease_ttl: Duration::from_millis(1500),
-            renew_every: Duration::from_millis(200),
+            lease_ttl: Duration::from_millis(1000),
+            renew_every: Duration::from_millis(100),
             sync: SyncConfig {
                 listen: "127.0.0.1:0".parse().unwrap(),
                 ca: certs.join("ca.pem"),

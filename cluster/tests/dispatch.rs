@@ -60,7 +60,7 @@ async fn mail_is_delivered_in_order_after_failures_and_never_blocks() {
         Key::from("outbox/customer/0"),
         Key::from("outbox/customer/1"),
     ];
-    let mut d = Dispatcher::new(store.clone(), router.clone(), queues.clone());
+    let d = Dispatcher::new(store.clone(), router.clone(), queues.clone());
 
     enqueue(&*store, "outbox/customer/0", mail("m1", "t1", "t1")).await;
     enqueue(&*store, "outbox/customer/0", b"garbage".to_vec()).await;
@@ -89,6 +89,6 @@ async fn mail_is_delivered_in_order_after_failures_and_never_blocks() {
     }
 
     // A dispatcher started afresh (a restarted node) finds nothing to redeliver.
-    let mut again = Dispatcher::new(store.clone(), router.clone(), queues);
+    let again = Dispatcher::new(store.clone(), router.clone(), queues);
     assert_eq!(again.pump().await.unwrap().delivered, 0);
 }

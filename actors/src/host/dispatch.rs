@@ -51,7 +51,9 @@ pub struct Dispatcher {
     store: Arc<dyn Store>,
     router: Arc<dyn Router>,
     /// Per queue, the index to read from next (entries before it are gone).
-    cursors: HashMap<Key, u64>,
+    /// Each queue delivered from here and where its next delivery starts; its own lock,
+    /// so queues come and go (shards hosted and dropped) while a pump runs.
+    cursors: std::sync::Mutex<HashMap<Key, u64>>,
 }
 
 impl Dispatcher {
@@ -60,31 +62,41 @@ impl Dispatcher {
         Self {
             store,
             router,
-            cursors: queues.into_iter().map(|q| (q, 1)).collect(),
+            cursors: std::sync::Mutex::new(queues.into_iter().map(|q| (q, 1)).collect()),
         }
     }
 
     /// Delivers these queues' mail from now on (from their first entry still there).
-    pub fn add_queues(&mut self, queues: impl IntoIterator<Item = Key>) {
+    pub fn add_queues(&self, queues: impl IntoIterator<Item = Key>) {
+        let mut cursors = self.cursors.lock().expect("dispatcher cursors");
         for q in queues {
-            self.cursors.entry(q).or_insert(1);
+            cursors.entry(q).or_insert(1);
         }
     }
 
     /// Stops delivering these queues' mail.
-    pub fn remove_queues(&mut self, queues: &[Key]) {
+    pub fn remove_queues(&self, queues: &[Key]) {
+        let mut cursors = self.cursors.lock().expect("dispatcher cursors");
         for q in queues {
-            self.cursors.remove(q);
+            cursors.remove(q);
         }
     }
 
     /// Delivers what is waiting in every queue: the queues side by side, each in its own
     /// order. A queue's delivered entries are removed with one write per page, after
     /// their deliveries succeeded (a crash in between only means redelivery).
-    pub async fn pump(&mut self) -> Result<PumpReport> {
+    pub async fn pump(&self) -> Result<PumpReport> {
         let store = &*self.store;
         let router = &*self.router;
-        let runs = self.cursors.iter().map(|(queue, &from)| async move {
+        let queues: Vec<(Key, u64)> = self
+            .cursors
+            .lock()
+            .expect("dispatcher cursors")
+            .iter()
+            .map(|(q, &from)| (q.clone(), from))
+            .collect();
+        let runs = queues.iter().map(|(queue, from)| async move {
+            let from = *from;
             (queue.clone(), pump_queue(store, router, queue, from).await)
         });
         let mut report = PumpReport::default();
@@ -95,7 +107,15 @@ impl Dispatcher {
                     report.delivered += run.delivered;
                     report.dropped += run.dropped;
                     report.stalled += usize::from(run.stalled);
-                    self.cursors.insert(queue, run.next);
+                    // A queue dropped meanwhile (its shard moved) stays dropped.
+                    if let Some(c) = self
+                        .cursors
+                        .lock()
+                        .expect("dispatcher cursors")
+                        .get_mut(&queue)
+                    {
+                        *c = run.next;
+                    }
                 }
                 Err(e) => {
                     failed.get_or_insert(e);
