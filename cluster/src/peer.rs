@@ -42,6 +42,11 @@ pub type OnGrew = Arc<dyn Fn(&str) + Send + Sync>;
 /// Largest request or answer on the peer channel.
 const MAX_FRAME: usize = 8 * 1024 * 1024;
 
+/// How long a handshake with a peer may take. A peer that died answers nothing, and a
+/// caller waits for its shard to move: a short limit lets it look again (the view may
+/// have moved on) instead of waiting out QUIC's idle timeout.
+const CONNECT_TIMEOUT: Duration = Duration::from_millis(500);
+
 /// How long a forwarded call may take before the sender gives up on the peer.
 const CALL_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -284,7 +289,7 @@ impl Peers {
             .endpoint
             .connect_with(self.tls.client.clone(), addr, &self.tls.server_name)
             .map_err(|e| unreachable(&e))?;
-        let conn = tokio::time::timeout(Duration::from_secs(2), connecting)
+        let conn = tokio::time::timeout(CONNECT_TIMEOUT, connecting)
             .await
             .map_err(|_| unreachable(&"handshake timed out"))?
             .map_err(|e| unreachable(&e))?;
