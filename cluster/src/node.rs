@@ -251,7 +251,11 @@ impl Node {
         let cases = crate::grpc::cases::CaseApi(Arc::new(
             crate::grpc::cases::Cases::new(system.clone(), store.clone(), log_signals.clone())
                 .with_shutdown(stop_rx.clone())
-                .with_vault(vault.clone()),
+                .with_vault(vault.clone())
+                .with_clock(clock.clone())
+                .with_retention(crate::grpc::projection::Retention::keeping(
+                    config.grpc.case_retention,
+                )),
         ));
         let notifications = crate::grpc::notifications::NotificationApi(Arc::new(
             crate::grpc::notifications::Notifications::new(
@@ -260,6 +264,7 @@ impl Node {
                 log_signals.clone(),
             )
             .with_vault(vault.clone())
+            .with_clock(clock.clone())
             .with_shutdown(stop_rx.clone()),
         ));
         let services = crate::grpc::Services {
@@ -294,6 +299,9 @@ impl Node {
                     catalogue.clone(),
                     clock.clone(),
                 )
+                .with_retention(crate::grpc::projection::Retention::keeping(
+                    config.grpc.command_retention,
+                ))
                 .with_shutdown(stop_rx.clone()),
             )),
         };
@@ -690,6 +698,7 @@ mod tests {
             grpc: crate::config::GrpcConfig {
                 listen: "127.0.0.1:0".parse().unwrap(),
                 tokens: dir.path().join("no-tokens.toml"),
+                ..Default::default()
             },
             ..ClusterConfig::default()
         };

@@ -502,6 +502,7 @@ async fn a_command_sent_while_the_edge_is_offline_arrives_after_it_connects() {
             args: vec![],
             expires_at_ms: u64::MAX / 2,
             priority: Default::default(),
+            action: None,
         }),
     };
     let r = c
@@ -949,6 +950,7 @@ async fn queue_command(c: &Cluster, n: u32, expires_at_ms: u64) {
             args: vec![],
             expires_at_ms,
             priority: Default::default(),
+            action: None,
         }),
     };
     let r = c

@@ -1126,6 +1126,7 @@ fn issued(id: &str, name: &str) -> DeviceMsg {
             args: vec![],
             expires_at_ms: T0 + HOUR_MS,
             priority: Default::default(),
+            action: None,
         },
         key: "k-1".into(),
         issued_by: "crm".into(),
@@ -1189,6 +1190,7 @@ fn an_integrators_command_is_logged_queued_once_and_cancelled_before_the_edge_ha
     let cancel = || DeviceMsg::CancelCommand {
         command_id: "t1:cmd/k-1".into(),
         reason: "not needed".into(),
+        key: String::new(),
     };
     let mut c = ctx(T0 + 2, DEVICE);
     assert_eq!(d.handle(cancel(), &mut c, &env), DeviceReply::Ok);
@@ -1251,6 +1253,7 @@ fn every_transition_of_a_command_is_logged() {
     let cancel = DeviceMsg::CancelCommand {
         command_id: "t1:cmd/k-1".into(),
         reason: "late".into(),
+        key: String::new(),
     };
     assert!(matches!(
         d.handle(cancel, &mut c, &env),
@@ -1284,6 +1287,7 @@ fn cancel_k1() -> DeviceMsg {
     DeviceMsg::CancelCommand {
         command_id: "t1:cmd/k-1".into(),
         reason: "not needed".into(),
+        key: String::new(),
     }
 }
 

@@ -10,6 +10,8 @@
 //! - [`customers`] — `CustomerService`: profiles, preferences, consent, export, erasure.
 //! - [`notifications`] — `NotificationService`: the durable notification log, its stream
 //!   for channel gateways, delivery reports and customers' answers.
+//! - [`projection`] — the per-tenant fold of a log (cases, commands, notifications) and
+//!   its retention.
 //! - `stream` — what the log-backed streams share: waiting for more, durable cursors.
 //! - [`twins`] — `TwinService`: get, query (through the device index) and watch twins,
 //!   set desired state.
@@ -26,6 +28,7 @@ pub mod commands;
 pub mod convert;
 pub mod customers;
 pub mod notifications;
+pub mod projection;
 mod stream;
 pub mod twins;
 pub mod work;
