@@ -1746,3 +1746,100 @@ async fn configuration_and_firmware_commands_reach_a_real_edge_and_bad_ones_chan
     let _ = edge.stop.send(());
     let _ = edge.running.await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn finished_commands_past_their_retention_are_trimmed_and_a_rebuild_keeps_the_rest() {
+    use caretwin_cluster::grpc::commands::{CommandApi, Commands};
+    use caretwin_cluster::grpc::projection::Retention;
+    use caretwin_proto::v1::command_service_server::CommandService;
+    use v1::CommandState as S;
+    let c = cluster().await;
+    let api_over = |c: &Cluster| {
+        CommandApi(Arc::new(
+            Commands::new(
+                c.system.clone(),
+                c.store.clone(),
+                c.log_signals.clone(),
+                Arc::new(Catalogue::builtin()),
+                c.clock.clone(),
+            )
+            .with_retention(Retention::days(1)),
+        ))
+    };
+    let api = api_over(&c);
+    let t0 = 1_795_392_000_000;
+    let descale = || {
+        v1::command_payload::Kind::RemoteRemedy(v1::RemoteRemedy {
+            name: "descale".into(),
+            args: Default::default(),
+        })
+    };
+    // a: finished (cancelled while queued); b: live for 29 days; c: finished after b.
+    let a = send(&c, &api, "a", descale(), None).await.unwrap();
+    cancel(&c, &api, &a.command_id).await.unwrap();
+    let live_until = t0 as i64 + 29 * 24 * HOUR_MS as i64;
+    let b = send(&c, &api, "b", descale(), Some(live_until))
+        .await
+        .unwrap();
+    let cc = send(&c, &api, "c", descale(), None).await.unwrap();
+    cancel(&c, &api, &cc.command_id).await.unwrap();
+    assert_eq!(record(&api, &a.command_id).await.state, S::Cancelled as i32);
+
+    // Two days on: a is past the retention and before the live b, so it goes; c is past
+    // it too but after b (the log is trimmed as a prefix), so it stays for now.
+    c.clock.set(t0 + 2 * 24 * HOUR_MS);
+    let get = |api: &CommandApi, id: &str| {
+        let api = api.clone();
+        let id = id.to_owned();
+        async move {
+            api.get_command(call(v1::GetCommandRequest { command_id: id }))
+                .await
+                .map(tonic::Response::into_inner)
+        }
+    };
+    let gone = get(&api, &a.command_id).await.unwrap_err();
+    assert_eq!(gone.code(), tonic::Code::NotFound);
+    let log = c
+        .store
+        .read_log(&Key::new("commands/t1"), 1, 100)
+        .await
+        .unwrap();
+    assert_eq!(
+        log.first().map(|e| e.index),
+        Some(3),
+        "a's two entries trimmed from the store"
+    );
+    // A projection rebuilt from the trimmed log: b whole (what it is and where it
+    // stands), c whole, a unknown.
+    let rebuilt = api_over(&c);
+    let b_again = get(&rebuilt, &b.command_id).await.unwrap();
+    assert_eq!(b_again.state, S::Queued as i32);
+    assert_eq!(b_again.expires_at_ms, live_until);
+    assert!(matches!(
+        b_again.payload.and_then(|p| p.kind),
+        Some(v1::command_payload::Kind::RemoteRemedy(r)) if r.name == "descale"
+    ));
+    assert_eq!(
+        get(&rebuilt, &cc.command_id).await.unwrap().state,
+        S::Cancelled as i32
+    );
+    assert_eq!(
+        get(&rebuilt, &a.command_id).await.unwrap_err().code(),
+        tonic::Code::NotFound
+    );
+    // b ends; a day later everything has finished past the retention: all is trimmed.
+    cancel(&c, &rebuilt, &b.command_id).await.unwrap();
+    c.clock.set(t0 + 4 * 24 * HOUR_MS);
+    let listed = rebuilt
+        .list_commands(call(v1::ListCommandsRequest::default()))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(listed.commands.is_empty(), "{listed:?}");
+    let log = c
+        .store
+        .read_log(&Key::new("commands/t1"), 1, 100)
+        .await
+        .unwrap();
+    assert!(log.is_empty(), "{log:?}");
+}

@@ -1059,7 +1059,7 @@ impl DeviceTwin {
                     c.cancel_requested = false;
                     // Ended: its expiry timer has nothing left to do.
                     ctx.disarm(c.expires_at_ms, &expiry_tag(command_id));
-                    self.log_command(ctx, command_id, state, detail, None);
+                    self.log_command(ctx, command_id, state, detail, None, None);
                 }
                 self.tell_customer(
                     ctx,
@@ -1096,7 +1096,7 @@ impl DeviceTwin {
             }
             ctx.changed();
             let detail = "the device reports every value";
-            self.log_command(ctx, &id, "succeeded", detail, None);
+            self.log_command(ctx, &id, "succeeded", detail, None, None);
             self.tell_customer(
                 ctx,
                 Body::CommandOutcome {
@@ -1431,7 +1431,7 @@ impl DeviceTwin {
             CancelStep::EndNow => reason.clone(),
             _ => format!("cancel requested: {reason}"),
         };
-        self.log_event(ctx, command_id, &state, &detail, None, Some(key));
+        self.log_command(ctx, command_id, &state, &detail, None, Some(key));
         if step == CancelStep::EndNow {
             let body = Body::CommandOutcome {
                 device: self.id.clone(),
@@ -1452,20 +1452,9 @@ impl DeviceTwin {
         DeviceReply::Ok
     }
 
-    /// Appends a command's transition to the tenant's command log.
+    /// Appends a command's transition to the tenant's command log (`cancel`: the key of
+    /// the cancel that made it).
     fn log_command(
-        &self,
-        ctx: &mut Ctx,
-        command_id: &str,
-        state: &str,
-        detail: &str,
-        info: Option<CommandInfo>,
-    ) {
-        self.log_event(ctx, command_id, state, detail, info, None);
-    }
-
-    /// Appends an entry to the tenant's command log (`cancel`: made by a cancel).
-    fn log_event(
         &self,
         ctx: &mut Ctx,
         command_id: &str,
@@ -1502,7 +1491,7 @@ impl DeviceTwin {
             return DeviceReply::Rejected("device has no site".into());
         };
         let info = info(site.clone(), &cmd);
-        self.log_command(ctx, &cmd.command_id, "queued", "", Some(info));
+        self.log_command(ctx, &cmd.command_id, "queued", "", Some(info), None);
         let awaits = match &cmd.action {
             Some(CommandAction::Configure { fields }) => fields
                 .iter()
@@ -1623,7 +1612,7 @@ impl Twin for DeviceTwin {
                     // changes nothing.
                     Some(c) if command_rank(&state) > command_rank(&c.state) => {
                         c.state = state.clone();
-                        self.log_command(ctx, &command_id, &state, "", None);
+                        self.log_command(ctx, &command_id, &state, "", None, None);
                         ctx.changed();
                         DeviceReply::Ok
                     }
@@ -1671,6 +1660,7 @@ impl Twin for DeviceTwin {
             command_id,
             "expired",
             "expired before the site received it",
+            None,
             None,
         );
         let body = Body::CommandOutcome {

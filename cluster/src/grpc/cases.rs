@@ -83,8 +83,6 @@ pub struct Cases {
     system: Arc<System>,
     signals: Arc<LogSignals>,
     log: Projection<CaseBook>,
-    /// Serialises acknowledgements, so a cursor never moves back.
-    acks: Mutex<()>,
     /// Becomes true when the node shuts down: every subscription stream then ends, so the
     /// server's drain does not wait for clients that never hang up.
     closing: Option<tokio::sync::watch::Receiver<bool>>,
@@ -109,7 +107,6 @@ impl Cases {
             system,
             signals,
             log: Projection::new(store, cases_log, CASE_RETENTION),
-            acks: Mutex::new(()),
             closing: None,
             vault: None,
         }
@@ -585,7 +582,6 @@ impl CaseService for CaseApi {
         p.require(Scope::CasesHandle)?;
         let r = req.into_inner();
         check_name("subscriber_id", &r.subscriber_id, 64)?;
-        let _one_at_a_time = self.0.acks.lock().await;
         let acknowledged = self
             .0
             .log

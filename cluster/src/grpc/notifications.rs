@@ -790,7 +790,6 @@ impl NotificationService for NotificationApi {
         p.require(Scope::NotificationsGateway)?;
         let r = req.into_inner();
         check_name("subscriber_id", &r.subscriber_id, 64)?;
-        let _one_at_a_time = self.0.writes.lock().await;
         let acknowledged = self
             .0
             .log

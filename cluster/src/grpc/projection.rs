@@ -151,6 +151,8 @@ pub(crate) struct Projection<F> {
     retention: Retention,
     clock: Arc<dyn Clock>,
     books: std::sync::Mutex<HashMap<String, Arc<Mutex<Book<F>>>>>,
+    /// Serialises acknowledgements, so a cursor never moves back.
+    acks: Mutex<()>,
 }
 
 impl<F: Fold> Projection<F> {
@@ -162,6 +164,7 @@ impl<F: Fold> Projection<F> {
             retention,
             clock: Arc::new(SystemClock),
             books: Default::default(),
+            acks: Mutex::new(()),
         }
     }
 
@@ -286,9 +289,9 @@ impl<F: Fold> Projection<F> {
     }
 
     /// Moves the durable cursor `key` of a subscriber of the tenant's log to `cursor`
-    /// (never back, never beyond the newest entry); the cursor after the call. The caller
-    /// serialises acknowledgements of one subscriber.
+    /// (never back, never beyond the newest entry); the cursor after the call.
     pub async fn acknowledge(&self, tenant: &str, key: Key, cursor: u64) -> Result<u64, Status> {
+        let _one_at_a_time = self.acks.lock().await;
         let stored = super::stream::stored_cursor(&*self.store, &key).await?;
         let last = self.catch_up(tenant).await?.lock().await.last();
         if cursor > last {
