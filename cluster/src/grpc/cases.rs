@@ -862,3 +862,54 @@ impl CaseApi {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::grpc::projection::keep_from;
+    use caretwin_actors::model::{DAY_MS, Priority};
+
+    fn event(case_id: &str, event: CaseEventKind, at_ms: u64) -> CaseEvent {
+        CaseEvent {
+            case_id: case_id.into(),
+            event,
+            priority: Priority::Normal,
+            escalation_level: 0,
+            at_ms,
+            customer: "t1:alice".into(),
+            reason: None,
+            context: None,
+            agent: None,
+            truncated: false,
+            note: None,
+            resolution: None,
+            accept_by_ms: None,
+        }
+    }
+
+    #[test]
+    fn an_open_case_is_never_trimmed_and_holds_back_what_follows_it() {
+        let mut book = CaseBook::default();
+        // 1-2: case a, resolved long ago; 3: case b, open; 4-5: case c, resolved long ago.
+        book.apply(1, event("a", CaseEventKind::HandedOff, 0));
+        book.apply(2, event("a", CaseEventKind::Resolved, DAY_MS));
+        book.apply(3, event("b", CaseEventKind::HandedOff, DAY_MS));
+        book.apply(4, event("c", CaseEventKind::HandedOff, DAY_MS));
+        book.apply(5, event("c", CaseEventKind::Resolved, DAY_MS));
+        let now = 100 * DAY_MS;
+        let from = keep_from(&book.spans(), 6, now, CASE_RETENTION.keep_ms);
+        assert_eq!(from, 3, "a goes, the open b and everything after it stay");
+        book.forget_before(from);
+        assert!(!book.cases.contains_key("a"));
+        assert!(book.cases.contains_key("b") && book.cases.contains_key("c"));
+        assert_eq!(book.order.keys().copied().collect::<Vec<_>>(), [3, 4, 5]);
+        // b resolved: now everything may go.
+        book.apply(6, event("b", CaseEventKind::Resolved, 2 * DAY_MS));
+        assert_eq!(keep_from(&book.spans(), 7, now, CASE_RETENTION.keep_ms), 7);
+        // ... but not while it is younger than the retention.
+        assert_eq!(
+            keep_from(&book.spans(), 7, 50 * DAY_MS, CASE_RETENTION.keep_ms),
+            3
+        );
+    }
+}
