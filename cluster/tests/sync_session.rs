@@ -1684,7 +1684,7 @@ async fn configuration_and_firmware_commands_reach_a_real_edge_and_bad_ones_chan
         panic!("expected the desired state, got {down:?}")
     };
     assert_eq!(device, DEVICE);
-    let mut fields: Vec<_> = fields.into_iter().map(|(f, v, n)| (f, v, n)).collect();
+    let mut fields = fields;
     fields.sort();
     assert_eq!(
         fields,

@@ -51,6 +51,10 @@ const MAX_TTL_MS: u64 = 30 * DAY_MS;
 /// How long a finished command stays in the command log by default.
 pub const COMMAND_RETENTION: Retention = Retention::days(30);
 
+/// A command's payload as the device twin takes it: its name, a remedy's arguments, and
+/// what it does when it is not a remedy.
+type Payload = (String, Vec<(String, String)>, Option<CommandAction>);
+
 /// One command as the log tells it.
 #[derive(Debug, Default)]
 struct Tracked {
@@ -231,11 +235,7 @@ impl Commands {
 
     /// A request's payload as the device twin takes it: (name, arguments, action), every
     /// field checked (INVALID_ARGUMENT otherwise).
-    fn payload(
-        &self,
-        model: &str,
-        payload: Option<v1::CommandPayload>,
-    ) -> Result<(String, Vec<(String, String)>, Option<CommandAction>), Status> {
+    fn payload(&self, model: &str, payload: Option<v1::CommandPayload>) -> Result<Payload, Status> {
         use v1::command_payload::Kind;
         let action = match payload.and_then(|p| p.kind) {
             None => return Err(Status::invalid_argument("payload must be set")),
