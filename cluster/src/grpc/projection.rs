@@ -12,7 +12,7 @@
 //! every kept item has its first entry (what it is) and its latest (where it stands). A
 //! durable subscriber's cursor never holds the trim back: nothing younger than the
 //! retention is trimmed, and the contracts let a cursor older than the retention fail
-//! (OUT_OF_RANGE, see [`Book::check_resume`]). The trimming is lazy: at most once per
+//! (OUT_OF_RANGE, see `Book::check_resume`). The trimming is lazy: at most once per
 //! [`Retention::every_ms`] per tenant, when a read catches the projection up.
 
 use caretwin_actors::host::clock::{Clock, SystemClock};
