@@ -375,8 +375,30 @@ async fn a_question_reaches_the_gateway_and_the_answer_moves_the_case_on() {
         .await
         .unwrap_err();
     assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
+    // A report from far in the future (it would also hold the entry past its retention).
+    let e = n
+        .client
+        .report_delivery(with(
+            &gateway,
+            v1::ReportDeliveryRequest {
+                at_ms: (NOW + 24 * HOUR_MS) as i64,
+                ..report(v1::NotificationState::Read)
+            },
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
     // Bad answers change nothing.
     for bad in [
+        v1::RecordResponseRequest {
+            response: Some(v1::CustomerResponse {
+                responded_at_ms: (NOW + 24 * HOUR_MS) as i64,
+                ..answer(&note.notification_id, CLOSED_IT, "k1")
+                    .response
+                    .unwrap()
+            }),
+            ..answer(&note.notification_id, CLOSED_IT, "k1")
+        },
         answer(&note.notification_id, "Maybe", "k1"),
         answer(&note.notification_id, CLOSED_IT, ""),
         v1::RecordResponseRequest {

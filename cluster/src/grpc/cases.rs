@@ -197,7 +197,8 @@ impl Cases {
         self
     }
 
-    /// Ages resolved cases on `clock` (the node's) for their retention.
+    /// Ages resolved cases on `clock` (the node's) for their retention (without a clock
+    /// none is trimmed).
     pub fn with_clock(mut self, clock: Arc<dyn Clock>) -> Self {
         self.log.set_clock(clock);
         self
@@ -506,69 +507,59 @@ impl CaseService for CaseApi {
         let kinds: Vec<i32> = r.kinds.clone();
         let log = cases_log(&p.tenant);
         // Subscribe before the first read, so an append in between wakes the loop.
-        let mut grew = cases.signals.subscribe(&log);
-        let (tx, rx) = tokio::sync::mpsc::channel(STREAM_BUFFER);
-        let mut closing = cases.closing.clone();
+        let grew = cases.signals.subscribe(&log);
         tracing::info!(tenant = %p.tenant, subscriber = %r.subscriber_id, after, "case subscription");
-        tokio::spawn(async move {
-            let mut cursor = after;
-            loop {
-                grew.borrow_and_update();
-                let book = match cases.catch_up(&p.tenant).await {
-                    Ok(b) => b,
-                    Err(e) => {
-                        let _ = tx.send(Err(e)).await;
-                        return;
-                    }
-                };
-                let pending: Vec<(u64, String)> = {
-                    let b = book.lock().await;
-                    b.state
-                        .order
-                        .range(cursor + 1..)
-                        .map(|(i, c)| (*i, c.clone()))
-                        .collect()
-                };
-                for (index, case_id) in pending {
-                    cursor = index;
-                    let (kind, at, prio) = {
-                        let b = book.lock().await;
-                        let Some((_, ev)) = b
-                            .state
-                            .cases
-                            .get(&case_id)
-                            .and_then(|evs| evs.iter().find(|(i, _)| *i == index))
-                        else {
-                            continue;
-                        };
-                        (
+        let tenant = p.tenant.clone();
+        let (lister, shower) = (cases.clone(), cases.clone());
+        let pending = move |cursor: u64| {
+            let (cases, tenant) = (lister.clone(), tenant.clone());
+            async move {
+                let book = cases.catch_up(&tenant).await?;
+                let b = &book.lock().await.state;
+                // Each event after the cursor, with what the subscription filters on.
+                Ok(b.order
+                    .range(cursor + 1..)
+                    .filter_map(|(index, case_id)| {
+                        let (_, ev) = b.cases.get(case_id)?.iter().find(|(i, _)| i == index)?;
+                        let what = (
+                            case_id.clone(),
                             event_kind(ev.event),
                             ev.at_ms,
                             convert::priority(ev.priority),
-                        )
-                    };
-                    if (!priorities.is_empty() && !priorities.contains(&(prio as i32)))
-                        || (!kinds.is_empty() && !kinds.contains(&(kind as i32)))
-                    {
-                        continue;
-                    }
-                    let case = cases.case_as_of(&p.tenant, &case_id, index).await;
-                    let delivery = v1::CaseDelivery {
-                        cursor: index,
-                        case_id,
-                        event: kind as i32,
-                        event_at_ms: at as i64,
-                        case,
-                    };
-                    if tx.send(Ok(delivery)).await.is_err() {
-                        return; // the client went away
-                    }
-                }
-                if !super::stream::more(&mut grew, &tx, &mut closing).await {
-                    return;
-                }
+                        );
+                        Some((*index, what))
+                    })
+                    .collect())
             }
-        });
+        };
+        let tenant = p.tenant.clone();
+        let deliver = move |index: u64, (case_id, kind, at, prio): (String, _, u64, _)| {
+            let (cases, tenant) = (shower.clone(), tenant.clone());
+            let (priorities, kinds) = (priorities.clone(), kinds.clone());
+            async move {
+                if (!priorities.is_empty() && !priorities.contains(&(prio as i32)))
+                    || (!kinds.is_empty() && !kinds.contains(&(kind as i32)))
+                {
+                    return Ok(None);
+                }
+                let case = cases.case_as_of(&tenant, &case_id, index).await;
+                Ok(Some(v1::CaseDelivery {
+                    cursor: index,
+                    case_id,
+                    event: kind as i32,
+                    event_at_ms: at as i64,
+                    case,
+                }))
+            }
+        };
+        let rx = super::stream::follow(
+            grew,
+            cases.closing.clone(),
+            after,
+            STREAM_BUFFER,
+            pending,
+            deliver,
+        );
         Ok(Response::new(Box::pin(
             tokio_stream::wrappers::ReceiverStream::new(rx),
         )))

@@ -44,6 +44,8 @@ use tonic::{Request, Response, Status};
 const STREAM_BUFFER: usize = 256;
 /// Notifications are read for 7 days (the contract's retention), then trimmed.
 pub const NOTIFICATION_RETENTION: Retention = Retention::days(7);
+/// How far ahead of the node's clock a gateway's timestamp may be.
+const MAX_SKEW_MS: u64 = 5 * 60 * 1000;
 /// Longest free-text answer or delivery detail, in characters.
 pub const MAX_TEXT_CHARS: usize = 2_000;
 
@@ -451,7 +453,8 @@ impl Notifications {
         self
     }
 
-    /// Ages notifications on `clock` (the node's): their expiry and their retention.
+    /// Ages notifications on `clock` (the node's): their expiry and their retention
+    /// (without a clock neither is judged).
     pub fn with_clock(mut self, clock: Arc<dyn Clock>) -> Self {
         self.log.set_clock(clock);
         self
@@ -472,7 +475,10 @@ impl Notifications {
 
     /// Whether `item`'s expiry has passed.
     fn expired(&self, item: &Item) -> bool {
-        matches!(&item.created, NotificationEvent::Created { expires_at_ms: Some(t), .. } if self.log.now_ms() >= *t)
+        let Some(now) = self.log.aging_now() else {
+            return false; // no clock to judge it by
+        };
+        matches!(&item.created, NotificationEvent::Created { expires_at_ms: Some(t), .. } if now >= *t)
     }
 
     async fn item(&self, tenant: &str, id: &str) -> Result<Option<Item>, Status> {
@@ -664,6 +670,17 @@ fn channel_of(name: &str) -> v1::Channel {
     }
 }
 
+/// A caller's timestamp: not negative, and not ahead of `now` by more than a clock's skew
+/// (a time in the future would also hold the entry past its retention).
+fn check_time(what: &str, at_ms: i64, now: u64) -> Result<(), Status> {
+    if at_ms < 0 || at_ms as u64 > now + MAX_SKEW_MS {
+        return Err(Status::invalid_argument(format!(
+            "{what} {at_ms} must be between 0 and now plus {MAX_SKEW_MS} ms"
+        )));
+    }
+    Ok(())
+}
+
 fn check_name(what: &str, s: &str, max: usize) -> Result<(), Status> {
     if s.is_empty() || s.len() > max || s.chars().any(|c| c.is_control()) {
         return Err(Status::invalid_argument(format!(
@@ -725,58 +742,47 @@ impl NotificationService for NotificationApi {
         let channels = r.channels.clone();
         let log = notifications_log(&p.tenant);
         // Subscribe before the first read, so an append in between wakes the loop.
-        let mut grew = n.signals.subscribe(&log);
-        let (tx, rx) = tokio::sync::mpsc::channel(STREAM_BUFFER);
-        let mut closing = n.closing.clone();
+        let grew = n.signals.subscribe(&log);
         tracing::info!(tenant = %p.tenant, subscriber = %r.subscriber_id, after, "notification subscription");
-        tokio::spawn(async move {
-            let mut cursor = after;
-            loop {
-                grew.borrow_and_update();
-                let book = match n.catch_up(&p.tenant).await {
-                    Ok(b) => b,
-                    Err(e) => {
-                        let _ = tx.send(Err(e)).await;
-                        return;
-                    }
-                };
-                let pending: Vec<Item> = {
-                    let b = &book.lock().await.state;
-                    b.order
-                        .range(cursor + 1..)
-                        .filter_map(|(_, id)| b.items.get(id).cloned())
-                        .collect()
-                };
-                for item in pending {
-                    cursor = item.cursor;
-                    // Past its expiry and never taken: not delivered any more.
-                    if n.state(&item) == v1::NotificationState::Expired as i32 {
-                        continue;
-                    }
-                    let shown = match n.show(&item).await {
-                        Ok(s) => s,
-                        Err(e) => {
-                            let _ = tx.send(Err(e)).await;
-                            return;
-                        }
-                    };
-                    let channel = shown.recipient.as_ref().map_or(0, |c| c.channel);
-                    if !channels.is_empty() && !channels.contains(&channel) {
-                        continue;
-                    }
-                    let delivery = v1::NotificationDelivery {
-                        cursor: item.cursor,
-                        notification: Some(shown),
-                    };
-                    if tx.send(Ok(delivery)).await.is_err() {
-                        return; // the client went away
-                    }
-                }
-                if !super::stream::more(&mut grew, &tx, &mut closing).await {
-                    return;
-                }
+        let tenant = p.tenant.clone();
+        let (lister, shower) = (n.clone(), n.clone());
+        let pending = move |cursor: u64| {
+            let (n, tenant) = (lister.clone(), tenant.clone());
+            async move {
+                let book = n.catch_up(&tenant).await?;
+                let b = &book.lock().await.state;
+                Ok(b.order
+                    .range(cursor + 1..)
+                    .filter_map(|(i, id)| Some((*i, b.items.get(id)?.clone())))
+                    .collect())
             }
-        });
+        };
+        let deliver = move |cursor: u64, item: Item| {
+            let (n, channels) = (shower.clone(), channels.clone());
+            async move {
+                // Past its expiry and never taken: not delivered any more.
+                if n.state(&item) == v1::NotificationState::Expired as i32 {
+                    return Ok(None);
+                }
+                let shown = n.show(&item).await?;
+                let channel = shown.recipient.as_ref().map_or(0, |c| c.channel);
+                if !channels.is_empty() && !channels.contains(&channel) {
+                    return Ok(None);
+                }
+                Ok(Some(v1::NotificationDelivery {
+                    cursor,
+                    notification: Some(shown),
+                }))
+            }
+        };
+        let rx = super::stream::follow(
+            grew,
+            n.closing.clone(),
+            after,
+            STREAM_BUFFER,
+            pending,
+            deliver,
+        );
         Ok(Response::new(Box::pin(
             tokio_stream::wrappers::ReceiverStream::new(rx),
         )))
@@ -826,9 +832,7 @@ impl NotificationService for NotificationApi {
                 "detail is over {MAX_TEXT_CHARS} characters"
             )));
         }
-        if r.at_ms < 0 {
-            return Err(Status::invalid_argument("at_ms must not be negative"));
-        }
+        check_time("at_ms", r.at_ms, self.0.log.now_ms())?;
         if r.idempotency_key.len() > 128 {
             return Err(Status::invalid_argument(
                 "idempotency_key is over 128 bytes",
@@ -873,6 +877,11 @@ impl NotificationService for NotificationApi {
         let response = r
             .response
             .ok_or_else(|| Status::invalid_argument("response is required"))?;
+        check_time(
+            "responded_at_ms",
+            response.responded_at_ms,
+            self.0.log.now_ms(),
+        )?;
         if response.free_text.chars().count() > MAX_TEXT_CHARS {
             return Err(Status::invalid_argument(format!(
                 "free_text is over {MAX_TEXT_CHARS} characters"

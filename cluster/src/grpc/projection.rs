@@ -13,9 +13,10 @@
 //! durable subscriber's cursor never holds the trim back: nothing younger than the
 //! retention is trimmed, and the contracts let a cursor older than the retention fail
 //! (OUT_OF_RANGE, see `Book::check_resume`). The trimming is lazy: at most once per
-//! [`Retention::every_ms`] per tenant, when a read catches the projection up.
+//! [`Retention::every_ms`] per tenant, when a read catches the projection up, on the
+//! clock the service was given (without one nothing is trimmed).
 
-use caretwin_actors::host::clock::{Clock, SystemClock};
+use caretwin_actors::host::clock::Clock;
 use caretwin_actors::model::{DAY_MS, HOUR_MS};
 use caretwin_actors::store::{IdempotencyMode, Key, Op, Store, WriteBatch};
 use serde::de::DeserializeOwned;
@@ -149,7 +150,8 @@ pub(crate) struct Projection<F> {
     store: Arc<dyn Store>,
     log: fn(&str) -> Key,
     retention: Retention,
-    clock: Arc<dyn Clock>,
+    /// What items are aged on; `None`: nothing ages (no trimming, no expiry).
+    clock: Option<Arc<dyn Clock>>,
     books: std::sync::Mutex<HashMap<String, Arc<Mutex<Book<F>>>>>,
     /// Serialises acknowledgements, so a cursor never moves back.
     acks: Mutex<()>,
@@ -162,15 +164,17 @@ impl<F: Fold> Projection<F> {
             store,
             log,
             retention,
-            clock: Arc::new(SystemClock),
+            clock: None,
             books: Default::default(),
             acks: Mutex::new(()),
         }
     }
 
-    /// Ages items on `clock` (the node's; a manual one in tests).
+    /// Ages items on `clock` (the node's; a manual one in tests). Without one nothing
+    /// ages: the log is never trimmed (a service built without the node's clock must
+    /// not judge the twins' timestamps by another).
     pub fn set_clock(&mut self, clock: Arc<dyn Clock>) {
-        self.clock = clock;
+        self.clock = Some(clock);
     }
 
     /// Keeps finished items for `retention`.
@@ -178,9 +182,14 @@ impl<F: Fold> Projection<F> {
         self.retention = retention;
     }
 
-    /// The clock items are aged on.
+    /// The time on the clock items are aged on, `None` without one.
+    pub fn aging_now(&self) -> Option<u64> {
+        self.clock.as_ref().map(|c| c.now_ms())
+    }
+
+    /// The time to stamp entries with: the clock items are aged on, else the wall clock.
     pub fn now_ms(&self) -> u64 {
-        self.clock.now_ms()
+        self.aging_now().unwrap_or_else(crate::node::now_ms)
     }
 
     /// The tenant's log key.
@@ -244,8 +253,9 @@ impl<F: Fold> Projection<F> {
                 }
                 b.next = last + 1;
             }
-            let now = self.clock.now_ms();
-            if now.saturating_sub(b.trimmed_at_ms) >= self.retention.every_ms {
+            if let Some(now) = self.aging_now()
+                && now.saturating_sub(b.trimmed_at_ms) >= self.retention.every_ms
+            {
                 self.trim(&mut b, &log, now).await?;
             }
         }
