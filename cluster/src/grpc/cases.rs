@@ -487,22 +487,14 @@ impl CaseService for CaseApi {
         let r = req.into_inner();
         check_name("subscriber_id", &r.subscriber_id, 64)?;
         let cases = self.0.clone();
-        let after = match r.after_cursor {
-            Some(c) => c,
-            None => {
-                super::stream::stored_cursor(
-                    &**cases.log.store(),
-                    &subscriber_key(&p.tenant, &r.subscriber_id),
-                )
-                .await?
-            }
-        };
-        cases
-            .catch_up(&p.tenant)
-            .await?
-            .lock()
-            .await
-            .check_resume(after)?;
+        let after = cases
+            .log
+            .resume_after(
+                &p.tenant,
+                r.after_cursor,
+                &subscriber_key(&p.tenant, &r.subscriber_id),
+            )
+            .await?;
         let priorities: Vec<i32> = r.priorities.clone();
         let kinds: Vec<i32> = r.kinds.clone();
         let log = cases_log(&p.tenant);

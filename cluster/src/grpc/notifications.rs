@@ -724,21 +724,14 @@ impl NotificationService for NotificationApi {
             }
         }
         let n = self.0.clone();
-        let after = match r.after_cursor {
-            Some(c) => c,
-            None => {
-                super::stream::stored_cursor(
-                    &**n.log.store(),
-                    &subscriber_key(&p.tenant, &r.subscriber_id),
-                )
-                .await?
-            }
-        };
-        n.catch_up(&p.tenant)
-            .await?
-            .lock()
-            .await
-            .check_resume(after)?;
+        let after = n
+            .log
+            .resume_after(
+                &p.tenant,
+                r.after_cursor,
+                &subscriber_key(&p.tenant, &r.subscriber_id),
+            )
+            .await?;
         let channels = r.channels.clone();
         let log = notifications_log(&p.tenant);
         // Subscribe before the first read, so an append in between wakes the loop.

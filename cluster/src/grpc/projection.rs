@@ -197,11 +197,6 @@ impl<F: Fold> Projection<F> {
         (self.log)(tenant)
     }
 
-    /// The store the logs are in.
-    pub fn store(&self) -> &Arc<dyn Store> {
-        &self.store
-    }
-
     /// The tenant's book as folded so far, without reading the log.
     pub fn book(&self, tenant: &str) -> Arc<Mutex<Book<F>>> {
         self.books
@@ -280,6 +275,26 @@ impl<F: Fold> Projection<F> {
         tracing::info!(log = ?log, before = from, "log trimmed on its retention");
         b.first = from;
         Ok(())
+    }
+
+    /// Where a subscription of the tenant's log starts: after `after`, or else after the
+    /// subscriber's durable cursor `key`; OUT_OF_RANGE when entries after it were trimmed.
+    pub async fn resume_after(
+        &self,
+        tenant: &str,
+        after: Option<u64>,
+        key: &Key,
+    ) -> Result<u64, Status> {
+        let after = match after {
+            Some(c) => c,
+            None => super::stream::stored_cursor(&*self.store, key).await?,
+        };
+        self.catch_up(tenant)
+            .await?
+            .lock()
+            .await
+            .check_resume(after)?;
+        Ok(after)
     }
 
     /// Appends `event` to the tenant's log; its index.
