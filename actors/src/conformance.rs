@@ -829,11 +829,13 @@ pub async fn bad_input_is_refused(mut h: impl Harness) {
 }
 
 /// Expands to one `#[tokio::test]` per conformance case, each opening its own store with
-/// the given harness expression (evaluated once per test).
+/// the given harness expression (evaluated once per test). Attributes after the harness
+/// go on every test, e.g. `#[ignore = "needs a cluster"]` for a backend that needs a
+/// service the machine may not have.
 #[macro_export]
 macro_rules! store_conformance {
-    ($harness:expr) => {
-        $crate::store_conformance!(@cases $harness;
+    ($harness:expr $(, $(#[$attr:meta])*)?) => {
+        $crate::store_conformance!(@cases [$($(#[$attr])*)?] $harness;
             snapshot_compare_and_set,
             racing_writers_exactly_one_wins,
             stale_fence_is_refused,
@@ -850,12 +852,13 @@ macro_rules! store_conformance {
             bad_input_is_refused,
         );
     };
-    (@cases $harness:expr; $($case:ident),* $(,)?) => {
-        $(
-            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn $case() {
-                $crate::conformance::$case($harness).await;
-            }
-        )*
+    (@cases $attrs:tt $harness:expr;) => {};
+    (@cases [$(#[$attr:meta])*] $harness:expr; $case:ident, $($rest:ident,)*) => {
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        $(#[$attr])*
+        async fn $case() {
+            $crate::conformance::$case($harness).await;
+        }
+        $crate::store_conformance!(@cases [$(#[$attr])*] $harness; $($rest,)*);
     };
 }

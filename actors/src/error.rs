@@ -108,6 +108,17 @@ pub enum Error {
         /// Why.
         reason: String,
     },
+    /// No node hosts the twin's shard right now (it is moving, or its node failed and
+    /// its lease has not run out yet); the caller may try again.
+    #[error("shard {shard} of {kind} is not hosted here or anywhere reachable: {reason}")]
+    NotHosted {
+        /// The kind of twin.
+        kind: String,
+        /// The shard.
+        shard: u32,
+        /// Why.
+        reason: String,
+    },
     /// A configuration text could not be parsed or has a wrong value.
     #[error("invalid configuration: {0}")]
     Config(String),

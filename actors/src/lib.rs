@@ -14,6 +14,8 @@
 //! - [`host`] — hosting twins: many per ractor shard actor, activation, passivation,
 //!   write-through snapshots, durable timers.
 //! - [`mail`] — messages between twins and to the outside, carried by durable outboxes.
+//! - [`placement`] — which live member hosts which shard (rendezvous hashing), who is
+//!   alive (member leases), and each member's round of shard leases.
 //! - [`policy`] — customer preferences, consent, value tiers, and the notification rule.
 //! - [`twins`] — the device and customer twins.
 //! - [`services`] — the tenant's desks: parts, repair scheduling, handoff to humans.
@@ -32,6 +34,7 @@ pub mod error;
 pub mod host;
 pub mod mail;
 pub mod model;
+pub mod placement;
 pub mod policy;
 pub mod reasoning;
 mod rng;

@@ -32,6 +32,8 @@ pub enum Address {
     Notifier(String),
     /// Outside: the tenant's parts supplier.
     Supplier(String),
+    /// Outside: the tenant's field-service partner (cancelling the visits it booked).
+    FieldService(String),
 }
 
 impl Address {
@@ -45,7 +47,8 @@ impl Address {
             | Address::Handoff(id)
             | Address::Edge(id)
             | Address::Notifier(id)
-            | Address::Supplier(id) => id,
+            | Address::Supplier(id)
+            | Address::FieldService(id) => id,
         };
         id.split_once(':').map_or(id.as_str(), |(t, _)| t)
     }
@@ -300,6 +303,25 @@ pub struct SlotRequest {
     pub confirmed: bool,
 }
 
+/// A visit the field-service partner booked, for the scheduler's books.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PartnerVisit {
+    /// The booking's idempotency key.
+    pub key: String,
+    /// The customer.
+    pub customer: String,
+    /// The case.
+    pub case_id: String,
+    /// The partner's technician.
+    pub technician: String,
+    /// The visit, `[start, end)` Unix ms.
+    pub slot: (TimeMs, TimeMs),
+    /// The partner's work order reference.
+    pub reference: String,
+    /// Booked confirmed (the customer's standing approval).
+    pub confirmed: bool,
+}
+
 /// What mail says.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case", tag = "type")]
@@ -383,6 +405,9 @@ pub enum Body {
         customer: String,
         /// The case it belongs to.
         case_id: String,
+        /// The device it is for (absent in older mail: unknown).
+        #[serde(default)]
+        device: String,
     },
     /// What became of an order.
     PartOrderUpdate {
@@ -427,6 +452,10 @@ pub enum Body {
         windows: Vec<(TimeMs, TimeMs)>,
         /// How long the visit takes.
         duration_ms: u64,
+        /// Book it confirmed (the customer's standing approval of visits); otherwise it is
+        /// held as proposed until the customer confirms (absent in older mail: held).
+        #[serde(default)]
+        confirmed: bool,
     },
     /// What became of a booking.
     Booking {
@@ -439,6 +468,23 @@ pub enum Body {
         /// Work order id or failure reason.
         detail: String,
     },
+    /// The customer confirmed the visit booked under `key`.
+    ConfirmVisit {
+        /// The booking's idempotency key.
+        key: String,
+    },
+    /// Cancel the visit booked under `key`: from the customer twin to the scheduler (the
+    /// customer declined it), and from the scheduler to the field-service partner that
+    /// booked it (its slot there is freed).
+    CancelVisit {
+        /// The booking's idempotency key.
+        key: String,
+        /// Why, for people.
+        reason: String,
+    },
+    /// The field-service partner booked a visit: the scheduler keeps it with the tenant's
+    /// appointments (the partner's calendar holds the slot).
+    PartnerBooked(PartnerVisit),
 
     // ---- integrators (gRPC WorkService) → parts desk and scheduler
     /// Order a part or consumable for an integrator, once per key.
@@ -520,6 +566,10 @@ pub enum Body {
         part_number: String,
         /// How many.
         quantity: u32,
+        /// The device it is for, if known: the supplier delivers to its site (absent in
+        /// older mail: the tenant's default depot).
+        #[serde(default, skip_serializing_if = "String::is_empty")]
+        device: String,
     },
 }
 
@@ -539,6 +589,7 @@ mod tests {
                 quantity: 1,
                 customer: "t1:cust-1".into(),
                 case_id: "case-1".into(),
+                device: "t1:dev-1".into(),
             },
         };
         assert_eq!(Mail::decode(&m.encode()).unwrap(), m);

@@ -73,6 +73,11 @@ pub struct Preferences {
     /// Consumables the customer approved ordering without asking (part numbers), the
     /// standing approval of story 1.
     pub standing_approvals: Vec<String>,
+    /// Technician visits the customer approved booking without asking: skills (`gas-safe`),
+    /// or `*` for any. Such a visit is booked confirmed; any other is held as proposed
+    /// until the customer confirms it.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub visit_approvals: Vec<String>,
 }
 
 impl Default for Preferences {
@@ -87,6 +92,7 @@ impl Default for Preferences {
             budget_per_week: 3,
             availability: Vec::new(),
             standing_approvals: Vec::new(),
+            visit_approvals: Vec::new(),
         }
     }
 }

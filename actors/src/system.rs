@@ -12,12 +12,13 @@ use crate::host::Twin;
 use crate::host::clock::Clock;
 use crate::host::dispatch::{Delivery, Dispatcher, PumpReport, Router};
 use crate::host::registry::{HostConfig, Registry};
+use crate::host::remote::{Elsewhere, Monitor};
 use crate::mail::{Address, Body, Mail};
 use crate::services::handoff::{HandoffConfig, HandoffQueue};
 use crate::services::parts::{PartsConfig, PartsDesk};
 use crate::services::scheduler::{Scheduler, SchedulerConfig};
 use crate::services::{Status, Tenants};
-use crate::store::{Key, Store};
+use crate::store::{Fence, Key, Store};
 use crate::twins::customer::{CustomerEnv, CustomerMsg, CustomerReply, CustomerTwin};
 use crate::twins::device::{DeviceEnv, DeviceMsg, DeviceReply, DeviceTwin};
 use crate::{Error, Result};
@@ -176,9 +177,16 @@ impl Router for MailRouter {
                     ))),
                 }
             }
-            Address::Edge(_) | Address::Notifier(_) | Address::Supplier(_) => {
-                self.outside.deliver(mail).await
+            // A cancellation for the partner that booked the visit; with none configured
+            // (any more) it goes outside like other partner mail.
+            Address::FieldService(_) if self.field_service.is_some() => {
+                let field_service = self.field_service.as_ref().expect("checked above");
+                field_service.deliver(mail).await
             }
+            Address::Edge(_)
+            | Address::Notifier(_)
+            | Address::Supplier(_)
+            | Address::FieldService(_) => self.outside.deliver(mail).await,
         }
     }
 }
@@ -211,8 +219,26 @@ pub struct Components {
     pub local_supplier: Option<Arc<LocalSupplier>>,
 }
 
-fn queues<T: Twin>(shards: u32) -> impl Iterator<Item = Key> {
-    (0..shards).map(|s| Key::new(format!("outbox/{}/{s}", T::KIND)))
+/// The outbox queues of shard `shard`, one per kind of twin.
+fn shard_queues(shard: u32) -> impl Iterator<Item = Key> {
+    [
+        DeviceTwin::KIND,
+        CustomerTwin::KIND,
+        PartsDesk::KIND,
+        Scheduler::KIND,
+        HandoffQueue::KIND,
+    ]
+    .into_iter()
+    .map(move |kind| Key::new(format!("outbox/{kind}/{shard}")))
+}
+
+/// Which shards a [`System`] hosts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Hosting {
+    /// Every shard, with no lease: one node.
+    Everything,
+    /// None at start: the node's membership loop hosts the shards it holds leases for.
+    Placed,
 }
 
 impl System {
@@ -228,6 +254,16 @@ impl System {
         p: Components,
         field_service: Option<Arc<dyn Router>>,
     ) -> Result<Self> {
+        Self::start_hosting(p, field_service, Hosting::Everything).await
+    }
+
+    /// Starts the system with the given [`Hosting`]: everything here (one node), or
+    /// nothing until the node's membership loop hosts shards ([`System::host_shard`]).
+    pub async fn start_hosting(
+        p: Components,
+        field_service: Option<Arc<dyn Router>>,
+        hosting: Hosting,
+    ) -> Result<Self> {
         p.services.parts.validate()?;
         p.services.scheduler.validate()?;
         p.services.handoff.validate()?;
@@ -238,32 +274,33 @@ impl System {
         let h = p.host;
         let (store, clock) = (p.store.clone(), p.clock.clone());
         let regs = Arc::new(Registries {
-            devices: Registry::start(h, store.clone(), clock.clone(), Arc::new(device_env)).await?,
-            customers: Registry::start(
+            devices: Registry::start_placed(h, store.clone(), clock.clone(), Arc::new(device_env))?,
+            customers: Registry::start_placed(
                 h,
                 store.clone(),
                 clock.clone(),
                 Arc::new(CustomerEnv {
                     catalogue: p.catalogue.clone(),
                 }),
-            )
-            .await?,
-            parts: Registry::start(h, store.clone(), clock.clone(), Arc::new(p.services.parts))
-                .await?,
-            scheduler: Registry::start(
+            )?,
+            parts: Registry::start_placed(
+                h,
+                store.clone(),
+                clock.clone(),
+                Arc::new(p.services.parts),
+            )?,
+            scheduler: Registry::start_placed(
                 h,
                 store.clone(),
                 clock.clone(),
                 Arc::new(p.services.scheduler),
-            )
-            .await?,
-            handoff: Registry::start(
+            )?,
+            handoff: Registry::start_placed(
                 h,
                 store.clone(),
                 clock.clone(),
                 Arc::new(p.services.handoff),
-            )
-            .await?,
+            )?,
         });
         let supplier = p.local_supplier;
         let router = Arc::new(MailRouter {
@@ -273,17 +310,92 @@ impl System {
             outside: p.outside,
             field_service,
         });
-        let all_queues = queues::<DeviceTwin>(h.shards)
-            .chain(queues::<CustomerTwin>(h.shards))
-            .chain(queues::<PartsDesk>(h.shards))
-            .chain(queues::<Scheduler>(h.shards))
-            .chain(queues::<HandoffQueue>(h.shards))
-            .collect();
-        Ok(Self {
+        let system = Self {
             regs,
-            dispatcher: tokio::sync::Mutex::new(Dispatcher::new(store, router, all_queues)),
+            dispatcher: tokio::sync::Mutex::new(Dispatcher::new(store, router, Vec::new())),
             supplier,
-        })
+        };
+        if hosting == Hosting::Everything {
+            for shard in 0..h.shards {
+                system.host_shard(shard, None).await?;
+            }
+        }
+        Ok(system)
+    }
+
+    /// The number of shards (the same for every kind of twin, and on every node).
+    pub fn shard_count(&self) -> u32 {
+        self.regs.devices.shard_count()
+    }
+
+    /// The shards hosted here now.
+    pub fn hosted_shards(&self) -> Vec<u32> {
+        self.regs.devices.hosted()
+    }
+
+    /// Hosts shard `shard` of every kind here, its writes fenced by `fence`, and delivers
+    /// its outboxes' mail from now on.
+    pub async fn host_shard(&self, shard: u32, fence: Option<Fence>) -> Result<()> {
+        let r = &self.regs;
+        r.devices.host(shard, fence.clone()).await?;
+        r.customers.host(shard, fence.clone()).await?;
+        r.parts.host(shard, fence.clone()).await?;
+        r.scheduler.host(shard, fence.clone()).await?;
+        r.handoff.host(shard, fence).await?;
+        self.dispatcher.lock().await.add_queues(shard_queues(shard));
+        Ok(())
+    }
+
+    /// Stops hosting shard `shard` here: its mail stops going out from here, then its
+    /// twins stop — after what is queued for them (`drain`, a hand-over), or at once (its
+    /// lease can no longer be counted on). Returns when nothing of it runs here.
+    pub async fn drop_shard(&self, shard: u32, drain: bool) {
+        self.dispatcher
+            .lock()
+            .await
+            .remove_queues(&shard_queues(shard).collect::<Vec<_>>());
+        let r = &self.regs;
+        r.devices.unhost(shard, drain).await;
+        r.customers.unhost(shard, drain).await;
+        r.parts.unhost(shard, drain).await;
+        r.scheduler.unhost(shard, drain).await;
+        r.handoff.unhost(shard, drain).await;
+    }
+
+    /// Sets where calls for twins hosted on other nodes go, and who learns of shards
+    /// hosted and dropped here; before any shard is hosted.
+    pub fn connect(&self, elsewhere: Arc<dyn Elsewhere>, monitor: Option<Arc<dyn Monitor>>) {
+        let r = &self.regs;
+        r.devices.set_elsewhere(elsewhere.clone());
+        r.customers.set_elsewhere(elsewhere.clone());
+        r.parts.set_elsewhere(elsewhere.clone());
+        r.scheduler.set_elsewhere(elsewhere.clone());
+        r.handoff.set_elsewhere(elsewhere);
+        if let Some(m) = monitor {
+            r.devices.set_monitor(m.clone());
+            r.customers.set_monitor(m.clone());
+            r.parts.set_monitor(m.clone());
+            r.scheduler.set_monitor(m.clone());
+            r.handoff.set_monitor(m);
+        }
+    }
+
+    /// Handles a call another node forwarded here (in wire form, see
+    /// [`crate::host::remote`]): for twin `id` of kind `kind`, hosted here or refused with
+    /// `NotHosted`. Returns the answer in wire form.
+    pub async fn call_here(&self, kind: &str, id: &str, msg: &[u8]) -> Vec<u8> {
+        let r = &self.regs;
+        match kind {
+            DeviceTwin::KIND => r.devices.call_here_wire(id, msg).await,
+            CustomerTwin::KIND => r.customers.call_here_wire(id, msg).await,
+            PartsDesk::KIND => r.parts.call_here_wire(id, msg).await,
+            Scheduler::KIND => r.scheduler.call_here_wire(id, msg).await,
+            HandoffQueue::KIND => r.handoff.call_here_wire(id, msg).await,
+            other => crate::host::remote::encode_answer::<()>(&Err(Error::InvalidArgument {
+                name: "kind",
+                reason: format!("no twins of kind {other:?}"),
+            })),
+        }
     }
 
     /// The device twins.

@@ -285,6 +285,7 @@ pub async fn run(
         NodeOptions {
             clock: clock.clone(),
             outside,
+            ..NodeOptions::default()
         },
     )
     .await
@@ -510,12 +511,15 @@ fn provisioning(sites: &[Site]) -> String {
 }
 
 /// Every demo customer: in the north, consenting to diagnostics, contact and usage data
-/// (consumables are predicted from usage), with a standing approval for consumables.
+/// (consumables are predicted from usage), with standing approvals for consumables and
+/// technician visits (nobody in the demo taps a confirmation, so visits are booked
+/// confirmed and the cases go on to the agents at once).
 fn profile() -> Profile {
     Profile {
         region: "north".into(),
         preferences: Preferences {
             standing_approvals: vec!["DESC-250".into(), "FILTER-CL".into()],
+            visit_approvals: vec!["*".into()],
             ..Preferences::default()
         },
         consent: Consent::of(&[

@@ -5,6 +5,8 @@
 //! the guarantees it exercises and reports what it found.
 //!
 //! # Layout
+//! - [`cluster`] — nodes of one process sharing a store, with a single-activation
+//!   monitor, crash and partition: the cluster tests and benchmark.
 //! - [`config`] — the chaos tool's configuration.
 //! - [`crash`] — SIGKILL a writing process, reopen its store, find every acknowledged
 //!   write.
@@ -12,6 +14,7 @@
 
 #![forbid(unsafe_code)]
 
+pub mod cluster;
 pub mod config;
 pub mod crash;
 pub mod demo;

@@ -49,6 +49,59 @@ pub struct ClusterConfig {
     /// Outbound integrations: the parts supplier and the field-service scheduler.
     #[serde(default)]
     pub integrations: IntegrationsConfig,
+    /// Membership of a cluster of nodes sharing the store.
+    #[serde(default)]
+    pub cluster: MembershipConfig,
+}
+
+/// Membership of a cluster (`[cluster]`). Off, the node hosts every shard itself (one node
+/// on its own store). On, it hosts only the shards whose leases it holds (`lease_ttl`,
+/// renewed every `renew_every`, both also the member lease's), and forwards calls for the
+/// others to their hosts over the peer channel (QUIC, mutual TLS with the sync
+/// endpoint's certificates; the node certificate must carry a `caretwin://node` URI).
+///
+/// ```toml
+/// lease_ttl = "1500ms"
+/// renew_every = "250ms"
+/// [cluster]
+/// enabled = true
+/// listen = "0.0.0.0:7300"
+/// advertise = "10.0.0.5:7300"
+/// ```
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct MembershipConfig {
+    /// Join a cluster.
+    #[serde(default)]
+    pub enabled: bool,
+    /// UDP address of the peer endpoint (port 0: any free port).
+    #[serde(default = "default_peer_listen")]
+    pub listen: SocketAddr,
+    /// The address other nodes reach this one at (default: the bound peer address).
+    #[serde(default)]
+    pub advertise: Option<SocketAddr>,
+    /// The name node certificates are verified against (a DNS name or IP they carry).
+    #[serde(default = "default_peer_server_name")]
+    pub server_name: String,
+}
+
+fn default_peer_listen() -> SocketAddr {
+    "127.0.0.1:0".parse().expect("a valid address")
+}
+
+fn default_peer_server_name() -> String {
+    "localhost".into()
+}
+
+impl Default for MembershipConfig {
+    fn default() -> Self {
+        Self {
+            enabled: false,
+            listen: default_peer_listen(),
+            advertise: None,
+            server_name: default_peer_server_name(),
+        }
+    }
 }
 
 /// The edge sync endpoint: QUIC with mutual TLS.
@@ -174,6 +227,7 @@ impl Default for ClusterConfig {
             tick: default_tick(),
             provision: None,
             integrations: IntegrationsConfig::default(),
+            cluster: MembershipConfig::default(),
         }
     }
 }

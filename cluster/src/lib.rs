@@ -8,7 +8,8 @@
 //! - [`config`] — the node's configuration (TOML plus environment overrides).
 //! - [`node`] — the node's lifecycle: [`node::run`] takes a config and a shutdown future.
 //! - [`replay`] — recorded run data (C-MAPSS) parsed and replayed through twins in virtual time.
-//! - [`store`] — storage backends behind the `Store` port: [`store::embedded`] (fjall).
+//! - [`store`] — storage backends behind the `Store` port: [`store::embedded`] (fjall);
+//!   with the cargo feature `fdb`, `store::fdb` (FoundationDB).
 //! - [`sync`] — the edge sync's QUIC and mutual TLS glue, and the development PKI.
 //! - [`error`] — the crate's error type.
 //! - [`grpc`] — the integrator gRPC endpoint: auth by token and scope, cases, twins,
@@ -16,17 +17,26 @@
 //! - [`ingest`] — what the node does with a site's sync frames, whatever carries them.
 //! - [`integrations`] — outbound gRPC clients of the parts supplier and the field-service
 //!   scheduler, with durable intent and outcome records, and their built-in stand-ins.
+//! - [`membership`] — the membership loop: member view, shard leases acquired, renewed,
+//!   handed over and dropped as `caretwin_actors::placement` decides.
+//! - [`peer`] — the peer channel: calls for twins hosted on other nodes, over QUIC with
+//!   mutual TLS.
 //! - [`pii`] — customers' personal data, sealed with a per-customer key so erasure can
 //!   destroy it (crypto-shredding), and the tenants' customer indexes.
 
-#![forbid(unsafe_code)]
+// Forbidden, except with feature `fdb`: booting FoundationDB's network thread is unsafe in
+// its bindings, and is allowed once, in `store::fdb::boot`.
+#![cfg_attr(not(feature = "fdb"), forbid(unsafe_code))]
+#![cfg_attr(feature = "fdb", deny(unsafe_code))]
 
 pub mod config;
 pub mod error;
 pub mod grpc;
 pub mod ingest;
 pub mod integrations;
+pub mod membership;
 pub mod node;
+pub mod peer;
 pub mod pii;
 pub mod replay;
 pub mod store;

@@ -108,6 +108,12 @@ pub struct NodeOptions {
     /// Where effects with no integration of their own go (notifications): by default the
     /// log. Part orders and bookings go to the partners of `[integrations]`.
     pub outside: Arc<dyn Router>,
+    /// Who learns when shards are hosted and dropped here (the chaos tools' single
+    /// activation monitor); nobody by default.
+    pub monitor: Option<Arc<dyn caretwin_actors::host::remote::Monitor>>,
+    /// A store to use instead of opening `[store]` (nodes of one process sharing a store
+    /// in tests).
+    pub store: Option<Arc<dyn Store>>,
 }
 
 impl Default for NodeOptions {
@@ -115,6 +121,8 @@ impl Default for NodeOptions {
         Self {
             clock: Arc::new(SystemClock),
             outside: Arc::new(LogOutside),
+            monitor: None,
+            store: None,
         }
     }
 }
@@ -128,6 +136,8 @@ pub struct Node {
     supplier: Option<Arc<crate::integrations::supplier::InProcessSupplier>>,
     stop: tokio::sync::oneshot::Sender<()>,
     task: tokio::task::JoinHandle<Result<()>>,
+    kill: Option<tokio::sync::watch::Sender<bool>>,
+    peer_addr: Option<SocketAddr>,
 }
 
 /// Runs a node until `shutdown` resolves (see [`Node::start`] and [`Node::stop`]).
@@ -144,18 +154,19 @@ impl Node {
     /// and the integrator gRPC endpoint, fires timers and delivers mail.
     pub async fn start(config: ClusterConfig, options: NodeOptions) -> Result<Self> {
         config.validate()?;
-        let backend = crate::store::open(&config.store)?;
+        let backend = match options.store {
+            Some(store) => store,
+            None => crate::store::open(&config.store)?,
+        };
         // The twins write through the watched store, so the gRPC case streams wake as soon
         // as a case event or command transition is durable, and twin watches as soon as a
         // twin changed.
-        let watched = crate::store::watch::Watched::new(
-            backend,
-            &["cases/", "commands/", "device-index/", "notifications/"],
-        );
+        let watched = crate::store::watch::Watched::new(backend, crate::grpc::WATCHED_LOGS);
         let log_signals = watched.signals();
         let snapshot_signals = watched.snapshot_signals();
         let mail = watched.mail_signal();
-        let store: Arc<dyn Store> = Arc::new(watched);
+        let watched = Arc::new(watched);
+        let store: Arc<dyn Store> = watched.clone();
         let lease = register(&*store, &config).await?;
         tracing::info!(node = %config.node_id, token = lease.token, "node registered");
 
@@ -189,11 +200,14 @@ impl Node {
             signals.clone(),
             partners.clone(),
         ));
-        let field_service = partners
-            .books_visits()
-            .then(|| partners.clone() as Arc<dyn Router>);
+        let field_service = integrations.booking_router();
+        let hosting = if config.cluster.enabled {
+            caretwin_actors::system::Hosting::Placed
+        } else {
+            caretwin_actors::system::Hosting::Everything
+        };
         let system = Arc::new(
-            System::start_with_field_service(
+            System::start_hosting(
                 Components {
                     store: store.clone(),
                     clock: clock.clone(),
@@ -205,14 +219,37 @@ impl Node {
                     local_supplier: None,
                 },
                 field_service,
+                hosting,
             )
             .await?,
         );
         partners.bind(&system);
+        ensure_dev_pki(&config.sync)?;
+        let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+        let mut cluster = if config.cluster.enabled {
+            let wake = Wake {
+                logs: log_signals.clone(),
+                sites: signals.clone(),
+            };
+            Some(
+                join_cluster(
+                    &config,
+                    (&store, &watched),
+                    &system,
+                    wake,
+                    options.monitor,
+                    stop_rx.clone(),
+                )
+                .await?,
+            )
+        } else {
+            None
+        };
+        let kill = cluster.as_mut().map(|c| c.kill.clone());
+        let peer_addr = cluster.as_ref().map(|c| c.addr);
         if let Some(path) = &config.provision {
             provision(&system, &vault, path).await?;
         }
-        ensure_dev_pki(&config.sync)?;
         let server_config = crate::sync::tls::server_config_from_files(
             &config.sync.ca,
             &config.sync.cert,
@@ -241,70 +278,23 @@ impl Node {
             crate::grpc::auth::Tokens::default()
         };
         tracing::info!(addr = %grpc_addr, tokens = tokens.len(), "gRPC listening");
-        let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
         let sites = server.clone();
-        let directory = Arc::new(crate::grpc::twins::Directory::new(
-            store.clone(),
-            log_signals.clone(),
-            snapshot_signals,
-        ));
-        let cases = crate::grpc::cases::CaseApi(Arc::new(
-            crate::grpc::cases::Cases::new(system.clone(), store.clone(), log_signals.clone())
-                .with_shutdown(stop_rx.clone())
-                .with_vault(vault.clone())
-                .with_clock(clock.clone())
-                .with_retention(crate::grpc::projection::Retention::keeping(
-                    config.grpc.case_retention,
-                )),
-        ));
-        let notifications = crate::grpc::notifications::NotificationApi(Arc::new(
-            crate::grpc::notifications::Notifications::new(
-                system.clone(),
-                store.clone(),
-                log_signals.clone(),
-            )
-            .with_vault(vault.clone())
-            .with_clock(clock.clone())
-            .with_shutdown(stop_rx.clone()),
-        ));
-        let services = crate::grpc::Services {
-            notifications: notifications.clone(),
-            customers: crate::grpc::customers::CustomerApi::new(
-                system.clone(),
-                store.clone(),
-                vault.clone(),
-                cases.0.clone(),
-                catalogue.clone(),
-            )
-            .with_notifications(notifications.0.clone()),
-            cases,
-            twins: crate::grpc::twins::TwinApi::new(
-                system.clone(),
-                Arc::new(move || sites.live_sites()),
-            )
-            .with_directory(directory)
-            .with_shutdown(stop_rx.clone()),
-            catalogue: crate::grpc::catalogue::CatalogueApi::new(catalogue.clone()),
-            work: crate::grpc::work::WorkApi::new(
-                system.clone(),
-                catalogue.clone(),
-                Arc::new(config.services.scheduler.clone()),
-                clock.clone(),
-            ),
-            commands: crate::grpc::commands::CommandApi(Arc::new(
-                crate::grpc::commands::Commands::new(
-                    system.clone(),
-                    store.clone(),
-                    log_signals,
-                    catalogue.clone(),
-                    clock.clone(),
-                )
-                .with_retention(crate::grpc::projection::Retention::keeping(
-                    config.grpc.command_retention,
-                ))
-                .with_shutdown(stop_rx.clone()),
-            )),
-        };
+        let services = crate::grpc::Services::with_retention(
+            crate::grpc::Parts {
+                system: system.clone(),
+                store: store.clone(),
+                logs: log_signals,
+                snapshots: snapshot_signals,
+                vault: vault.clone(),
+                clock: clock.clone(),
+                catalogue: catalogue.clone(),
+                scheduler: config.services.scheduler.clone(),
+                sites_online: Arc::new(move || sites.live_sites()),
+                closing: stop_rx.clone(),
+            },
+            crate::grpc::projection::Retention::keeping(config.grpc.case_retention),
+            crate::grpc::projection::Retention::keeping(config.grpc.command_retention),
+        );
         let identity = crate::grpc::identity(&config.sync.cert, &config.sync.key)?;
 
         let mut stop_server = stop_rx.clone();
@@ -331,6 +321,11 @@ impl Node {
             let lease = serve(&*store, &twins, &config, lease, &mail, shutdown).await;
             let _ = stop_tx.send(true);
             let _ = serving.await;
+            // A member hands its shards over (drained, leases released) before it stops.
+            if let Some(c) = cluster {
+                let _ = c.membership.await;
+                let _ = c.peers.await;
+            }
             // Calls in flight get a moment to finish; streams end by themselves on shutdown.
             let abort = grpc.abort_handle();
             match tokio::time::timeout(std::time::Duration::from_secs(5), grpc).await {
@@ -362,6 +357,8 @@ impl Node {
             supplier: builtin_supplier,
             stop,
             task,
+            kill,
+            peer_addr,
         })
     }
 
@@ -378,6 +375,11 @@ impl Node {
     /// Where integrators connect (gRPC over TLS).
     pub fn grpc_addr(&self) -> SocketAddr {
         self.grpc_addr
+    }
+
+    /// Where the node's peers reach it (QUIC), when it is a cluster member.
+    pub fn peer_addr(&self) -> Option<SocketAddr> {
+        self.peer_addr
     }
 
     /// The built-in parts supplier, when `[integrations] supplier = "builtin"`.
@@ -406,6 +408,27 @@ impl Node {
         }
     }
 
+    /// Ends the node the way a crash would, for the chaos tools and tests of one process:
+    /// its shards stop at once without draining, nothing is released (its member and shard
+    /// leases run out by themselves), its membership, timers and mail stop. Only for a
+    /// node in a cluster (a crash of the only node is a process kill).
+    pub async fn kill(self) {
+        let Self {
+            system, task, kill, ..
+        } = self;
+        if let Some(kill) = kill {
+            let _ = kill.send(true);
+            // Wait (explicitly, no sleep) until nothing is hosted here any more.
+            let mut wait = std::time::Duration::from_millis(1);
+            while !system.hosted_shards().is_empty() {
+                tokio::time::sleep(wait).await;
+                wait = (wait * 2).min(std::time::Duration::from_millis(20));
+            }
+        }
+        task.abort();
+        let _ = task.await;
+    }
+
     /// Stops the node: it stops accepting sites and calls, drains the twins, releases its
     /// lease and closes the store cleanly.
     pub async fn stop(self) -> Result<()> {
@@ -422,6 +445,85 @@ impl Node {
         task.await
             .map_err(|e| Error::Config(format!("node task: {e}")))?
     }
+}
+
+/// A node's part in a cluster: its membership loop and its peer endpoint, running.
+struct Joined {
+    addr: SocketAddr,
+    membership: tokio::task::JoinHandle<()>,
+    peers: tokio::task::JoinHandle<()>,
+    kill: tokio::sync::watch::Sender<bool>,
+}
+
+/// Binds the peer endpoint, announces the node, takes its first shards and starts the
+/// membership loop.
+/// The waiters a peer's "log grew" wakes here.
+struct Wake {
+    logs: Arc<crate::store::watch::LogSignals>,
+    sites: Arc<CommandSignals>,
+}
+
+async fn join_cluster(
+    config: &ClusterConfig,
+    (store, watched): (&Arc<dyn Store>, &Arc<crate::store::watch::Watched>),
+    system: &Arc<System>,
+    wake: Wake,
+    monitor: Option<Arc<dyn caretwin_actors::host::remote::Monitor>>,
+    stop: tokio::sync::watch::Receiver<bool>,
+) -> Result<Joined> {
+    let c = &config.cluster;
+    let tls = crate::peer::PeerTls::from_files(
+        &config.sync.ca,
+        &config.sync.cert,
+        &config.sync.key,
+        &c.server_name,
+    )?;
+    let view = Arc::new(std::sync::RwLock::new(crate::peer::View::default()));
+    let peers = Arc::new(crate::peer::Peers::bind(
+        &config.node_id,
+        c.listen,
+        tls,
+        view.clone(),
+    )?);
+    let bound = peers.local_addr()?;
+    let advertise = c.advertise.unwrap_or(bound);
+    system.connect(peers.clone(), monitor);
+    // Waiters on a watched log (gRPC streams, a site's command stream) may be on any node;
+    // appends here are told to the peers, and theirs wake ours.
+    let teller = peers.clone();
+    watched.also_tell(Arc::new(move |log: &Key| teller.tell_grew(log.as_str())));
+    let on_grew: crate::peer::OnGrew = Arc::new(move |log: &str| {
+        wake.logs.grew(&Key::new(log));
+        if let Some(site) = log.strip_prefix("edge/") {
+            wake.sites.of(site).notify_waiters();
+        }
+    });
+    let serving = tokio::spawn(peers.serve(Arc::downgrade(system), on_grew, stop.clone()));
+    let timing = crate::membership::Timing {
+        lease_ttl: config.lease_ttl,
+        round: config.renew_every,
+        margin: config.lease_ttl / 3,
+    };
+    let mut membership = crate::membership::Membership::join(
+        &config.node_id,
+        &advertise.to_string(),
+        store.clone(),
+        system.clone(),
+        view,
+        timing,
+    )
+    .await?;
+    // The first rounds before serving: the node starts with its shards (as far as their
+    // previous holders let go of them in time).
+    let settled = membership.settle(config.lease_ttl * 2).await;
+    tracing::info!(node = %config.node_id, peer = %advertise, shards = membership.held().len(), settled, "joined the cluster");
+    let (kill, killed) = tokio::sync::watch::channel(false);
+    Ok(Joined {
+        addr: bound,
+        membership: tokio::spawn(membership.run(stop, killed)),
+        peers: serving,
+        kill,
+    })
 }
 
 /// On a fresh checkout, `run` must work with no manual step: when the sync certificates

@@ -24,8 +24,11 @@ use caretwin_tests::{Process, strip_ansi};
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
-use tonic::transport::{Certificate, Channel, ClientTlsConfig};
-use tonic::{Code, Request};
+use tonic::Code;
+use tonic::transport::Channel;
+
+mod common;
+use common::with;
 
 /// Only turns a hang into a failure; every wait ends on an observed event.
 const DEADLINE: Duration = Duration::from_secs(60);
@@ -45,13 +48,6 @@ const PERSONAL: [&str; 5] = [NAME, EMAIL, PHONE, ADDRESS, CRM];
 
 fn write(path: &Path, text: &str) {
     std::fs::write(path, text).unwrap();
-}
-
-fn with<T>(token: &str, msg: T) -> Request<T> {
-    let mut r = Request::new(msg);
-    r.metadata_mut()
-        .insert("authorization", format!("Bearer {token}").parse().unwrap());
-    r
 }
 
 struct Tokens {
@@ -196,18 +192,7 @@ fn stop(mut node: Process) {
 }
 
 async fn channel(d: &Path, grpc: &str) -> Channel {
-    let ca = std::fs::read(d.join("certs").join("ca.pem")).unwrap();
-    Channel::from_shared(format!("https://{grpc}"))
-        .unwrap()
-        .tls_config(
-            ClientTlsConfig::new()
-                .ca_certificate(Certificate::from_pem(ca))
-                .domain_name("localhost"),
-        )
-        .unwrap()
-        .connect()
-        .await
-        .unwrap()
+    common::connect(&d.join("certs"), grpc).await
 }
 
 /// Everything the strings of `x` (its debug form) contain that is personal.

@@ -3,51 +3,29 @@
 //! stream of cases with its resume cursor.
 
 use caretwin_actors::catalogue::Catalogue;
-use caretwin_actors::host::clock::{Clock, ManualClock};
-use caretwin_actors::host::dispatch::{Delivery, Router};
-use caretwin_actors::host::registry::HostConfig;
 use caretwin_actors::mail::{Address, Body, CaseContext, Mail};
 use caretwin_actors::model::{ConsentScope, HOUR_MS, Insight, InsightKind, Priority};
 use caretwin_actors::services::Status as DeskStatus;
-use caretwin_actors::store::Store;
-use caretwin_actors::system::{Components, ServicesConfig, System};
+use caretwin_actors::system::System;
 use caretwin_actors::twins::device::{DeviceMsg, DeviceReply};
-use caretwin_cluster::grpc::auth::{Scope, Tokens, mint};
-use caretwin_cluster::grpc::cases::{CaseApi, Cases};
-use caretwin_cluster::grpc::catalogue::CatalogueApi;
-use caretwin_cluster::grpc::commands::{CommandApi, Commands};
-use caretwin_cluster::grpc::customers::CustomerApi;
-use caretwin_cluster::grpc::notifications::{NotificationApi, Notifications};
-use caretwin_cluster::grpc::twins::TwinApi;
-use caretwin_cluster::grpc::work::WorkApi;
-use caretwin_cluster::grpc::{Services, identity, serve};
-use caretwin_cluster::pii::Vault;
-use caretwin_cluster::store::watch::Watched;
-use caretwin_cluster::store::{EmbeddedConfig, EmbeddedStore};
-use caretwin_cluster::sync::dev::{DevPki, generate};
+use caretwin_cluster::grpc::auth::Scope;
 use caretwin_proto::v1::twin_service_client::TwinServiceClient;
 use caretwin_proto::v1::{self, case_service_client::CaseServiceClient};
 use std::sync::Arc;
 use std::time::Duration;
-use tonic::transport::{Certificate, Channel, ClientTlsConfig};
+use tonic::transport::Channel;
 use tonic::{Code, Request};
+
+mod common;
+use common::{TestNode, with};
 
 /// Only turns a hang into a failure; every wait ends on an observed event.
 const DEADLINE: Duration = Duration::from_secs(30);
 const T0: u64 = 1_795_392_000_000;
 
-struct Nowhere;
-
-#[async_trait::async_trait]
-impl Router for Nowhere {
-    async fn deliver(&self, _m: Mail) -> caretwin_actors::Result<Delivery> {
-        Ok(Delivery::Delivered)
-    }
-}
-
 /// A node's twins and its gRPC endpoint, with tokens for three integrators.
 struct Node {
-    _dir: tempfile::TempDir,
+    _node: TestNode,
     system: Arc<System>,
     channel: Channel,
     /// t1: cases:read + cases:handle.
@@ -56,121 +34,31 @@ struct Node {
     viewer: String,
     /// t2: admin.
     other_tenant: String,
-    _stop: tokio::sync::oneshot::Sender<()>,
 }
 
 async fn node() -> Node {
-    let dir = tempfile::tempdir().unwrap();
-    let certs = dir.path().join("certs");
-    generate(&DevPki {
-        out: certs.clone(),
-        cluster_name: "localhost".into(),
-        sites: vec![],
-        force: false,
-    })
-    .unwrap();
-    let backend: Arc<dyn Store> =
-        Arc::new(EmbeddedStore::open(&EmbeddedConfig::at(dir.path().join("data"))).unwrap());
-    let watched = Watched::new(backend, &["cases/"]);
-    let signals = watched.signals();
-    let store: Arc<dyn Store> = Arc::new(watched);
-    let clock: Arc<dyn Clock> = Arc::new(ManualClock::new(T0));
-    let system = Arc::new(
-        System::start(Components {
-            store: store.clone(),
-            clock: clock.clone(),
-            catalogue: Arc::new(Catalogue::builtin()),
-            device_env: None,
-            services: ServicesConfig::default(),
-            host: HostConfig {
-                shards: 4,
-                idle_ms: HOUR_MS,
-            },
-            outside: Arc::new(Nowhere),
-            local_supplier: None,
-        })
-        .await
-        .unwrap(),
-    );
+    let b = TestNode::builder(T0);
+    let (b, desk) = b.token("desk", "t1", vec![Scope::CasesRead, Scope::CasesHandle]);
+    let (b, viewer) = b.token("viewer", "t1", vec![Scope::TwinsRead]);
+    let (b, other_tenant) = b.token("other", "t2", vec![Scope::Admin]);
+    let n = b.start().await;
     let prov = DeviceMsg::Provision {
         customer: "t1:alice".into(),
         site: "t1:home-1".into(),
         model: "coffee.barista-200".into(),
     };
     assert_eq!(
-        system.devices().call("t1:coffee-1", prov).await.unwrap(),
+        n.system.devices().call("t1:coffee-1", prov).await.unwrap(),
         DeviceReply::Ok
     );
-    let (desk, e1) = mint("desk", "t1", vec![Scope::CasesRead, Scope::CasesHandle]);
-    let (viewer, e2) = mint("viewer", "t1", vec![Scope::TwinsRead]);
-    let (other_tenant, e3) = mint("other", "t2", vec![Scope::Admin]);
-    let tokens = Arc::new(Tokens::from_entries(vec![e1, e2, e3]).unwrap());
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let cases = Arc::new(Cases::new(system.clone(), store.clone(), signals.clone()));
-    let services = Services {
-        notifications: NotificationApi(Arc::new(Notifications::new(
-            system.clone(),
-            store.clone(),
-            signals.clone(),
-        ))),
-        customers: CustomerApi::new(
-            system.clone(),
-            store.clone(),
-            Arc::new(Vault::new(store.clone())),
-            cases.clone(),
-            Arc::new(Catalogue::builtin()),
-        ),
-        cases: CaseApi(cases),
-        commands: CommandApi(Arc::new(Commands::new(
-            system.clone(),
-            store.clone(),
-            signals,
-            Arc::new(Catalogue::builtin()),
-            clock.clone(),
-        ))),
-        twins: TwinApi::new(system.clone(), Arc::new(Vec::new)),
-        catalogue: CatalogueApi::new(Arc::new(Catalogue::builtin())),
-        work: WorkApi::new(
-            system.clone(),
-            Arc::new(Catalogue::builtin()),
-            Arc::new(Default::default()),
-            clock,
-        ),
-    };
-    let id = identity(&certs.join("cluster.pem"), &certs.join("cluster.key")).unwrap();
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    tokio::spawn(serve(listener, id, tokens, services, async move {
-        let _ = stopped.await;
-    }));
-    let ca = std::fs::read(certs.join("ca.pem")).unwrap();
-    let channel = Channel::from_shared(format!("https://{addr}"))
-        .unwrap()
-        .tls_config(
-            ClientTlsConfig::new()
-                .ca_certificate(Certificate::from_pem(ca))
-                .domain_name("localhost"),
-        )
-        .unwrap()
-        .connect()
-        .await
-        .unwrap();
     Node {
-        _dir: dir,
-        system,
-        channel,
+        system: n.system.clone(),
+        channel: n.channel.clone(),
         desk,
         viewer,
         other_tenant,
-        _stop: stop,
+        _node: n,
     }
-}
-
-fn with<T>(token: &str, msg: T) -> Request<T> {
-    let mut r = Request::new(msg);
-    r.metadata_mut()
-        .insert("authorization", format!("Bearer {token}").parse().unwrap());
-    r
 }
 
 /// Hands a case to the tenant's queue as the customer twin does.

@@ -3,34 +3,24 @@
 //! after a disconnect until acknowledged, its delivery reported, and the customer's answer
 //! reaches the customer twin, whose case moves on.
 
-use caretwin_actors::catalogue::Catalogue;
-use caretwin_actors::host::clock::{Clock, ManualClock};
-use caretwin_actors::host::dispatch::{Delivery, Router};
-use caretwin_actors::host::registry::HostConfig;
+use caretwin_actors::host::clock::ManualClock;
+use caretwin_actors::host::dispatch::Router;
 use caretwin_actors::mail::{Address, Body, Mail};
 use caretwin_actors::model::{HOUR_MS, Priority};
-use caretwin_actors::store::Store;
-use caretwin_actors::system::{Components, ServicesConfig, System};
+use caretwin_actors::system::System;
 use caretwin_actors::twins::customer::{CustomerMsg, CustomerReply};
 use caretwin_actors::twins::device::{DeviceItem, DeviceMsg, DeviceReply, ItemKind};
-use caretwin_cluster::grpc::auth::{Scope, Tokens, mint};
-use caretwin_cluster::grpc::cases::{CaseApi, Cases};
-use caretwin_cluster::grpc::catalogue::CatalogueApi;
-use caretwin_cluster::grpc::commands::{CommandApi, Commands};
-use caretwin_cluster::grpc::customers::CustomerApi;
-use caretwin_cluster::grpc::notifications::{NotificationApi, Notifications, Recorder};
-use caretwin_cluster::grpc::twins::TwinApi;
-use caretwin_cluster::grpc::work::WorkApi;
-use caretwin_cluster::grpc::{Services, identity, serve};
+use caretwin_cluster::grpc::auth::Scope;
+use caretwin_cluster::grpc::notifications::Recorder;
 use caretwin_cluster::pii::{Contact, Vault};
-use caretwin_cluster::store::watch::Watched;
-use caretwin_cluster::store::{EmbeddedConfig, EmbeddedStore};
-use caretwin_cluster::sync::dev::{DevPki, generate};
 use caretwin_proto::v1::{self, notification_service_client::NotificationServiceClient};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
-use tonic::transport::{Certificate, Channel, ClientTlsConfig};
-use tonic::{Code, Request};
+use tonic::Code;
+use tonic::transport::Channel;
+
+mod common;
+use common::{Outside, TestNode, with};
 
 /// Only turns a hang into a failure; every wait ends on an observed event.
 const DEADLINE: Duration = Duration::from_secs(30);
@@ -39,21 +29,9 @@ const NOW: u64 = 1_795_392_000_000 + 10 * HOUR_MS;
 const FRIDGE: &str = "fridge.coolline-350";
 const CLOSED_IT: &str = "It was open, I closed it";
 
-/// The node's outside router as a demo would pass it: it sees every notification.
-#[derive(Default)]
-struct Outside(Mutex<Vec<Mail>>);
-
-#[async_trait::async_trait]
-impl Router for Outside {
-    async fn deliver(&self, m: Mail) -> caretwin_actors::Result<Delivery> {
-        self.0.lock().unwrap().push(m);
-        Ok(Delivery::Delivered)
-    }
-}
-
 struct Node {
-    _dir: tempfile::TempDir,
-    /// The clock of the twins, the recorder and the service.
+    _node: TestNode,
+    /// The clock of the twins, the recorder and the services.
     clock: Arc<ManualClock>,
     system: Arc<System>,
     recorder: Arc<Recorder>,
@@ -65,7 +43,6 @@ struct Node {
     viewer: String,
     /// t2: admin.
     other: String,
-    _stop: tokio::sync::oneshot::Sender<()>,
 }
 
 async fn customer_with_fridge(system: &System, vault: &Vault, customer: &str, fridge: &str) {
@@ -104,128 +81,25 @@ async fn customer_with_fridge(system: &System, vault: &Vault, customer: &str, fr
 }
 
 async fn node() -> Node {
-    let dir = tempfile::tempdir().unwrap();
-    let certs = dir.path().join("certs");
-    generate(&DevPki {
-        out: certs.clone(),
-        cluster_name: "localhost".into(),
-        sites: vec![],
-        force: false,
-    })
-    .unwrap();
-    let backend: Arc<dyn Store> =
-        Arc::new(EmbeddedStore::open(&EmbeddedConfig::at(dir.path().join("data"))).unwrap());
-    let watched = Watched::new(backend, &["cases/", "notifications/"]);
-    let logs = watched.signals();
-    let store: Arc<dyn Store> = Arc::new(watched);
-    let manual = Arc::new(ManualClock::new(NOW));
-    let clock: Arc<dyn Clock> = manual.clone();
-    let catalogue = Arc::new(Catalogue::builtin());
-    let outside = Arc::new(Outside::default());
-    let now = clock.clone();
-    // The texts are sealed with the customers' keys, as on a node.
-    let vault = Arc::new(Vault::new(store.clone()));
-    let recorder = Arc::new(
-        Recorder::new(
-            store.clone(),
-            outside.clone(),
-            Arc::new(move || now.now_ms()),
-        )
-        .with_vault(vault.clone()),
-    );
-    let system = Arc::new(
-        System::start(Components {
-            store: store.clone(),
-            clock,
-            catalogue: catalogue.clone(),
-            device_env: None,
-            services: ServicesConfig::default(),
-            host: HostConfig {
-                shards: 4,
-                idle_ms: HOUR_MS,
-            },
-            outside: recorder.clone(),
-            local_supplier: None,
-        })
-        .await
-        .unwrap(),
-    );
-    customer_with_fridge(&system, &vault, "t1:alice", "t1:fridge-1").await;
-    customer_with_fridge(&system, &vault, "t1:bob", "t1:fridge-2").await;
-    customer_with_fridge(&system, &vault, "t2:carol", "t2:fridge-1").await;
-    let (gateway, e1) = mint("gateway", "t1", vec![Scope::NotificationsGateway]);
-    let (viewer, e2) = mint("viewer", "t1", vec![Scope::TwinsRead]);
-    let (other, e3) = mint("other", "t2", vec![Scope::Admin]);
-    let tokens = Arc::new(Tokens::from_entries(vec![e1, e2, e3]).unwrap());
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let cases = Arc::new(Cases::new(system.clone(), store.clone(), logs.clone()));
-    let services = Services {
-        notifications: NotificationApi(Arc::new(
-            Notifications::new(system.clone(), store.clone(), logs.clone())
-                .with_vault(vault.clone())
-                .with_clock(manual.clone()),
-        )),
-        customers: CustomerApi::new(
-            system.clone(),
-            store.clone(),
-            vault,
-            cases.clone(),
-            catalogue.clone(),
-        ),
-        cases: CaseApi(cases),
-        twins: TwinApi::new(system.clone(), Arc::new(Vec::new)),
-        catalogue: CatalogueApi::new(catalogue.clone()),
-        commands: CommandApi(Arc::new(Commands::new(
-            system.clone(),
-            store.clone(),
-            logs,
-            catalogue.clone(),
-            Arc::new(ManualClock::new(NOW)),
-        ))),
-        work: WorkApi::new(
-            system.clone(),
-            catalogue,
-            Arc::new(Default::default()),
-            Arc::new(ManualClock::new(NOW)),
-        ),
-    };
-    let id = identity(&certs.join("cluster.pem"), &certs.join("cluster.key")).unwrap();
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    tokio::spawn(serve(listener, id, tokens, services, async move {
-        let _ = stopped.await;
-    }));
-    let ca = std::fs::read(certs.join("ca.pem")).unwrap();
-    let channel = Channel::from_shared(format!("https://{addr}"))
-        .unwrap()
-        .tls_config(
-            ClientTlsConfig::new()
-                .ca_certificate(Certificate::from_pem(ca))
-                .domain_name("localhost"),
-        )
-        .unwrap()
-        .connect()
-        .await
-        .unwrap();
+    let b = TestNode::builder(NOW);
+    let (b, gateway) = b.token("gateway", "t1", vec![Scope::NotificationsGateway]);
+    let (b, viewer) = b.token("viewer", "t1", vec![Scope::TwinsRead]);
+    let (b, other) = b.token("other", "t2", vec![Scope::Admin]);
+    let n = b.start().await;
+    customer_with_fridge(&n.system, &n.vault, "t1:alice", "t1:fridge-1").await;
+    customer_with_fridge(&n.system, &n.vault, "t1:bob", "t1:fridge-2").await;
+    customer_with_fridge(&n.system, &n.vault, "t2:carol", "t2:fridge-1").await;
     Node {
-        _dir: dir,
-        clock: manual,
-        system,
-        recorder,
-        outside,
-        client: NotificationServiceClient::new(channel),
+        clock: n.clock.clone(),
+        system: n.system.clone(),
+        recorder: n.recorder.clone(),
+        outside: n.outside.clone(),
+        client: NotificationServiceClient::new(n.channel.clone()),
         gateway,
         viewer,
         other,
-        _stop: stop,
+        _node: n,
     }
-}
-
-fn with<T>(token: &str, msg: T) -> Request<T> {
-    let mut r = Request::new(msg);
-    r.metadata_mut()
-        .insert("authorization", format!("Bearer {token}").parse().unwrap());
-    r
 }
 
 /// The fridge asks whether its door is closed: its customer twin opens a case and asks

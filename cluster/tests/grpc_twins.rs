@@ -2,33 +2,18 @@
 //! device index behind queries (filters, paging, tenants), and watch streams that start
 //! with the current state, wake on each change, coalesce bursts and end on shutdown.
 
-use caretwin_actors::catalogue::Catalogue;
-use caretwin_actors::host::clock::{Clock, ManualClock};
-use caretwin_actors::host::dispatch::{Delivery, Router};
-use caretwin_actors::host::registry::HostConfig;
-use caretwin_actors::mail::Mail;
 use caretwin_actors::model::HOUR_MS;
-use caretwin_actors::store::Store;
-use caretwin_actors::system::{Components, ServicesConfig, System};
+use caretwin_actors::system::System;
 use caretwin_actors::twins::device::{DeviceItem, DeviceMsg, DeviceReply, ItemKind};
-use caretwin_cluster::grpc::auth::{Scope, Tokens, mint};
-use caretwin_cluster::grpc::cases::{CaseApi, Cases};
-use caretwin_cluster::grpc::catalogue::CatalogueApi;
-use caretwin_cluster::grpc::commands::{CommandApi, Commands};
-use caretwin_cluster::grpc::customers::CustomerApi;
-use caretwin_cluster::grpc::notifications::{NotificationApi, Notifications};
-use caretwin_cluster::grpc::twins::{Directory, TwinApi};
-use caretwin_cluster::grpc::work::WorkApi;
-use caretwin_cluster::grpc::{Services, identity, serve};
-use caretwin_cluster::pii::Vault;
-use caretwin_cluster::store::watch::Watched;
-use caretwin_cluster::store::{EmbeddedConfig, EmbeddedStore};
-use caretwin_cluster::sync::dev::{DevPki, generate};
+use caretwin_cluster::grpc::auth::Scope;
 use caretwin_proto::v1::{self, twin_service_client::TwinServiceClient};
 use std::sync::Arc;
 use std::time::Duration;
-use tonic::transport::{Certificate, Channel, ClientTlsConfig};
-use tonic::{Code, Request};
+use tonic::Code;
+use tonic::transport::Channel;
+
+mod common;
+use common::{TestNode, with};
 
 /// Only turns a hang into a failure; every wait ends on an observed event.
 const DEADLINE: Duration = Duration::from_secs(30);
@@ -36,17 +21,8 @@ const T0: u64 = 1_795_392_000_000;
 const COFFEE: &str = "coffee.barista-200";
 const FRIDGE: &str = "fridge.coolline-350";
 
-struct Nowhere;
-
-#[async_trait::async_trait]
-impl Router for Nowhere {
-    async fn deliver(&self, _m: Mail) -> caretwin_actors::Result<Delivery> {
-        Ok(Delivery::Delivered)
-    }
-}
-
 struct Node {
-    _dir: tempfile::TempDir,
+    node: TestNode,
     system: Arc<System>,
     twins: TwinServiceClient<Channel>,
     /// t1: twins:read.
@@ -55,8 +31,6 @@ struct Node {
     other: String,
     /// t1: cases:read only.
     desk: String,
-    closing: tokio::sync::watch::Sender<bool>,
-    _stop: tokio::sync::oneshot::Sender<()>,
 }
 
 async fn provision(system: &System, device: &str, customer: &str, site: &str, model: &str) {
@@ -74,125 +48,27 @@ async fn provision(system: &System, device: &str, customer: &str, site: &str, mo
 /// t1: five coffee machines and a fridge at home-1 (alice), two fridges at home-2 (bob);
 /// t2: one coffee machine.
 async fn node() -> Node {
-    let dir = tempfile::tempdir().unwrap();
-    let certs = dir.path().join("certs");
-    generate(&DevPki {
-        out: certs.clone(),
-        cluster_name: "localhost".into(),
-        sites: vec![],
-        force: false,
-    })
-    .unwrap();
-    let backend: Arc<dyn Store> =
-        Arc::new(EmbeddedStore::open(&EmbeddedConfig::at(dir.path().join("data"))).unwrap());
-    let watched = Watched::new(backend, &["cases/", "device-index/"]);
-    let logs = watched.signals();
-    let watched_logs = logs.clone();
-    let snapshots = watched.snapshot_signals();
-    let store: Arc<dyn Store> = Arc::new(watched);
-    let clock: Arc<dyn Clock> = Arc::new(ManualClock::new(T0));
-    let catalogue = Arc::new(Catalogue::builtin());
-    let system = Arc::new(
-        System::start(Components {
-            store: store.clone(),
-            clock,
-            catalogue: catalogue.clone(),
-            device_env: None,
-            services: ServicesConfig::default(),
-            host: HostConfig {
-                shards: 4,
-                idle_ms: HOUR_MS,
-            },
-            outside: Arc::new(Nowhere),
-            local_supplier: None,
-        })
-        .await
-        .unwrap(),
-    );
+    let b = TestNode::builder(T0);
+    let (b, viewer) = b.token("viewer", "t1", vec![Scope::TwinsRead]);
+    let (b, other) = b.token("other", "t2", vec![Scope::Admin]);
+    let (b, desk) = b.token("desk", "t1", vec![Scope::CasesRead]);
+    let n = b.start().await;
     for i in 1..=5 {
         let d = format!("t1:coffee-{i}");
-        provision(&system, &d, "t1:alice", "t1:home-1", COFFEE).await;
+        provision(&n.system, &d, "t1:alice", "t1:home-1", COFFEE).await;
     }
-    provision(&system, "t1:fridge-1", "t1:alice", "t1:home-1", FRIDGE).await;
-    provision(&system, "t1:fridge-2", "t1:bob", "t1:home-2", FRIDGE).await;
-    provision(&system, "t1:fridge-3", "t1:bob", "t1:home-2", FRIDGE).await;
-    provision(&system, "t2:coffee-1", "t2:carol", "t2:home-1", COFFEE).await;
-    let (viewer, e1) = mint("viewer", "t1", vec![Scope::TwinsRead]);
-    let (other, e2) = mint("other", "t2", vec![Scope::Admin]);
-    let (desk, e3) = mint("desk", "t1", vec![Scope::CasesRead]);
-    let tokens = Arc::new(Tokens::from_entries(vec![e1, e2, e3]).unwrap());
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let cases = Arc::new(Cases::new(system.clone(), store.clone(), logs.clone()));
-    let notifications = NotificationApi(Arc::new(Notifications::new(
-        system.clone(),
-        store.clone(),
-        logs.clone(),
-    )));
-    let (closing, closing_rx) = tokio::sync::watch::channel(false);
-    let directory = Arc::new(Directory::new(store.clone(), logs, snapshots));
-    let services = Services {
-        notifications,
-        customers: CustomerApi::new(
-            system.clone(),
-            store.clone(),
-            Arc::new(Vault::new(store.clone())),
-            cases.clone(),
-            catalogue.clone(),
-        ),
-        cases: CaseApi(cases),
-        twins: TwinApi::new(system.clone(), Arc::new(Vec::new))
-            .with_directory(directory)
-            .with_shutdown(closing_rx),
-        catalogue: CatalogueApi::new(catalogue.clone()),
-        commands: CommandApi(Arc::new(Commands::new(
-            system.clone(),
-            store.clone(),
-            watched_logs,
-            catalogue.clone(),
-            Arc::new(ManualClock::new(T0)),
-        ))),
-        work: WorkApi::new(
-            system.clone(),
-            catalogue,
-            Arc::new(Default::default()),
-            Arc::new(ManualClock::new(T0)),
-        ),
-    };
-    let id = identity(&certs.join("cluster.pem"), &certs.join("cluster.key")).unwrap();
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    tokio::spawn(serve(listener, id, tokens, services, async move {
-        let _ = stopped.await;
-    }));
-    let ca = std::fs::read(certs.join("ca.pem")).unwrap();
-    let channel = Channel::from_shared(format!("https://{addr}"))
-        .unwrap()
-        .tls_config(
-            ClientTlsConfig::new()
-                .ca_certificate(Certificate::from_pem(ca))
-                .domain_name("localhost"),
-        )
-        .unwrap()
-        .connect()
-        .await
-        .unwrap();
+    provision(&n.system, "t1:fridge-1", "t1:alice", "t1:home-1", FRIDGE).await;
+    provision(&n.system, "t1:fridge-2", "t1:bob", "t1:home-2", FRIDGE).await;
+    provision(&n.system, "t1:fridge-3", "t1:bob", "t1:home-2", FRIDGE).await;
+    provision(&n.system, "t2:coffee-1", "t2:carol", "t2:home-1", COFFEE).await;
     Node {
-        _dir: dir,
-        system,
-        twins: TwinServiceClient::new(channel),
+        system: n.system.clone(),
+        twins: TwinServiceClient::new(n.channel.clone()),
         viewer,
         other,
         desk,
-        closing,
-        _stop: stop,
+        node: n,
     }
-}
-
-fn with<T>(token: &str, msg: T) -> Request<T> {
-    let mut r = Request::new(msg);
-    r.metadata_mut()
-        .insert("authorization", format!("Bearer {token}").parse().unwrap());
-    r
 }
 
 fn reading(seq: u64, signal: &str, value: f64) -> DeviceItem {
@@ -709,7 +585,7 @@ async fn a_watch_sends_the_current_state_then_each_change_coalesced() {
     assert_eq!(u.twin.as_ref().unwrap().device_id, "t1:fridge-1");
     assert_eq!(u.changes, [v1::TwinChange::Desired as i32]);
     // The node shuts down: the stream ends.
-    n.closing.send(true).unwrap();
+    n.node.closing.send(true).unwrap();
     let end = tokio::time::timeout(DEADLINE, stream.message())
         .await
         .expect("the stream ends in time");

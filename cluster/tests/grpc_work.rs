@@ -3,52 +3,29 @@
 //! slot, scopes, tenant walls and bad input; commands queued for a site without an edge,
 //! listed, watched and cancelled.
 
-use caretwin_actors::catalogue::Catalogue;
-use caretwin_actors::host::clock::{Clock, ManualClock};
-use caretwin_actors::host::dispatch::{Delivery, Router};
-use caretwin_actors::host::registry::HostConfig;
-use caretwin_actors::mail::Mail;
 use caretwin_actors::model::{DAY_MS, HOUR_MS};
 use caretwin_actors::services::Tenants;
 use caretwin_actors::services::scheduler::{SchedulerConfig, TechnicianConfig, TimeOfDay, Weekday};
 use caretwin_actors::store::Store;
-use caretwin_actors::system::{Components, ServicesConfig, System};
+use caretwin_actors::system::System;
 use caretwin_actors::twins::device::{DeviceMsg, DeviceReply};
-use caretwin_cluster::grpc::auth::{Scope, Tokens, mint};
-use caretwin_cluster::grpc::cases::{CaseApi, Cases};
-use caretwin_cluster::grpc::catalogue::CatalogueApi;
-use caretwin_cluster::grpc::commands::{CommandApi, Commands};
-use caretwin_cluster::grpc::customers::CustomerApi;
-use caretwin_cluster::grpc::notifications::{NotificationApi, Notifications};
-use caretwin_cluster::grpc::twins::TwinApi;
-use caretwin_cluster::grpc::work::WorkApi;
-use caretwin_cluster::grpc::{Services, identity, serve};
-use caretwin_cluster::ingest::{CommandSignals, EdgeGateway, Ingest, SiteId, command_log};
-use caretwin_cluster::pii::Vault;
-use caretwin_cluster::store::watch::Watched;
-use caretwin_cluster::store::{EmbeddedConfig, EmbeddedStore};
-use caretwin_cluster::sync::dev::{DevPki, generate};
+use caretwin_cluster::grpc::auth::Scope;
+use caretwin_cluster::ingest::{Ingest, SiteId, command_log};
 use caretwin_proto::v1::command_service_client::CommandServiceClient;
 use caretwin_proto::v1::{self, work_service_client::WorkServiceClient};
 use std::sync::Arc;
-use tonic::transport::{Certificate, Channel, ClientTlsConfig};
+use tonic::transport::Channel;
 use tonic::{Code, Request};
+
+mod common;
+use common::{TestNode, with};
 
 /// Monday 2026-11-23 00:00 UTC.
 const T0: u64 = 1_795_392_000_000;
 
-struct Nowhere;
-
-#[async_trait::async_trait]
-impl Router for Nowhere {
-    async fn deliver(&self, _m: Mail) -> caretwin_actors::Result<Delivery> {
-        Ok(Delivery::Delivered)
-    }
-}
-
 /// A node's twins and its gRPC endpoint, with tokens for several integrators.
 struct Node {
-    _dir: tempfile::TempDir,
+    _node: TestNode,
     system: Arc<System>,
     store: Arc<dyn Store>,
     channel: Channel,
@@ -64,7 +41,6 @@ struct Node {
     viewer: String,
     /// t2: admin.
     other_tenant: String,
-    _stop: tokio::sync::oneshot::Sender<()>,
 }
 
 fn scheduler_config() -> Tenants<SchedulerConfig> {
@@ -97,47 +73,18 @@ fn scheduler_config() -> Tenants<SchedulerConfig> {
 }
 
 async fn node() -> Node {
-    let dir = tempfile::tempdir().unwrap();
-    let certs = dir.path().join("certs");
-    generate(&DevPki {
-        out: certs.clone(),
-        cluster_name: "localhost".into(),
-        sites: vec![],
-        force: false,
-    })
-    .unwrap();
-    let backend: Arc<dyn Store> =
-        Arc::new(EmbeddedStore::open(&EmbeddedConfig::at(dir.path().join("data"))).unwrap());
-    let watched = Watched::new(backend, &["cases/", "commands/"]);
-    let signals = watched.signals();
-    let store: Arc<dyn Store> = Arc::new(watched);
-    let clock: Arc<dyn Clock> = Arc::new(ManualClock::new(T0));
-    let scheduler = scheduler_config();
-    let system = Arc::new(
-        System::start(Components {
-            store: store.clone(),
-            clock: clock.clone(),
-            catalogue: Arc::new(Catalogue::builtin()),
-            device_env: None,
-            services: ServicesConfig {
-                scheduler: scheduler.clone(),
-                ..ServicesConfig::default()
-            },
-            host: HostConfig {
-                shards: 4,
-                idle_ms: HOUR_MS,
-            },
-            // Commands go to the sites' command logs, as on a node.
-            outside: Arc::new(EdgeGateway::new(
-                store.clone(),
-                Arc::new(CommandSignals::default()),
-                Arc::new(Nowhere),
-            )),
-            local_supplier: None,
-        })
-        .await
-        .unwrap(),
+    let b = TestNode::builder(T0).scheduler(scheduler_config());
+    let (b, planner) = b.token("planner", "t1", vec![Scope::WorkRead, Scope::WorkWrite]);
+    let (b, reader) = b.token("reader", "t1", vec![Scope::WorkRead]);
+    let (b, supplier) = b.token("supplier", "t1", vec![Scope::PartsWrite, Scope::WorkRead]);
+    let (b, viewer) = b.token("viewer", "t1", vec![Scope::TwinsRead]);
+    let (b, other_tenant) = b.token("other", "t2", vec![Scope::Admin]);
+    let (b, operator) = b.token(
+        "operator",
+        "t1",
+        vec![Scope::CommandsRead, Scope::CommandsWrite],
     );
+    let n = b.start().await;
     for (device, customer, site) in [
         ("t1:coffee-1", "t1:alice", "t1:home-1"),
         ("t2:coffee-9", "t2:bob", "t2:home-9"),
@@ -148,87 +95,22 @@ async fn node() -> Node {
             model: "coffee.barista-200".into(),
         };
         assert_eq!(
-            system.devices().call(device, prov).await.unwrap(),
+            n.system.devices().call(device, prov).await.unwrap(),
             DeviceReply::Ok
         );
     }
-    let (planner, e1) = mint("planner", "t1", vec![Scope::WorkRead, Scope::WorkWrite]);
-    let (reader, e2) = mint("reader", "t1", vec![Scope::WorkRead]);
-    let (supplier, e3) = mint("supplier", "t1", vec![Scope::PartsWrite, Scope::WorkRead]);
-    let (viewer, e4) = mint("viewer", "t1", vec![Scope::TwinsRead]);
-    let (other_tenant, e5) = mint("other", "t2", vec![Scope::Admin]);
-    let (operator, e6) = mint(
-        "operator",
-        "t1",
-        vec![Scope::CommandsRead, Scope::CommandsWrite],
-    );
-    let tokens = Arc::new(Tokens::from_entries(vec![e1, e2, e3, e4, e5, e6]).unwrap());
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let catalogue = Arc::new(Catalogue::builtin());
-    let cases = Arc::new(Cases::new(system.clone(), store.clone(), signals.clone()));
-    let services = Services {
-        notifications: NotificationApi(Arc::new(Notifications::new(
-            system.clone(),
-            store.clone(),
-            signals.clone(),
-        ))),
-        customers: CustomerApi::new(
-            system.clone(),
-            store.clone(),
-            Arc::new(Vault::new(store.clone())),
-            cases.clone(),
-            catalogue.clone(),
-        ),
-        cases: CaseApi(cases),
-        commands: CommandApi(Arc::new(Commands::new(
-            system.clone(),
-            store.clone(),
-            signals,
-            catalogue.clone(),
-            clock.clone(),
-        ))),
-        twins: TwinApi::new(system.clone(), Arc::new(Vec::new)),
-        catalogue: CatalogueApi::new(catalogue.clone()),
-        work: WorkApi::new(system.clone(), catalogue, Arc::new(scheduler), clock),
-    };
-    let id = identity(&certs.join("cluster.pem"), &certs.join("cluster.key")).unwrap();
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    tokio::spawn(serve(listener, id, tokens, services, async move {
-        let _ = stopped.await;
-    }));
-    let ca = std::fs::read(certs.join("ca.pem")).unwrap();
-    let channel = Channel::from_shared(format!("https://{addr}"))
-        .unwrap()
-        .tls_config(
-            ClientTlsConfig::new()
-                .ca_certificate(Certificate::from_pem(ca))
-                .domain_name("localhost"),
-        )
-        .unwrap()
-        .connect()
-        .await
-        .unwrap();
     Node {
-        _dir: dir,
-        system,
-        store,
-        channel,
+        system: n.system.clone(),
+        store: n.store.clone(),
+        channel: n.channel.clone(),
         operator,
         planner,
         reader,
         supplier,
         viewer,
         other_tenant,
-        _stop: stop,
+        _node: n,
     }
-}
-
-fn with<T>(token: &str, msg: T) -> Request<T> {
-    let mut r = Request::new(msg);
-    r.metadata_mut()
-        .insert("authorization", format!("Bearer {token}").parse().unwrap());
-    r
 }
 
 fn part_order(key: &str, device: &str, part: &str, quantity: u32) -> v1::CreatePartOrderRequest {

@@ -15,6 +15,7 @@ struct Counter {
     pings: u64,
 }
 
+#[derive(Clone, serde::Serialize, serde::Deserialize)]
 enum CounterMsg {
     Add(u64),
     PingIn(u64),

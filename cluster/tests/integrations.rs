@@ -26,6 +26,8 @@ use caretwin_proto::v1::parts_supplier_server::PartsSupplierServer;
 use std::sync::Arc;
 use std::time::Duration;
 
+mod common;
+
 /// Monday 2024-01-01 00:00 UTC.
 const MON: u64 = 1_704_067_200_000;
 const SHARDS: u32 = 4;
@@ -212,21 +214,27 @@ fn order_part() -> Mail {
             quantity: 1,
             customer: "t1:cust-1".into(),
             case_id: "case-7".into(),
+            device: String::new(),
         },
     }
 }
 
-/// The supplier orders waiting in the parts desk's outbox.
-async fn supplier_orders(store: &dyn Store) -> Vec<Mail> {
-    let queue = Key::new(format!("outbox/parts/{}", shard_of("t1", SHARDS)));
+/// The mail waiting in `kind`'s outbox (tenant t1's shard) that `wanted` picks.
+async fn waiting(store: &dyn Store, kind: &str, wanted: fn(&Body) -> bool) -> Vec<Mail> {
+    let queue = Key::new(format!("outbox/{kind}/{}", shard_of("t1", SHARDS)));
     store
         .read_outbox(&queue, 1, 100)
         .await
         .unwrap()
         .iter()
         .map(|e| Mail::decode(&e.value).unwrap())
-        .filter(|m| matches!(m.body, Body::SupplierOrder { .. }))
+        .filter(|m| wanted(&m.body))
         .collect()
+}
+
+/// The supplier orders waiting in the parts desk's outbox.
+async fn supplier_orders(store: &dyn Store) -> Vec<Mail> {
+    waiting(store, "parts", |b| matches!(b, Body::SupplierOrder { .. })).await
 }
 
 async fn record(store: &dyn Store, partner: &str, key: &str) -> serde_json::Value {
@@ -300,6 +308,7 @@ async fn transient_failures_are_retried_with_backoff_and_the_order_placed_once()
             quantity: 1,
             customer: "t1:cust-1".into(),
             case_id: "case-8".into(),
+            device: String::new(),
         },
         ..order_part()
     };
@@ -442,6 +451,7 @@ fn book(id: &str) -> Mail {
             not_before_ms: MON,
             windows: vec![],
             duration_ms: HOUR_MS,
+            confirmed: false,
         },
     }
 }
@@ -493,13 +503,24 @@ async fn bookings_go_to_the_field_service_over_grpc_once_across_a_crash() {
     node.system.pump().await.unwrap();
     assert_eq!(w.field_service.calls(), 3, "answered from the record");
     assert_eq!(w.field_service.visits("t1"), 1);
-    let desk_bookings = node
+    let (kept, calendar) = node
         .system
         .scheduler()
-        .inspect("t1", |d| d.map_or(0, |d| d.bookings().count()))
+        .inspect("t1", |d| {
+            let d = d.unwrap();
+            let kept: Vec<_> = d
+                .bookings()
+                .map(|(k, b)| (k.to_owned(), b.partner))
+                .collect();
+            (kept, d.calendar("tech-ana").len())
+        })
         .await
         .unwrap();
-    assert_eq!(desk_bookings, 0, "the in-process desk booked nothing");
+    assert_eq!(
+        (kept, calendar),
+        (vec![("case-7/visit".to_owned(), true)], 0),
+        "the desk keeps the partner's visit as an appointment, and books nothing itself"
+    );
 
     // The visit can be cancelled over gRPC, once.
     let link = FieldServiceLink(
@@ -508,6 +529,102 @@ async fn bookings_go_to_the_field_service_over_grpc_once_across_a_crash() {
     assert!(link.cancel("t1", "case-7/visit").await.unwrap().cancelled);
     assert!(!link.cancel("t1", "case-7/visit").await.unwrap().cancelled);
     assert_eq!(w.field_service.visits("t1"), 0);
+}
+
+/// The `CancelVisit` mail waiting in the scheduler desk's outbox.
+async fn cancellations(store: &dyn Store) -> Vec<Mail> {
+    waiting(store, "scheduler", |b| {
+        matches!(b, Body::CancelVisit { .. })
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_partners_visit_cancelled_at_the_desk_frees_the_partners_slot_once() {
+    let w = world(vec![]).await;
+    let node = w.start(2, true).await;
+    send_from_customer(&*w.store, &book("t1:cust-1/1")).await;
+    node.system.pump().await.unwrap();
+    assert_eq!(w.field_service.visits("t1"), 1);
+    let appointment = node
+        .system
+        .scheduler()
+        .inspect("t1", |d| {
+            d.unwrap().booking("case-7/visit").unwrap().id.clone()
+        })
+        .await
+        .unwrap();
+
+    // Cancelled at the desk (an integrator's CancelAppointment) while the partner is down
+    // for longer than one delivery's retries: the cancellation waits in the outbox.
+    w.field_service.fail_next(2);
+    let cancel = Mail {
+        id: "t1/api/1".into(),
+        from: Address::Scheduler("t1".into()),
+        to: Address::Scheduler("t1".into()),
+        body: Body::CancelBooking {
+            appointment_id: appointment,
+            reason: "the customer moved out".into(),
+        },
+    };
+    assert_eq!(
+        node.system
+            .scheduler()
+            .call("t1", cancel.clone())
+            .await
+            .unwrap(),
+        Status::Done
+    );
+    let report = node.system.pump().await.unwrap();
+    assert_eq!(report.stalled, 1, "given back while the partner is down");
+    assert_eq!(w.field_service.visits("t1"), 1);
+    assert_eq!(w.field_service.cancel_calls(), 2);
+    let mail = cancellations(&*w.store).await.remove(0);
+    node.crash().await;
+
+    // After a restart it goes through: the slot is freed.
+    let node = w.start(2, true).await;
+    let report = node.system.pump().await.unwrap();
+    assert_eq!((report.stalled, report.dropped), (0, 0));
+    assert_eq!(w.field_service.visits("t1"), 0);
+    assert_eq!(w.field_service.cancellations(), 1);
+    let r = record(&*w.store, "field-service-cancel", "case-7/visit").await;
+    assert_eq!(r["outcome"]["cancelled"], true, "{r}");
+    let calls = w.field_service.cancel_calls();
+
+    // Redelivered: answered from the record, no call.
+    assert_eq!(
+        node.router.deliver(mail.clone()).await.unwrap(),
+        Delivery::Delivered
+    );
+    assert_eq!(w.field_service.cancel_calls(), calls);
+    // A crash between the call and its outcome leaves the intent only: called again with
+    // the same key, the partner frees nothing a second time.
+    let intent = serde_json::json!({ "mail": mail.id });
+    w.store
+        .commit(WriteBatch::new().with(Op::PutIdempotency {
+            key: record_key("field-service-cancel", "t1", "case-7/visit"),
+            value: serde_json::to_vec(&intent).unwrap(),
+            mode: caretwin_actors::store::IdempotencyMode::Overwrite,
+        }))
+        .await
+        .unwrap();
+    assert_eq!(
+        node.router.deliver(mail).await.unwrap(),
+        Delivery::Delivered
+    );
+    assert_eq!(w.field_service.cancel_calls(), calls + 1);
+    assert_eq!(
+        w.field_service.cancellations(),
+        1,
+        "the slot was freed once"
+    );
+    // A second cancellation at the desk changes nothing and sends nothing.
+    assert_eq!(
+        node.system.scheduler().call("t1", cancel).await.unwrap(),
+        Status::Duplicate
+    );
+    assert!(cancellations(&*w.store).await.is_empty());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -529,19 +646,11 @@ async fn without_a_field_service_the_desk_books() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_partner_is_reached_over_tls_with_its_ca_and_our_token() {
     use caretwin_cluster::config::RemoteService;
-    use caretwin_cluster::sync::dev::{DevPki, generate};
     use caretwin_proto::v1::PlaceOrderRequest;
     use tonic::transport::{Server, ServerTlsConfig};
 
     let dir = tempfile::tempdir().unwrap();
-    let certs = dir.path().join("certs");
-    generate(&DevPki {
-        out: certs.clone(),
-        cluster_name: "localhost".into(),
-        sites: vec![],
-        force: false,
-    })
-    .unwrap();
+    let certs = common::dev_pki(dir.path());
     let identity =
         caretwin_cluster::grpc::identity(&certs.join("cluster.pem"), &certs.join("cluster.key"))
             .unwrap();

@@ -81,6 +81,7 @@ fn order_part(attempt: u32) -> Mail {
             quantity: 1,
             customer: "t1:cust-1".into(),
             case_id: "case-7".into(),
+            device: "t1:dev-1".into(),
         },
     )
 }
@@ -232,6 +233,7 @@ async fn a_forgotten_order_key_still_cannot_order_twice() {
             quantity: 1,
             customer: "t1:cust-1".into(),
             case_id: "case-8".into(),
+            device: "t1:dev-1".into(),
         },
     );
     assert_eq!(reg.call("t1", other).await.unwrap(), Status::Done);
@@ -286,6 +288,7 @@ async fn bookings_survive_a_restart_and_never_double_book() {
                 not_before_ms: MON,
                 windows: vec![],
                 duration_ms: 60 * MIN,
+                confirmed: false,
             },
         )
     };

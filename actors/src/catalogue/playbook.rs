@@ -35,6 +35,11 @@ pub struct Step {
     pub action: Action,
 }
 
+/// The answer that confirms a proposed technician visit.
+pub const CONFIRM_VISIT: &str = "Confirm";
+/// The answer that declines a proposed technician visit (it is cancelled).
+pub const DECLINE_VISIT: &str = "Decline";
+
 /// What a playbook step does.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 #[serde(tag = "do", rename_all = "snake_case")]
@@ -62,7 +67,10 @@ pub enum Action {
         /// How many (≥ 1).
         quantity: u32,
     },
-    /// Book a technician visit.
+    /// Book a technician visit. Unless the customer approved such visits in advance, the
+    /// visit is proposed and the customer asked to confirm it ([`CONFIRM_VISIT`] /
+    /// [`DECLINE_VISIT`]): later steps may use the answer, or `no_answer`, like an
+    /// `ask_customer` step's.
     BookTechnician {
         /// The skill needed (the step's, else the failure mode's).
         skill: String,

@@ -152,10 +152,11 @@ fn boiler_has_falling_pressure_and_error_codes() {
         })
         .unwrap();
     assert!(order < book);
+    // The booking itself asks for the one-tap confirmation; no answer goes to a person.
     assert!(
         leak.playbook[book..]
             .iter()
-            .any(|s| matches!(s.action, Action::AskCustomer { .. }))
+            .any(|s| matches!(s.action, Action::Handoff { .. }))
     );
 
     let co = boiler.mode_for_alarm("co").unwrap();

@@ -9,7 +9,7 @@ use std::fmt::Display;
 
 use super::duration::parse_duration_ms;
 use super::error::Problem;
-use super::playbook::{Action, ArgValue, Condition, Step};
+use super::playbook::{Action, ArgValue, CONFIRM_VISIT, Condition, DECLINE_VISIT, Step};
 use super::raw::{
     RawAlarm, RawConsumable, RawDiagnosticCode, RawFailureMode, RawModel, RawPart, RawQuestion,
     RawRul, RawSignal, RawStep,
@@ -851,6 +851,10 @@ impl<'a> Checker<'a> {
                     so_far.order_part.get_or_insert(n);
                 }
                 Action::AskCustomer { options, .. } => so_far.ask = Some((n, options.clone())),
+                // A booking asks the customer to confirm the visit.
+                Action::BookTechnician { .. } => {
+                    so_far.ask = Some((n, vec![CONFIRM_VISIT.into(), DECLINE_VISIT.into()]))
+                }
                 Action::NotifyCustomer { priority, .. } => {
                     if *priority == Priority::Safety && !safety {
                         self.fail(
@@ -871,7 +875,7 @@ impl<'a> Checker<'a> {
                         ended_at.get_or_insert(n);
                     }
                 }
-                Action::OrderConsumable { .. } | Action::BookTechnician { .. } => {}
+                Action::OrderConsumable { .. } => {}
             }
             steps.push(Step {
                 when: when.clone(),

@@ -64,6 +64,20 @@ impl Dispatcher {
         }
     }
 
+    /// Delivers these queues' mail from now on (from their first entry still there).
+    pub fn add_queues(&mut self, queues: impl IntoIterator<Item = Key>) {
+        for q in queues {
+            self.cursors.entry(q).or_insert(1);
+        }
+    }
+
+    /// Stops delivering these queues' mail.
+    pub fn remove_queues(&mut self, queues: &[Key]) {
+        for q in queues {
+            self.cursors.remove(q);
+        }
+    }
+
     /// Delivers what is waiting in every queue: the queues side by side, each in its own
     /// order. A queue's delivered entries are removed with one write per page, after
     /// their deliveries succeeded (a crash in between only means redelivery).

@@ -27,12 +27,15 @@
 //! - [`Twin`], [`Ctx`] — the contract a hosted twin implements, and its step output.
 //! - [`clock`] — the clock port: [`clock::ManualClock`] for virtual time.
 //! - [`shard`] — the shard actor.
-//! - [`registry`] — routes a twin id to its shard.
+//! - [`registry`] — routes a twin id to its shard: hosted here, or forwarded to the node
+//!   that hosts it.
+//! - [`remote`] — the port to other nodes (forwarding) and the wire form of answers.
 //! - [`dispatch`] — delivers outbox mail in order, at least once, then removes it.
 
 pub mod clock;
 pub mod dispatch;
 pub mod registry;
+pub mod remote;
 pub mod shard;
 
 use crate::model::TimeMs;
@@ -43,10 +46,12 @@ use crate::store::{Key, Op, WriteBatch};
 /// It does no I/O: time comes in `ctx.now()`, and everything it wants stored or done goes
 /// out through `ctx`.
 pub trait Twin: Sized + Send + 'static {
-    /// What the twin is sent.
-    type Msg: Send + 'static;
-    /// What the twin answers, once its effects are durable.
-    type Reply: Send + 'static;
+    /// What the twin is sent. Serializable and clonable: a message for a twin hosted on
+    /// another node is forwarded there, and sent again if its shard moved on the way.
+    type Msg: Clone + Send + serde::Serialize + serde::de::DeserializeOwned + 'static;
+    /// What the twin answers, once its effects are durable (serializable: it may come back
+    /// from another node).
+    type Reply: Send + serde::Serialize + serde::de::DeserializeOwned + 'static;
     /// Read-only context shared by every twin of this kind (catalogue, policies).
     type Env: Send + Sync + 'static;
 

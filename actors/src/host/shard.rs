@@ -113,9 +113,14 @@ impl<T> Default for Shard<T> {
     }
 }
 
+/// The key of twin `id`'s snapshot.
+pub(crate) fn snapshot_key<T: Twin>(id: &str) -> Key {
+    Key::new(format!("{}/{id}", T::KIND))
+}
+
 impl<T: Twin> ShardState<T> {
     fn snapshot_key(id: &str) -> Key {
-        Key::new(format!("{}/{id}", T::KIND))
+        snapshot_key::<T>(id)
     }
 
     async fn activate(&mut self, id: &str, create: bool) -> Result<bool> {

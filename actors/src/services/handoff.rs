@@ -873,6 +873,7 @@ mod tests {
                 quantity: 1,
                 customer: "t1:cust-1".into(),
                 case_id: "c".into(),
+                device: String::new(),
             },
         );
         for m in [

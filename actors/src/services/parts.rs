@@ -383,6 +383,7 @@ impl PartsDesk {
             key: key.to_owned(),
             part_number: order.part_number.clone(),
             quantity: order.quantity,
+            device: order.device.clone(),
         };
         let to = Address::Supplier(self.tenant.clone());
         send(ctx, &mut self.state.seq, &self.me, Self::KIND, to, body);
@@ -698,13 +699,14 @@ impl Twin for PartsDesk {
                 quantity,
                 customer,
                 case_id,
+                device,
             } => {
                 let req = PartOrderRequest {
                     key,
                     part_number,
                     quantity,
                     customer,
-                    device: String::new(),
+                    device,
                     case_id,
                     work_order_id: String::new(),
                     consumable: false,
@@ -791,6 +793,7 @@ mod tests {
                 quantity,
                 customer: "t1:cust-1".into(),
                 case_id: "case-1".into(),
+                device: "t1:dev-1".into(),
             },
         )
     }
@@ -899,10 +902,13 @@ mod tests {
                 &Body::SupplierOrder {
                     key: "case-2/PUMP".into(),
                     part_number: "PUMP".into(),
-                    quantity: 2
+                    quantity: 2,
+                    // The supplier delivers to the device's site.
+                    device: "t1:dev-1".into(),
                 }
             )]
         );
+        assert_eq!(desk.order("case-2/PUMP").unwrap().device, "t1:dev-1");
         assert_eq!(desk.stock("PUMP"), 1, "stock untouched");
         // Retried while the supplier has not answered: nothing new, nothing misleading.
         for _ in 0..5 {

@@ -32,7 +32,9 @@ use super::{
     tenant_id,
 };
 use crate::host::{Ctx, Twin};
-use crate::mail::{Address, Body, Mail, SlotRequest, WorkOrderRequest, WorkOrderState, tenant_of};
+use crate::mail::{
+    Address, Body, Mail, PartnerVisit, SlotRequest, WorkOrderRequest, WorkOrderState, tenant_of,
+};
 use crate::model::{DAY_MS, Priority, TimeMs};
 use crate::{Error, Result};
 use serde::{Deserialize, Serialize};
@@ -277,6 +279,10 @@ pub struct Booking {
     /// The case a twin booked it for, if any.
     #[serde(rename = "z", default, skip_serializing_if = "String::is_empty")]
     pub case_id: String,
+    /// Booked by the field-service partner: its calendar holds the slot, not this desk's,
+    /// and a cancellation is sent on to it.
+    #[serde(rename = "e", default, skip_serializing_if = "is_false")]
+    pub partner: bool,
 }
 
 fn is_false(b: &bool) -> bool {
@@ -289,6 +295,12 @@ fn holds_slot(b: &Booking) -> Option<(&str, (TimeMs, TimeMs))> {
         (Some(t), Some(slot)) if !b.cancelled => Some((t.as_str(), slot)),
         _ => None,
     }
+}
+
+/// Whether a booking holds a slot of this desk's calendars (a partner's visit is in the
+/// partner's).
+fn holds_desk_slot(b: &Booking) -> Option<(&str, (TimeMs, TimeMs))> {
+    holds_slot(b).filter(|_| !b.partner)
 }
 
 /// A piece of repair work on a device: opened by an integrator, or by a twin's booking
@@ -430,7 +442,7 @@ impl State {
     fn rebuild_calendars(&mut self) {
         self.calendars.clear();
         for b in self.bookings.values() {
-            if let Some((t, slot)) = holds_slot(b) {
+            if let Some((t, slot)) = holds_desk_slot(b) {
                 self.calendars.entry(t.to_owned()).or_default().push(slot);
             }
         }
@@ -529,6 +541,7 @@ struct Ask {
     not_before_ms: TimeMs,
     windows: Vec<(TimeMs, TimeMs)>,
     duration_ms: u64,
+    confirmed: bool,
 }
 
 /// The repair scheduler of one tenant (twin id = tenant id).
@@ -595,10 +608,11 @@ impl Scheduler {
         None
     }
 
-    /// Cancels booking `key`: its technician's slot is freed, its work order is open
-    /// again, and the customer is told (`Booking` with no technician, detail
-    /// `cancelled (…)`). A failed, cancelled or unknown booking is left alone.
-    pub fn cancel(&mut self, key: &str, ctx: &mut Ctx) -> Status {
+    /// Cancels booking `key` for `reason`: its technician's slot is freed (a partner's
+    /// visit by [`Body::CancelVisit`] mail to the partner, which calls it), its work order
+    /// is open again, and the customer is told (`Booking` with no technician, detail
+    /// `cancelled: reason (…)`). A failed, cancelled or unknown booking is left alone.
+    pub fn cancel(&mut self, key: &str, reason: &str, ctx: &mut Ctx) -> Status {
         let now = ctx.now();
         let state = &mut self.state;
         let Some(b) = state.bookings.get_mut(key) else {
@@ -608,9 +622,18 @@ impl Scheduler {
             return Status::Duplicate;
         };
         b.cancelled = true;
-        b.detail = format!("cancelled ({})", b.detail);
+        b.detail = format!("cancelled: {reason} ({})", b.detail);
         b.at = now;
-        if let Some(cal) = state.calendars.get_mut(&tech)
+        if b.partner {
+            // In the same batch as the cancellation: the outbox delivers it at least once,
+            // and the partner frees the slot once per key.
+            let body = Body::CancelVisit {
+                key: key.to_owned(),
+                reason: reason.to_owned(),
+            };
+            let to = Address::FieldService(self.tenant.clone());
+            send(ctx, &mut state.seq, &self.me, Self::KIND, to, body);
+        } else if let Some(cal) = state.calendars.get_mut(&tech)
             && let Ok(i) = cal.binary_search(&slot)
         {
             cal.remove(i);
@@ -803,7 +826,7 @@ impl Scheduler {
             }
             if !q.free_only {
                 for b in self.state.bookings.values() {
-                    if let Some((tech, (s, e))) = holds_slot(b)
+                    if let Some((tech, (s, e))) = holds_desk_slot(b)
                         && tech == t.id
                         && s < q.to
                         && e > q.from
@@ -967,7 +990,7 @@ impl Scheduler {
         if state == WorkOrderState::Cancelled
             && let Some(key) = wo.appointment.clone()
         {
-            self.cancel(&key, ctx);
+            self.cancel(&key, "the work order is cancelled", ctx);
         }
         let wo = self.state.orders.get_mut(id).expect("found above");
         wo.state = state;
@@ -1011,28 +1034,7 @@ impl Scheduler {
             Err(SlotError::Invalid(why)) => return Err(why),
             Err(SlotError::Busy(_)) => return Ok(Status::Ignored),
         }
-        let visit_over = |b: &Booking| match b.slot {
-            Some((_, end)) if !b.cancelled => (end <= now).then_some(end),
-            _ => Some(b.at),
-        };
-        let room = make_room_within(
-            &mut self.state.bookings,
-            now,
-            config.retain,
-            config.max_records,
-            visit_over,
-            BOOKINGS_BUDGET,
-        );
-        if room.forgot {
-            self.state.rebuild_calendars();
-            ctx.changed();
-        }
-        if !room.fits {
-            return Err(format!(
-                "the desk is full: {} visits are ahead",
-                self.state.bookings.len()
-            ));
-        }
+        self.room_for_booking(ctx, config)?;
         claim(ctx, Self::KIND, &self.tenant, &req.key);
         self.state.appointments += 1;
         let id = format!("{}:ap-{}", self.tenant, self.state.appointments);
@@ -1070,8 +1072,125 @@ impl Scheduler {
                 confirmed: req.confirmed,
                 cancelled: false,
                 case_id: String::new(),
+                partner: false,
             },
         );
+        ctx.changed();
+        Ok(Status::Done)
+    }
+
+    /// Makes room for one more booking: visits that are over, and cancelled or failed
+    /// bookings, are forgotten first (see [`make_room_within`]); `Err` when the desk is
+    /// still full.
+    fn room_for_booking(
+        &mut self,
+        ctx: &mut Ctx,
+        config: &SchedulerConfig,
+    ) -> std::result::Result<(), String> {
+        let now = ctx.now();
+        let room = make_room_within(
+            &mut self.state.bookings,
+            now,
+            config.retain,
+            config.max_records,
+            |b: &Booking| match b.slot {
+                Some((_, end)) if !b.cancelled => (end <= now).then_some(end),
+                _ => Some(b.at),
+            },
+            BOOKINGS_BUDGET,
+        );
+        if room.forgot {
+            self.state.rebuild_calendars();
+            ctx.changed();
+        }
+        if !room.fits {
+            return Err(format!(
+                "the desk is full: {} visits are ahead",
+                self.state.bookings.len()
+            ));
+        }
+        Ok(())
+    }
+
+    /// Whether `from` is the customer twin booking `key` is for (only they confirm or
+    /// decline it).
+    fn customers_booking(&self, from: &Address, key: &str) -> std::result::Result<(), String> {
+        match self.state.bookings.get(key) {
+            Some(b) if *from == Address::Customer(b.customer.clone()) => Ok(()),
+            Some(_) => Err(format!("booking {key:?} is not {from:?}'s to answer")),
+            None => Err(format!("unknown booking {key:?}")),
+        }
+    }
+
+    /// The customer confirmed booking `key`: a visit that still holds its slot becomes
+    /// confirmed (once); a cancelled or failed one stays as it is.
+    fn confirm(&mut self, key: &str, ctx: &mut Ctx) -> Status {
+        let Some(b) = self.state.bookings.get_mut(key) else {
+            return Status::Ignored;
+        };
+        if holds_slot(b).is_none() {
+            return Status::Ignored;
+        }
+        if b.confirmed {
+            return Status::Duplicate;
+        }
+        b.confirmed = true;
+        b.at = ctx.now();
+        ctx.changed();
+        Status::Done
+    }
+
+    /// Keeps a visit the field-service partner booked with the tenant's appointments
+    /// (its own appointment and work order ids; the partner's calendar holds the slot).
+    fn partner_booked(
+        &mut self,
+        ctx: &mut Ctx,
+        config: &SchedulerConfig,
+        v: PartnerVisit,
+    ) -> std::result::Result<Status, String> {
+        check_key("booking key", &v.key)?;
+        check_key("technician", &v.technician)?;
+        if tenant_of(&v.customer) != self.tenant || !v.customer.contains(':') {
+            return Err(format!(
+                "booking {:?} is for customer {:?}, not one of tenant {}",
+                v.key, v.customer, self.tenant
+            ));
+        }
+        if v.slot.0 >= v.slot.1 || v.reference.len() > MAX_TEXT {
+            return Err(format!(
+                "partner booking {:?} has an empty slot or an overlong reference",
+                v.key
+            ));
+        }
+        if self.state.bookings.contains_key(&v.key) {
+            return Ok(Status::Duplicate);
+        }
+        let now = ctx.now();
+        self.room_for_booking(ctx, config)?;
+        claim(ctx, Self::KIND, &self.tenant, &v.key);
+        self.state.work_orders += 1;
+        self.state.appointments += 1;
+        let wo = format!("{}:wo-{}", self.tenant, self.state.work_orders);
+        let detail = if v.reference.is_empty() {
+            wo.clone()
+        } else {
+            format!("{wo}, partner's {}", v.reference)
+        };
+        let booking = Booking {
+            customer: v.customer,
+            at: now,
+            technician: Some(v.technician),
+            slot: Some(v.slot),
+            detail,
+            id: format!("{}:ap-{}", self.tenant, self.state.appointments),
+            work_order: wo,
+            parts: Vec::new(),
+            confirmed: v.confirmed,
+            cancelled: false,
+            case_id: v.case_id,
+            partner: true,
+        };
+        self.state.bookings.insert(v.key, booking);
         ctx.changed();
         Ok(Status::Done)
     }
@@ -1091,6 +1210,7 @@ impl Scheduler {
             not_before_ms,
             windows,
             duration_ms,
+            confirmed,
         } = ask;
         check_key("booking key", &key)?;
         if tenant_of(&customer) != self.tenant || !customer.contains(':') {
@@ -1119,28 +1239,7 @@ impl Scheduler {
             return Err(format!("booking {key:?} has an empty window {w:?}"));
         }
         let now = ctx.now();
-        let visit_over = |b: &Booking| match b.slot {
-            Some((_, end)) if !b.cancelled => (end <= now).then_some(end),
-            _ => Some(b.at),
-        };
-        let room = make_room_within(
-            &mut self.state.bookings,
-            now,
-            config.retain,
-            config.max_records,
-            visit_over,
-            BOOKINGS_BUDGET,
-        );
-        if room.forgot {
-            self.state.rebuild_calendars();
-            ctx.changed();
-        }
-        if !room.fits {
-            return Err(format!(
-                "the desk is full: {} visits are ahead",
-                self.state.bookings.len()
-            ));
-        }
+        self.room_for_booking(ctx, config)?;
         let from = not_before_ms.max(now);
         let gave_windows = !windows.is_empty();
         let req = Request {
@@ -1178,9 +1277,10 @@ impl Scheduler {
                     id: format!("{}:ap-{}", self.tenant, self.state.appointments),
                     work_order: wo,
                     parts: Vec::new(),
-                    confirmed: false,
+                    confirmed,
                     cancelled: false,
                     case_id,
+                    partner: false,
                 }
             }
             None => {
@@ -1211,6 +1311,7 @@ impl Scheduler {
                     confirmed: false,
                     cancelled: false,
                     case_id,
+                    partner: false,
                 }
             }
         };
@@ -1269,6 +1370,7 @@ impl Twin for Scheduler {
                 not_before_ms,
                 windows,
                 duration_ms,
+                confirmed,
             } => {
                 let ask = Ask {
                     key,
@@ -1279,6 +1381,7 @@ impl Twin for Scheduler {
                     not_before_ms,
                     windows,
                     duration_ms,
+                    confirmed,
                 };
                 self.book(ctx, env.get(&self.tenant), ask)
             }
@@ -1289,12 +1392,26 @@ impl Twin for Scheduler {
                 notes,
             } => self.work_order_progress(ctx, env.get(&self.tenant), &work_order_id, state, notes),
             Body::BookSlot(req) => self.book_slot(ctx, env.get(&self.tenant), req),
-            Body::CancelBooking { appointment_id, .. } => {
-                match self.appointment(&appointment_id).map(|(k, _)| k.to_owned()) {
-                    Some(key) => Ok(self.cancel(&key, ctx)),
-                    None => Err(format!("unknown appointment {appointment_id:?}")),
-                }
+            Body::CancelBooking {
+                appointment_id,
+                reason,
+            } => match self.appointment(&appointment_id).map(|(k, _)| k.to_owned()) {
+                Some(key) => Ok(self.cancel(&key, &reason, ctx)),
+                None => Err(format!("unknown appointment {appointment_id:?}")),
+            },
+            Body::ConfirmVisit { key } => self
+                .customers_booking(&mail.from, &key)
+                .map(|()| self.confirm(&key, ctx)),
+            Body::CancelVisit { key, reason } => self
+                .customers_booking(&mail.from, &key)
+                .map(|()| self.cancel(&key, &reason, ctx)),
+            Body::PartnerBooked(_) if mail.from != Address::FieldService(self.tenant.clone()) => {
+                Err(format!(
+                    "a partner's booking comes from its field service, not {:?}",
+                    mail.from
+                ))
             }
+            Body::PartnerBooked(visit) => self.partner_booked(ctx, env.get(&self.tenant), visit),
             other => Err(format!("the scheduler does not take {}", body_name(&other))),
         };
         out.unwrap_or_else(|why| refuse(Self::KIND, &self.tenant, &id, why))
@@ -1379,6 +1496,7 @@ mod tests {
                 not_before_ms: not_before,
                 windows: windows.to_vec(),
                 duration_ms: minutes * MIN,
+                confirmed: false,
             },
         )
     }
@@ -1881,7 +1999,7 @@ mod tests {
         .unwrap();
         assert_eq!(b.1.0, at(0, 9, 0));
         let mut c = ctx(MON);
-        assert_eq!(s.cancel("a", &mut c), Status::Done);
+        assert_eq!(s.cancel("a", "plans changed", &mut c), Status::Done);
         match &sent(&c)[..] {
             [
                 Mail {
@@ -1899,8 +2017,14 @@ mod tests {
             }
             other => panic!("{other:?}"),
         }
-        assert_eq!(s.cancel("a", &mut ctx(MON)), Status::Duplicate);
-        assert_eq!(s.cancel("nope", &mut ctx(MON)), Status::Ignored);
+        assert_eq!(
+            s.cancel("a", "plans changed", &mut ctx(MON)),
+            Status::Duplicate
+        );
+        assert_eq!(
+            s.cancel("nope", "plans changed", &mut ctx(MON)),
+            Status::Ignored
+        );
         let c2 = booked(
             &mut s,
             &env,
@@ -1909,6 +2033,139 @@ mod tests {
         )
         .unwrap();
         assert_eq!(c2.1.0, at(0, 8, 0), "the freed slot is taken again");
+    }
+
+    #[test]
+    fn the_customer_confirms_or_declines_a_proposed_visit_and_only_their_own() {
+        let env = env();
+        let mut s = Scheduler::create("t1", &env).unwrap();
+        let customer = Address::Customer("t1:cust-1".into());
+        let desk = Address::Scheduler("t1".into());
+        for key in ["a", "b"] {
+            booked(
+                &mut s,
+                &env,
+                MON,
+                book(key, "boiler", "north", MON, &[], 60),
+            )
+            .unwrap();
+        }
+        assert!(!s.booking("a").unwrap().confirmed, "held as proposed");
+        let confirm = |id: &str, from: &Address, key: &str| {
+            mail(
+                id,
+                from.clone(),
+                desk.clone(),
+                Body::ConfirmVisit { key: key.into() },
+            )
+        };
+        // Only the customer it is for answers for it.
+        let stranger = Address::Customer("t1:cust-2".into());
+        let (st, _, _) = step(&mut s, &env, MON, confirm("t1:cust-2/1", &stranger, "a"));
+        assert!(matches!(st, Status::Refused(_)), "{st:?}");
+        assert!(!s.booking("a").unwrap().confirmed);
+        let (st, _, _) = step(
+            &mut s,
+            &env,
+            MON + 1,
+            confirm("t1:cust-1/9", &customer, "a"),
+        );
+        assert_eq!(st, Status::Done);
+        let a = s.booking("a").unwrap();
+        assert!(a.confirmed && a.at == MON + 1, "{a:?}");
+        let (st, _, _) = step(
+            &mut s,
+            &env,
+            MON + 2,
+            confirm("t1:cust-1/10", &customer, "a"),
+        );
+        assert_eq!(st, Status::Duplicate);
+        // A decline cancels: the slot is free again, the customer told.
+        let decline = mail(
+            "t1:cust-1/11",
+            customer.clone(),
+            desk.clone(),
+            Body::CancelVisit {
+                key: "b".into(),
+                reason: "declined by the customer".into(),
+            },
+        );
+        let (st, out, _) = step(&mut s, &env, MON, decline);
+        assert_eq!(st, Status::Done);
+        assert!(s.booking("b").unwrap().cancelled);
+        assert!(
+            matches!(&out[..], [Mail { body: Body::Booking { technician: None, detail, .. }, .. }] if detail.contains("declined")),
+            "{out:?}"
+        );
+        assert_eq!(
+            s.calendar("ana").len(),
+            1,
+            "only the confirmed visit holds a slot"
+        );
+        // A cancelled visit is not confirmed any more.
+        let (st, _, _) = step(&mut s, &env, MON, confirm("t1:cust-1/12", &customer, "b"));
+        assert_eq!(st, Status::Ignored);
+    }
+
+    #[test]
+    fn a_partners_visit_is_kept_outside_the_calendars_and_its_cancel_goes_to_the_partner() {
+        let env = env();
+        let mut s = Scheduler::create("t1", &env).unwrap();
+        let partner = Address::FieldService("t1".into());
+        let desk = Address::Scheduler("t1".into());
+        let visit = |from: &Address| {
+            mail(
+                "t1/field-service/k1/booked",
+                from.clone(),
+                desk.clone(),
+                Body::PartnerBooked(PartnerVisit {
+                    key: "k1".into(),
+                    customer: "t1:cust-1".into(),
+                    case_id: "case-1".into(),
+                    technician: "ana".into(),
+                    slot: (at(0, 8, 0), at(0, 9, 0)),
+                    reference: "FS-7".into(),
+                    confirmed: false,
+                }),
+            )
+        };
+        let customer = Address::Customer("t1:cust-1".into());
+        let (st, _, _) = step(&mut s, &env, MON, visit(&customer));
+        assert!(
+            matches!(st, Status::Refused(_)),
+            "only the partner reports its visits"
+        );
+        let (st, out, _) = step(&mut s, &env, MON, visit(&partner));
+        assert_eq!((st, out.len()), (Status::Done, 0));
+        let (st, _, _) = step(&mut s, &env, MON, visit(&partner));
+        assert_eq!(st, Status::Duplicate);
+        let (key, b) = s.appointment("t1:ap-1").unwrap();
+        assert_eq!(
+            (key, b.partner, b.work_order.as_str()),
+            ("k1", true, "t1:wo-1")
+        );
+        assert!(
+            s.calendar("ana").is_empty(),
+            "the partner's calendar holds it"
+        );
+        assert!(s.work_order("t1:wo-1").is_some(), "a scheduled work order");
+        // Cancelled here: the partner is told to free its slot, in the same step.
+        let cancel = mail(
+            "t1/api/1",
+            desk.clone(),
+            desk.clone(),
+            Body::CancelBooking {
+                appointment_id: "t1:ap-1".into(),
+                reason: "plans changed".into(),
+            },
+        );
+        let (st, out, _) = step(&mut s, &env, MON, cancel);
+        assert_eq!(st, Status::Done);
+        let to_partner: Vec<_> = out.iter().filter(|m| m.to == partner).collect();
+        assert!(
+            matches!(&to_partner[..], [Mail { body: Body::CancelVisit { key, .. }, .. }] if key == "k1"),
+            "{out:?}"
+        );
     }
 
     #[test]

@@ -16,7 +16,7 @@
 //! effect carries an idempotency key made of the case id and the step, so replays of the
 //! same mail produce nothing new.
 
-use crate::catalogue::playbook::{Action, Facts, Remedy, Reply};
+use crate::catalogue::playbook::{Action, CONFIRM_VISIT, DECLINE_VISIT, Facts, Remedy, Reply};
 use crate::catalogue::{Catalogue, DeviceModel, FailureMode};
 use crate::host::{Ctx, Twin};
 use crate::mail::{Address, Body, CaseContext, DeviceCommand, Mail, tenant_of};
@@ -39,6 +39,7 @@ const HANDOFF_BELOW_CONFIDENCE: f64 = 0.35;
 const APPROVAL_TIMEOUT_MS: u64 = 2 * DAY_MS;
 /// The answer that approves an order.
 pub const APPROVE: &str = "Order";
+
 /// How far ahead technician availability is offered to the scheduler.
 const BOOKING_HORIZON_MS: u64 = 30 * DAY_MS;
 
@@ -73,7 +74,7 @@ impl Default for Profile {
 }
 
 /// What a customer twin is sent.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum CustomerMsg {
     /// Mail from another twin (delivered at least once; de-duplicated here).
     Mail(Mail),
@@ -100,7 +101,7 @@ pub enum CustomerMsg {
 }
 
 /// A customer twin's answer.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum CustomerReply {
     /// Taken (or a duplicate, ignored).
     Ok,
@@ -212,10 +213,29 @@ pub struct Case {
     /// An order waiting for the customer's one-tap approval: (part number, quantity).
     #[serde(default)]
     pub pending_order: Option<(String, u32)>,
+    /// The latest technician visit the case asked for.
+    #[serde(default)]
+    pub visit: Option<Visit>,
     /// Whether it went to a person.
     pub handed_off: bool,
     /// Where it stands.
     pub state: CaseState,
+}
+
+/// A technician visit a case asked the scheduler for.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Visit {
+    /// The booking's idempotency key.
+    pub key: String,
+    /// Booked confirmed (a standing approval), or confirmed by the customer since.
+    pub confirmed: bool,
+}
+
+impl Visit {
+    /// The id of the one-tap question that asks the customer to confirm the visit.
+    pub fn question_id(&self) -> String {
+        format!("{}/confirm", self.key)
+    }
 }
 
 /// A notification held back by quiet hours or the budget.
@@ -478,19 +498,13 @@ impl CustomerTwin {
                     self.cases[i].wait = Wait::Nothing;
                     match (technician, slot) {
                         (Some(t), Some((start, _))) => {
-                            let case_id = self.cases[i].id.clone();
                             let when = civil_time(start, self.profile.preferences.utc_offset_min);
                             self.cases[i]
                                 .actions
                                 .push(format!("technician {t} booked for {when} ({detail})"));
-                            // The minimum-gesture approval: "we booked X; tap to confirm".
-                            let done = self.notify(
-                                ctx,
-                                format!("A technician visits on {when}; tap to confirm"),
-                                Priority::Normal,
-                                Some(format!("{case_id}/confirm-visit")),
-                            );
-                            self.cases[i].actions.push(done);
+                            if self.ask_to_confirm_visit(i, start, &when, ctx) {
+                                return CustomerReply::Ok;
+                            }
                             self.walk(i, ctx, env);
                         }
                         _ => {
@@ -587,6 +601,7 @@ impl CustomerTwin {
             cleared: false,
             part_arrives_at: None,
             pending_order: None,
+            visit: None,
             handed_off: false,
             state: CaseState::Open,
         };
@@ -628,6 +643,11 @@ impl CustomerTwin {
             }
             c.actions.push(format!("customer answered {answer:?}"));
             c.wait = Wait::Nothing;
+            if let Some(visit) = c.visit.clone().filter(|v| v.question_id() == question_id) {
+                self.on_visit_answer(i, visit, answer, ctx, env);
+                return;
+            }
+            let c = &mut self.cases[i];
             if let Some((part, quantity)) = c.pending_order.take() {
                 // An approval, not a playbook question: it decides the order only.
                 if answer == APPROVE {
@@ -702,6 +722,95 @@ impl CustomerTwin {
                 .iter()
                 .any(|a| a == p)
         })
+    }
+
+    /// Whether the customer approved technician visits of `skill` without being asked.
+    fn visit_approved(&self, skill: &str) -> bool {
+        self.profile
+            .preferences
+            .visit_approvals
+            .iter()
+            .any(|a| a == skill || a == "*")
+    }
+
+    /// Case `i`'s visit was booked for `start` (`when` in the customer's time): a visit
+    /// booked confirmed is announced; any other is proposed to the customer with one-tap
+    /// options, and the case waits for the answer (true) until the visit starts or the
+    /// approval timeout, whichever is first.
+    fn ask_to_confirm_visit(&mut self, i: usize, start: TimeMs, when: &str, ctx: &mut Ctx) -> bool {
+        let Some(visit) = self.cases[i].visit.clone() else {
+            return false;
+        };
+        if visit.confirmed {
+            let done = self.notify(
+                ctx,
+                format!("A technician visits on {when}"),
+                Priority::Normal,
+                None,
+            );
+            self.cases[i].actions.push(done);
+            return false;
+        }
+        // The minimum-gesture approval: "we booked X; tap to confirm".
+        let qid = visit.question_id();
+        let due = (ctx.now() + APPROVAL_TIMEOUT_MS).min(start.max(ctx.now() + 1));
+        let text = format!(
+            "A technician can visit on {when}; tap to confirm [{CONFIRM_VISIT} / {DECLINE_VISIT}]"
+        );
+        let done = self.notify(ctx, text, Priority::Normal, Some(qid.clone()));
+        let c = &mut self.cases[i];
+        ctx.arm(due, &format!("case:{}:answer", c.id));
+        c.actions.push(done);
+        c.wait = Wait::Answer {
+            question_id: qid,
+            due,
+        };
+        true
+    }
+
+    /// The customer answered case `i`'s visit confirmation: a yes confirms the booking
+    /// and the playbook goes on; anything else cancels it (its slot is freed) and a
+    /// person arranges another time.
+    fn on_visit_answer(
+        &mut self,
+        i: usize,
+        visit: Visit,
+        answer: String,
+        ctx: &mut Ctx,
+        env: &CustomerEnv,
+    ) {
+        let scheduler = Address::Scheduler(self.tenant().to_owned());
+        let confirmed = answer.eq_ignore_ascii_case(CONFIRM_VISIT);
+        self.cases[i].answer = Answer::Answered(answer);
+        if confirmed {
+            self.send(
+                ctx,
+                scheduler,
+                Body::ConfirmVisit {
+                    key: visit.key.clone(),
+                },
+            );
+            let c = &mut self.cases[i];
+            c.actions.push(format!("visit {} confirmed", visit.key));
+            c.visit = Some(Visit {
+                confirmed: true,
+                ..visit
+            });
+            self.walk(i, ctx, env);
+        } else {
+            self.send(
+                ctx,
+                scheduler,
+                Body::CancelVisit {
+                    key: visit.key.clone(),
+                    reason: "declined by the customer".into(),
+                },
+            );
+            self.cases[i]
+                .actions
+                .push(format!("visit {} declined: cancelled", visit.key));
+            self.hand_off(i, "the customer declined the technician visit", ctx, env);
+        }
     }
 
     /// Runs one step; false when the case now waits or ended.
@@ -788,6 +897,7 @@ impl CustomerTwin {
                 after_part_arrives,
             } => {
                 let key = format!("{case_id}/visit-{step_no}");
+                let confirmed = self.visit_approved(skill);
                 let not_before = if *after_part_arrives {
                     self.cases[i].part_arrives_at.unwrap_or(ctx.now())
                 } else {
@@ -802,11 +912,16 @@ impl CustomerTwin {
                     not_before_ms: not_before,
                     windows: self.availability_windows(not_before),
                     duration_ms: *duration_ms,
+                    confirmed,
                 };
                 self.send(ctx, Address::Scheduler(self.tenant().to_owned()), body);
                 let c = &mut self.cases[i];
                 c.actions
                     .push(format!("technician ({skill}) requested ({key})"));
+                c.visit = Some(Visit {
+                    key: key.clone(),
+                    confirmed,
+                });
                 c.wait = Wait::Booking { key };
                 false
             }
@@ -871,6 +986,7 @@ impl CustomerTwin {
             quantity,
             customer: self.id.clone(),
             case_id,
+            device: self.cases[i].device.clone(),
         };
         self.send(ctx, Address::Parts(self.tenant().to_owned()), body);
         let c = &mut self.cases[i];

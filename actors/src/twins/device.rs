@@ -159,7 +159,7 @@ impl DeviceEnv {
 }
 
 /// One item of a device's log: a reading or an event, with its sequence number.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct DeviceItem {
     /// Per-device sequence number, from 1, shared by readings and events.
     pub seq: u64,
@@ -170,7 +170,7 @@ pub struct DeviceItem {
 }
 
 /// What a device reported.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum ItemKind {
     /// A signal's value.
     Reading {
@@ -220,7 +220,7 @@ pub enum ItemKind {
 }
 
 /// What a device twin is sent.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum DeviceMsg {
     /// The device belongs to this customer and site, and is of this model.
     Provision {
@@ -309,7 +309,7 @@ pub const MAX_FIELDS: usize = 64;
 const MAX_FIELD_BYTES: usize = 256;
 
 /// Why an item was refused, in the protocol's terms.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum RejectKind {
     /// NaN, infinite, overflowing, out of order, or otherwise unusable.
     InvalidValue,
@@ -322,7 +322,7 @@ pub enum RejectKind {
 }
 
 /// An item refused (the high-water mark moved past it), with the reason.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Rejection {
     /// The item's sequence number.
     pub seq: u64,
@@ -333,7 +333,7 @@ pub struct Rejection {
 }
 
 /// What happened to a batch of items.
-#[derive(Debug, Clone, Default, PartialEq)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct ApplyReport {
     /// Items applied.
     pub applied: u32,
@@ -352,7 +352,7 @@ pub struct ApplyReport {
 }
 
 /// A device twin's answer.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum DeviceReply {
     /// Items applied.
     Applied(ApplyReport),
@@ -516,7 +516,7 @@ pub struct CommandEvent {
 }
 
 /// A command an integrator issues to a device (the gRPC `SendCommand`).
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct IssuedCommand {
     /// The command (its id derived from the key by the caller).
     pub command: DeviceCommand,

@@ -782,10 +782,14 @@ fn a_failed_remedy_goes_to_a_person_with_its_context() {
     assert_eq!(t.cases()[0].state, CaseState::HandedOff);
 }
 
-#[test]
-fn pump_wear_orders_then_books_after_arrival_then_hands_off() {
-    let env = customer_env();
-    let mut t = alice(&env, Preferences::default());
+/// Pump wear at Alice's (with `prefs`): the part is ordered, placed, the technician
+/// requested after it arrives and booked by the scheduler. Returns the twin, the booking
+/// key, the `Book` mail's `confirmed` and the mail sent on the booking's answer.
+fn pump_visit_booked(
+    env: &CustomerEnv,
+    prefs: Preferences,
+) -> (CustomerTwin, String, bool, Vec<Mail>) {
+    let mut t = alice(env, prefs);
     let mut dev = MailFrom::device();
     let mut c = ctx(T0, CUSTOMER);
     t.handle(
@@ -797,16 +801,20 @@ fn pump_wear_orders_then_books_after_arrival_then_hands_off() {
             ConsentScope::Diagnostics,
         )),
         &mut c,
-        &env,
+        env,
     );
     let sent = mail_of(&c);
     let Body::OrderPart {
-        key, part_number, ..
+        key,
+        part_number,
+        device,
+        ..
     } = &sent[0].body
     else {
         panic!("{sent:?}")
     };
     assert_eq!(part_number, "PUMP-12");
+    assert_eq!(device, "t1:coffee-1", "the order names the device");
 
     let arrives = T0 + 5 * DAY_MS;
     let mut desk = MailFrom::of(Address::Parts("t1".into()));
@@ -819,7 +827,7 @@ fn pump_wear_orders_then_books_after_arrival_then_hands_off() {
             detail: "PO-7".into(),
         }),
         &mut c,
-        &env,
+        env,
     );
     let sent = mail_of(&c);
     let Body::Book {
@@ -827,6 +835,7 @@ fn pump_wear_orders_then_books_after_arrival_then_hands_off() {
         not_before_ms,
         skill,
         region,
+        confirmed,
         ..
     } = &sent[0].body
     else {
@@ -847,18 +856,105 @@ fn pump_wear_orders_then_books_after_arrival_then_hands_off() {
             detail: "WO-1".into(),
         }),
         &mut c,
-        &env,
+        env,
     );
-    let kinds: Vec<&str> = mail_of(&c)
-        .iter()
+    (t, visit.clone(), *confirmed, mail_of(&c))
+}
+
+fn kinds(mail: &[Mail]) -> Vec<&'static str> {
+    mail.iter()
         .map(|m| match &m.body {
             Body::Notify { .. } => "notify",
             Body::Handoff { .. } => "handoff",
+            Body::ConfirmVisit { .. } => "confirm",
+            Body::CancelVisit { .. } => "cancel",
             _ => "other",
         })
-        .collect();
-    // One-tap confirmation of the visit, the playbook's notification, then the handoff.
-    assert_eq!(kinds, ["notify", "notify", "handoff"]);
+        .collect()
+}
+
+#[test]
+fn a_booked_visit_is_proposed_and_the_customers_yes_confirms_it() {
+    let env = customer_env();
+    let (mut t, visit, confirmed, sent) = pump_visit_booked(&env, Preferences::default());
+    assert!(
+        !confirmed,
+        "no standing approval: the visit is held as proposed"
+    );
+    // One tap to confirm, and the case waits for it.
+    let [
+        Mail {
+            body:
+                Body::Notify {
+                    text,
+                    question_id: Some(qid),
+                    ..
+                },
+            ..
+        },
+    ] = &sent[..]
+    else {
+        panic!("{sent:?}")
+    };
+    assert!(text.ends_with("[Confirm / Decline]"), "{text}");
+    assert_eq!(*qid, format!("{visit}/confirm"));
+    let answer = |answer: &str| {
+        MailFrom::of(Address::Notifier("t1".into())).next(Body::CustomerAnswer {
+            question_id: qid.clone(),
+            answer: answer.into(),
+        })
+    };
+    let mut c = ctx(T0 + 3 * HOUR_MS, CUSTOMER);
+    t.handle(answer("Confirm"), &mut c, &env);
+    let sent = mail_of(&c);
+    // The scheduler confirms it; the playbook goes on: its notification, then the handoff.
+    assert_eq!(kinds(&sent), ["confirm", "notify", "handoff"]);
+    assert_eq!(sent[0].to, Address::Scheduler("t1".into()));
+    assert_eq!(sent[0].body, Body::ConfirmVisit { key: visit.clone() });
+    // A second answer finds nothing waiting.
+    let mut c = ctx(T0 + 4 * HOUR_MS, CUSTOMER);
+    t.handle(answer("Decline"), &mut c, &env);
+    assert!(mail_of(&c).is_empty());
+}
+
+#[test]
+fn a_declined_visit_is_cancelled_and_goes_to_a_person() {
+    let env = customer_env();
+    let (mut t, visit, _, sent) = pump_visit_booked(&env, Preferences::default());
+    let Body::Notify {
+        question_id: Some(qid),
+        ..
+    } = &sent[0].body
+    else {
+        panic!("{sent:?}")
+    };
+    let mut c = ctx(T0 + 3 * HOUR_MS, CUSTOMER);
+    let no = MailFrom::of(Address::Notifier("t1".into())).next(Body::CustomerAnswer {
+        question_id: qid.clone(),
+        answer: "Decline".into(),
+    });
+    t.handle(no, &mut c, &env);
+    let sent = mail_of(&c);
+    assert_eq!(kinds(&sent), ["cancel", "handoff"]);
+    assert!(matches!(&sent[0].body, Body::CancelVisit { key, .. } if *key == visit));
+    assert_eq!(t.cases()[0].state, CaseState::HandedOff);
+}
+
+#[test]
+fn a_standing_visit_approval_books_it_confirmed_without_asking() {
+    let env = customer_env();
+    let prefs = Preferences {
+        visit_approvals: vec!["coffee-service".into()],
+        ..Preferences::default()
+    };
+    let (_, _, confirmed, sent) = pump_visit_booked(&env, prefs);
+    assert!(confirmed, "booked confirmed");
+    // Told, not asked; the playbook goes straight on.
+    assert_eq!(kinds(&sent), ["notify", "notify", "handoff"]);
+    assert!(
+        matches!(&sent[0].body, Body::Notify { question_id: None, text, .. } if text.starts_with("A technician visits on")),
+        "{sent:?}"
+    );
 }
 
 #[test]

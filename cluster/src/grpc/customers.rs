@@ -246,13 +246,14 @@ impl CustomerApi {
         let tenant = caretwin_actors::mail::tenant_of(id).to_owned();
         let part_orders: Vec<v1::PartOrder> = {
             let (tenant, id) = (tenant.clone(), id.to_owned());
+            let catalogue = self.catalogue.clone();
             self.system
                 .parts()
                 .inspect(&tenant.clone(), move |d| {
                     d.map(|d| {
                         d.orders()
                             .filter(|(_, o)| o.customer == id)
-                            .map(|(k, o)| work::to_part_order(&tenant, k, o))
+                            .map(|(k, o)| work::to_part_order(&catalogue, &tenant, k, o))
                             .collect()
                     })
                     .unwrap_or_default()
@@ -758,6 +759,11 @@ fn preferences(p: &policy::Preferences, locale: &str) -> v1::Preferences {
                 subject: part.clone(),
                 ..Default::default()
             })
+            .chain(p.visit_approvals.iter().map(|skill| v1::StandingApproval {
+                kind: v1::ApprovalKind::TechnicianVisit as i32,
+                subject: skill.clone(),
+                ..Default::default()
+            }))
             .collect(),
     }
 }
@@ -863,27 +869,30 @@ fn apply_preferences(
         current.availability = windows;
     }
     if masked("standing_approvals") {
-        let mut parts = Vec::new();
+        let (mut parts, mut visits) = (Vec::new(), Vec::new());
         for a in &new.standing_approvals {
             let kind = v1::ApprovalKind::try_from(a.kind).unwrap_or(v1::ApprovalKind::Unspecified);
-            if !matches!(
-                kind,
-                v1::ApprovalKind::ConsumableOrder | v1::ApprovalKind::PartOrder
-            ) {
-                return Err(Status::invalid_argument(format!(
-                    "standing approval of kind {} is not supported: the twins take consumable \
-                     and part order approvals",
-                    kind.as_str_name()
-                )));
-            }
+            let into = match kind {
+                v1::ApprovalKind::ConsumableOrder | v1::ApprovalKind::PartOrder => &mut parts,
+                // Visits of a skill (`gas-safe`), or `*` for any: booked confirmed.
+                v1::ApprovalKind::TechnicianVisit => &mut visits,
+                _ => {
+                    return Err(Status::invalid_argument(format!(
+                        "standing approval of kind {} is not supported: the twins take \
+                         consumable order, part order and technician visit approvals",
+                        kind.as_str_name()
+                    )));
+                }
+            };
             if a.subject.is_empty() || a.subject.len() > 128 {
                 return Err(Status::invalid_argument(
-                    "a standing approval's subject is a part number of 1 to 128 bytes",
+                    "a standing approval's subject is a part number, a skill or * of 1 to 128 bytes",
                 ));
             }
-            parts.push(a.subject.clone());
+            into.push(a.subject.clone());
         }
         current.standing_approvals = parts;
+        current.visit_approvals = visits;
     }
     Ok(())
 }
@@ -1324,5 +1333,38 @@ mod tests {
         assert_eq!(prefs, before);
         let e = apply_preferences(&mut copy, &mut locale, &bad, &["nope".into()]).unwrap_err();
         assert!(e.message().contains("nope"));
+    }
+
+    #[test]
+    fn standing_approvals_of_orders_and_visits_round_trip() {
+        let approval = |kind: v1::ApprovalKind, subject: &str| v1::StandingApproval {
+            kind: kind as i32,
+            subject: subject.into(),
+            ..Default::default()
+        };
+        let new = v1::Preferences {
+            standing_approvals: vec![
+                approval(v1::ApprovalKind::ConsumableOrder, "DESC-250"),
+                approval(v1::ApprovalKind::TechnicianVisit, "gas-safe"),
+            ],
+            ..Default::default()
+        };
+        let (mut prefs, mut locale) = (policy::Preferences::default(), String::new());
+        let mask = ["standing_approvals".into()];
+        apply_preferences(&mut prefs, &mut locale, &new, &mask).unwrap();
+        assert_eq!(prefs.standing_approvals, ["DESC-250"]);
+        assert_eq!(prefs.visit_approvals, ["gas-safe"]);
+        assert_eq!(
+            preferences(&prefs, "").standing_approvals,
+            new.standing_approvals
+        );
+        let remote = v1::Preferences {
+            standing_approvals: vec![approval(v1::ApprovalKind::RemoteRemedy, "reset")],
+            ..Default::default()
+        };
+        let before = prefs.clone();
+        let e = apply_preferences(&mut prefs, &mut locale, &remote, &mask).unwrap_err();
+        assert_eq!(e.code(), tonic::Code::InvalidArgument);
+        assert_eq!(prefs, before, "a refused change changes nothing");
     }
 }

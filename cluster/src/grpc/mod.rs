@@ -33,8 +33,16 @@ mod stream;
 pub mod twins;
 pub mod work;
 
+use crate::pii::Vault;
+use crate::store::watch::{LogSignals, SnapshotSignals};
 use crate::{Error, Result};
 use auth::Tokens;
+use caretwin_actors::catalogue::Catalogue;
+use caretwin_actors::host::clock::Clock;
+use caretwin_actors::services::Tenants;
+use caretwin_actors::services::scheduler::SchedulerConfig;
+use caretwin_actors::store::Store;
+use caretwin_actors::system::System;
 use caretwin_proto::v1::case_service_server::CaseServiceServer;
 use caretwin_proto::v1::catalogue_service_server::CatalogueServiceServer;
 use caretwin_proto::v1::command_service_server::CommandServiceServer;
@@ -42,6 +50,7 @@ use caretwin_proto::v1::customer_service_server::CustomerServiceServer;
 use caretwin_proto::v1::notification_service_server::NotificationServiceServer;
 use caretwin_proto::v1::twin_service_server::TwinServiceServer;
 use caretwin_proto::v1::work_service_server::WorkServiceServer;
+use projection::Retention;
 use std::future::Future;
 use std::path::Path;
 use std::sync::Arc;
@@ -63,6 +72,114 @@ pub struct Services {
     pub commands: commands::CommandApi,
     /// The notifications for channel gateways.
     pub notifications: notifications::NotificationApi,
+}
+
+/// The log families the node's `store::watch::Watched` signals: the services' streams
+/// wake on their appends, and so does a site's command stream (`edge/`); in a cluster the
+/// appends are told to the peers too.
+pub const WATCHED_LOGS: &[&str] = &[
+    "cases/",
+    "commands/",
+    "device-index/",
+    "notifications/",
+    "edge/",
+];
+
+/// What the services are made of: one node's system, store and signals.
+pub struct Parts {
+    /// The twins and desks.
+    pub system: Arc<System>,
+    /// The node's store, wrapped in `store::watch::Watched` (the signals below are its).
+    pub store: Arc<dyn Store>,
+    /// Appends to the watched log families (`cases/`, `commands/`, `device-index/`,
+    /// `notifications/`).
+    pub logs: Arc<LogSignals>,
+    /// Committed snapshot writes, for twin watches.
+    pub snapshots: Arc<SnapshotSignals>,
+    /// The node's one vault of customers' personal data.
+    pub vault: Arc<Vault>,
+    /// Where `now` comes from.
+    pub clock: Arc<dyn Clock>,
+    /// The device models.
+    pub catalogue: Arc<Catalogue>,
+    /// The scheduler desks' settings (technicians), as the system runs them.
+    pub scheduler: Tenants<SchedulerConfig>,
+    /// Which sites have a sync session now.
+    pub sites_online: Arc<dyn Fn() -> Vec<String> + Send + Sync>,
+    /// Becomes true when the node shuts down: every stream then ends.
+    pub closing: tokio::sync::watch::Receiver<bool>,
+}
+
+impl Services {
+    /// Every service over one node's `parts`, wired as the node serves them (the one
+    /// place a new service is added, for the node and the tests alike).
+    pub fn new(parts: Parts) -> Self {
+        Self::with_retention(parts, cases::CASE_RETENTION, commands::COMMAND_RETENTION)
+    }
+
+    /// [`Services::new`], keeping resolved cases in the case log for `cases` and finished
+    /// commands in the command log for `commands` (`[grpc] case_retention`,
+    /// `command_retention`).
+    pub fn with_retention(parts: Parts, cases: Retention, commands: Retention) -> Self {
+        let (case_retention, command_retention) = (cases, commands);
+        let Parts {
+            system,
+            store,
+            logs,
+            snapshots,
+            vault,
+            clock,
+            catalogue,
+            scheduler,
+            sites_online,
+            closing,
+        } = parts;
+        let cases = Arc::new(
+            cases::Cases::new(system.clone(), store.clone(), logs.clone())
+                .with_shutdown(closing.clone())
+                .with_vault(vault.clone())
+                .with_clock(clock.clone())
+                .with_retention(case_retention),
+        );
+        let notifications = Arc::new(
+            notifications::Notifications::new(system.clone(), store.clone(), logs.clone())
+                .with_vault(vault.clone())
+                .with_clock(clock.clone())
+                .with_shutdown(closing.clone()),
+        );
+        let directory = Arc::new(twins::Directory::new(
+            store.clone(),
+            logs.clone(),
+            snapshots,
+        ));
+        Self {
+            customers: customers::CustomerApi::new(
+                system.clone(),
+                store.clone(),
+                vault,
+                cases.clone(),
+                catalogue.clone(),
+            )
+            .with_notifications(notifications.clone()),
+            notifications: notifications::NotificationApi(notifications),
+            cases: cases::CaseApi(cases),
+            twins: twins::TwinApi::new(system.clone(), sites_online)
+                .with_directory(directory)
+                .with_shutdown(closing.clone()),
+            catalogue: catalogue::CatalogueApi::new(catalogue.clone()),
+            work: work::WorkApi::new(
+                system.clone(),
+                catalogue.clone(),
+                Arc::new(scheduler),
+                clock.clone(),
+            ),
+            commands: commands::CommandApi(Arc::new(
+                commands::Commands::new(system, store, logs, catalogue, clock)
+                    .with_retention(command_retention)
+                    .with_shutdown(closing),
+            )),
+        }
+    }
 }
 
 /// The TLS identity of the endpoint from PEM files (the node's certificate and key).

@@ -108,8 +108,28 @@ fn supplier_id(tenant: &str) -> String {
     format!("{tenant}:supplier")
 }
 
-/// A part order as the contract shows it (`key` is the desk's key of the order).
-pub(crate) fn to_part_order(tenant: &str, key: &str, o: &Order) -> v1::PartOrder {
+/// The price of `quantity` × `part_number` from the catalogue's list price (the first
+/// model listing the part), if it has one and the total fits.
+pub(crate) fn price(catalogue: &Catalogue, part_number: &str, quantity: u32) -> Option<v1::Money> {
+    let unit = catalogue
+        .models()
+        .iter()
+        .find_map(|m| m.part(part_number)?.price.as_ref())?;
+    let total = unit.minor_units.checked_mul(u64::from(quantity))?;
+    Some(v1::Money {
+        currency: unit.currency.clone(),
+        amount_minor: i64::try_from(total).ok()?,
+    })
+}
+
+/// A part order as the contract shows it (`key` is the desk's key of the order), priced
+/// from `catalogue`'s list prices.
+pub(crate) fn to_part_order(
+    catalogue: &Catalogue,
+    tenant: &str,
+    key: &str,
+    o: &Order,
+) -> v1::PartOrder {
     let (reference, arrives) = match &o.state {
         OrderState::Placed { arrives, detail } | OrderState::Shipped { arrives, detail } => {
             (detail.clone(), *arrives)
@@ -134,7 +154,7 @@ pub(crate) fn to_part_order(tenant: &str, key: &str, o: &Order) -> v1::PartOrder
         supplier_id: supplier_id(tenant),
         supplier_reference: reference,
         state: part_state(&o.state) as i32,
-        price: None,
+        price: price(catalogue, &o.part_number, o.quantity),
         expected_delivery_at_ms: arrives.map(|t| t as i64),
         tracking_reference: o.tracking.clone(),
         // Orders kept from before orders recorded their creation show their last change.
@@ -353,11 +373,11 @@ impl WorkApi {
             return Ok(());
         }
         let orders: HashMap<String, v1::PartOrder> = {
-            let tenant = tenant.to_owned();
+            let (tenant, catalogue) = (tenant.to_owned(), self.catalogue.clone());
             self.parts(&tenant.clone(), move |d| {
                 d.map(|d| {
                     d.orders()
-                        .map(|(k, o)| (o.id.clone(), to_part_order(&tenant, k, o)))
+                        .map(|(k, o)| (o.id.clone(), to_part_order(&catalogue, &tenant, k, o)))
                         .collect()
                 })
                 .unwrap_or_default()
@@ -371,9 +391,10 @@ impl WorkApi {
     async fn part_order(&self, p: &Principal, id: &str) -> Result<v1::PartOrder, Status> {
         p.own("part order", id)?;
         let (wanted, tenant) = (id.to_owned(), p.tenant.clone());
+        let catalogue = self.catalogue.clone();
         self.parts(&p.tenant, move |d| {
             d?.order_by_id(&wanted)
-                .map(|(k, o)| to_part_order(&tenant, k, o))
+                .map(|(k, o)| to_part_order(&catalogue, &tenant, k, o))
         })
         .await?
         .ok_or_else(|| Status::not_found(format!("part order {id:?} not found")))
@@ -741,7 +762,11 @@ impl WorkService for WorkApi {
         check_text("idempotency_key", &r.idempotency_key, MAX_KEY)?;
         let key = api_key("po", &r.idempotency_key);
         let by_key = |key: String, tenant: String| {
-            move |d: Option<&PartsDesk>| d?.order(&key).map(|o| to_part_order(&tenant, &key, o))
+            let catalogue = self.catalogue.clone();
+            move |d: Option<&PartsDesk>| {
+                d?.order(&key)
+                    .map(|o| to_part_order(&catalogue, &tenant, &key, o))
+            }
         };
         if let Some(o) = self
             .parts(&p.tenant, by_key(key.clone(), p.tenant.clone()))
@@ -827,12 +852,12 @@ impl WorkService for WorkApi {
             return Err(Status::invalid_argument(format!("invalid state {s}")));
         }
         let page_req = r.page.clone();
-        let tenant = p.tenant.clone();
+        let (tenant, catalogue) = (p.tenant.clone(), self.catalogue.clone());
         let mut all = self
             .parts(&p.tenant, move |d| {
                 let Some(d) = d else { return Vec::new() };
                 d.orders()
-                    .map(|(k, o)| to_part_order(&tenant, k, o))
+                    .map(|(k, o)| to_part_order(&catalogue, &tenant, k, o))
                     .filter(|o| {
                         (r.states.is_empty() || r.states.contains(&o.state))
                             && (r.supplier_id.is_empty() || o.supplier_id == r.supplier_id)

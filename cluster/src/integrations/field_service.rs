@@ -35,6 +35,8 @@ pub struct InProcessFieldService {
     desks: Mutex<BTreeMap<String, Desk>>,
     fail: AtomicU32,
     calls: AtomicU64,
+    cancel_calls: AtomicU64,
+    cancellations: AtomicU64,
 }
 
 impl InProcessFieldService {
@@ -46,10 +48,13 @@ impl InProcessFieldService {
             desks: Mutex::new(BTreeMap::new()),
             fail: AtomicU32::new(0),
             calls: AtomicU64::new(0),
+            cancel_calls: AtomicU64::new(0),
+            cancellations: AtomicU64::new(0),
         }
     }
 
-    /// The next `n` `BookAppointment` calls fail with UNAVAILABLE and change nothing.
+    /// The next `n` calls (`BookAppointment` or `CancelAppointment`) fail with
+    /// UNAVAILABLE and change nothing.
     pub fn fail_next(&self, n: u32) {
         self.fail.store(n, Ordering::SeqCst);
     }
@@ -57,6 +62,27 @@ impl InProcessFieldService {
     /// `BookAppointment` calls received, failed ones included.
     pub fn calls(&self) -> u64 {
         self.calls.load(Ordering::SeqCst)
+    }
+
+    /// `CancelAppointment` calls received, failed ones included.
+    pub fn cancel_calls(&self) -> u64 {
+        self.cancel_calls.load(Ordering::SeqCst)
+    }
+
+    /// Visits a `CancelAppointment` call cancelled (their slots freed).
+    pub fn cancellations(&self) -> u64 {
+        self.cancellations.load(Ordering::SeqCst)
+    }
+
+    /// Takes one injected failure, if any is left.
+    fn injected_fault(&self) -> Result<(), Status> {
+        match self
+            .fail
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+        {
+            Ok(_) => Err(Status::unavailable("field service busy (injected fault)")),
+            Err(_) => Ok(()),
+        }
     }
 
     /// Visits booked for `tenant` (cancelled ones not counted).
@@ -137,13 +163,7 @@ impl FieldService for InProcessFieldService {
             .collect::<Result<Vec<_>, Status>>()?;
         let not_before_ms = non_negative("not_before_ms", r.not_before_ms)?;
         let duration_ms = non_negative("duration_ms", r.duration_ms)?;
-        if self
-            .fail
-            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
-            .is_ok()
-        {
-            return Err(Status::unavailable("field service busy (injected fault)"));
-        }
+        self.injected_fault()?;
         let mut desks = self.desks.lock().expect("desks lock");
         if !desks.contains_key(&r.tenant) {
             let scheduler = Scheduler::create(&r.tenant, &self.config)
@@ -180,6 +200,7 @@ impl FieldService for InProcessFieldService {
                 not_before_ms,
                 windows,
                 duration_ms,
+                confirmed: false,
             },
         };
         let (_, answer) = self.step(desk, &r.tenant, |s, ctx, env| s.handle(mail, ctx, env))?;
@@ -218,18 +239,25 @@ impl FieldService for InProcessFieldService {
         &self,
         request: Request<CancelFieldAppointmentRequest>,
     ) -> Result<Response<CancelFieldAppointmentResponse>, Status> {
+        self.cancel_calls.fetch_add(1, Ordering::SeqCst);
         let r = request.into_inner();
         check_ids(&r.tenant, &r.idempotency_key)?;
+        self.injected_fault()?;
         let mut desks = self.desks.lock().expect("desks lock");
         let unknown =
             || Status::not_found(format!("no appointment for key {:?}", r.idempotency_key));
         let desk = desks.get_mut(&r.tenant).ok_or_else(unknown)?;
         let key = r.idempotency_key.clone();
-        let (status, answer) = self.step(desk, &r.tenant, |s, ctx, _| s.cancel(&key, ctx))?;
+        let (status, answer) = self.step(desk, &r.tenant, |s, ctx, _| {
+            s.cancel(&key, "cancelled by CareTwin", ctx)
+        })?;
         let detail = match answer {
             Some(Body::Booking { detail, .. }) => detail,
             _ => "already cancelled, or never booked".to_owned(),
         };
+        if status == DeskStatus::Done {
+            self.cancellations.fetch_add(1, Ordering::SeqCst);
+        }
         match status {
             DeskStatus::Ignored => Err(unknown()),
             status => Ok(Response::new(CancelFieldAppointmentResponse {

@@ -39,7 +39,7 @@ use crate::config::{FieldServiceChoice, IntegrationsConfig, SupplierChoice};
 use crate::{Error, Result};
 use caretwin_actors::host::clock::Clock;
 use caretwin_actors::host::dispatch::{Delivery, Router};
-use caretwin_actors::mail::{Address, Body, Mail, tenant_of};
+use caretwin_actors::mail::{Address, Body, Mail, PartnerVisit, tenant_of};
 use caretwin_actors::services::scheduler::SchedulerConfig;
 use caretwin_actors::services::{MAX_KEY_LEN, Status, Tenants};
 use caretwin_actors::store::{IdempotencyMode, Key, Op, Store, WriteBatch};
@@ -83,6 +83,13 @@ struct BookingOutcome {
     technician: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     slot: Option<(u64, u64)>,
+    detail: String,
+}
+
+/// What the field service answered to a cancellation.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+struct CancelOutcome {
+    cancelled: bool,
     detail: String,
 }
 
@@ -219,6 +226,7 @@ impl Integrations {
             key,
             part_number,
             quantity,
+            device,
         } = &mail.body
         else {
             return Ok(Delivery::Rejected(format!(
@@ -236,7 +244,7 @@ impl Integrations {
             tenant: tenant.clone(),
             part_number: part_number.clone(),
             quantity: *quantity,
-            deliver_to: String::new(),
+            deliver_to: self.site_of(&tenant, device).await?,
         };
         // An acceptance is final for the key, whichever attempt got it; a refusal
         // answers only the attempt that asked (the desk's next attempt asks again).
@@ -282,6 +290,27 @@ impl Integrations {
         }
     }
 
+    /// Where the supplier delivers an order for `device`: its site, as the device twin
+    /// knows it (a pseudonymous reference the supplier resolves, no address); empty (the
+    /// tenant's default depot) when the device is unknown, of another tenant, or
+    /// detached by an erasure.
+    async fn site_of(&self, tenant: &str, device: &str) -> caretwin_actors::Result<String> {
+        if device.is_empty() || tenant_of(device) != tenant {
+            return Ok(String::new());
+        }
+        let device = device.to_owned();
+        let site = self
+            .system()?
+            .devices()
+            .inspect(&device, |d| {
+                d.and_then(|d| d.site())
+                    .map(str::to_owned)
+                    .unwrap_or_default()
+            })
+            .await?;
+        Ok(site)
+    }
+
     async fn book(&self, link: &FieldServiceLink, mail: Mail) -> caretwin_actors::Result<Delivery> {
         let Body::Book {
             key,
@@ -292,6 +321,7 @@ impl Integrations {
             not_before_ms,
             windows,
             duration_ms,
+            confirmed,
         } = &mail.body
         else {
             return Ok(Delivery::Rejected(format!(
@@ -345,6 +375,32 @@ impl Integrations {
             })
             .await?;
         tracing::info!(tenant = %tenant, key = %key, technician = ?outcome.technician, detail = %outcome.detail, "field service answered");
+        if let (Some(technician), Some(slot)) = (&outcome.technician, outcome.slot) {
+            // The tenant's appointments include the partner's visits (and a cancellation
+            // there comes back here as `CancelVisit`); kept before the customer is told,
+            // so a confirmation finds it.
+            let booked = Mail {
+                id: format!("{tenant}/field-service/{key}/booked"),
+                from: Address::FieldService(tenant.clone()),
+                to: Address::Scheduler(tenant.clone()),
+                body: Body::PartnerBooked(PartnerVisit {
+                    key: key.clone(),
+                    customer: customer.clone(),
+                    case_id: case_id.clone(),
+                    technician: technician.clone(),
+                    slot,
+                    reference: outcome.detail.clone(),
+                    confirmed: *confirmed,
+                }),
+            };
+            match self.system()?.scheduler().call(&tenant, booked).await {
+                Ok(Status::Refused(why)) => {
+                    tracing::warn!(tenant = %tenant, key = %key, reason = %why, "the scheduler did not keep the partner's visit");
+                }
+                Ok(_) | Err(caretwin_actors::Error::IdempotencyExists { .. }) => {}
+                Err(e) => return Err(e),
+            }
+        }
         let answer = Mail {
             // Not of the `sender/number` form, so the customer twin does not track a
             // sequence per booking; its Booking handling is idempotent by key.
@@ -370,6 +426,53 @@ impl Integrations {
             }
             Err(e) => Err(e),
         }
+    }
+}
+
+impl Integrations {
+    /// Cancels at the partner a visit it booked (the scheduler's `CancelVisit`): intent,
+    /// call, outcome like a booking, so the partner is asked again only while no answer
+    /// is recorded, and frees the slot once per key whatever the retries.
+    async fn cancel_visit(
+        &self,
+        link: &FieldServiceLink,
+        mail: Mail,
+    ) -> caretwin_actors::Result<Delivery> {
+        let Body::CancelVisit { key, reason } = &mail.body else {
+            return Ok(Delivery::Rejected(format!(
+                "the field service takes cancellations only, not mail {}",
+                mail.id
+            )));
+        };
+        let tenant = mail.to.tenant().to_owned();
+        if let Err(why) = check_key(key) {
+            return Ok(Delivery::Rejected(why));
+        }
+        let record = record_key("field-service-cancel", &tenant, key);
+        let outcome = self
+            .once(
+                &record,
+                &mail.id,
+                |_| true,
+                || async {
+                    match link.cancel(&tenant, key).await {
+                        Ok(answer) => Ok(CancelOutcome {
+                            cancelled: answer.cancelled,
+                            detail: answer.detail,
+                        }),
+                        Err(CallError::Unavailable(why)) => Err(format!("field service: {why}")),
+                        // NOT_FOUND (the partner forgot the key) and other refusals are
+                        // answers: asking again will not help.
+                        Err(e @ CallError::Refused { .. }) => Ok(CancelOutcome {
+                            cancelled: false,
+                            detail: format!("the field service refused the cancellation: {e}"),
+                        }),
+                    }
+                },
+            )
+            .await?;
+        tracing::info!(tenant = %tenant, key = %key, reason = %reason, cancelled = outcome.cancelled, detail = %outcome.detail, "field service cancelled a visit");
+        Ok(Delivery::Delivered)
     }
 }
 
@@ -444,6 +547,7 @@ impl Router for Integrations {
             (Address::Scheduler(_), _, Some(link)) if matches!(mail.body, Body::Book { .. }) => {
                 self.book(link, mail).await
             }
+            (Address::FieldService(_), _, Some(link)) => self.cancel_visit(link, mail).await,
             _ => self.rest.deliver(mail).await,
         }
     }
@@ -498,6 +602,16 @@ pub struct Started {
     pub field_service: Option<Arc<field_service::InProcessFieldService>>,
     /// The built-in partners' endpoints; they stop when this is dropped.
     pub servers: Vec<Loopback>,
+}
+
+impl Started {
+    /// The router to give the system as its field service
+    /// ([`System::start_with_field_service`]), when visits are booked with a partner.
+    pub fn booking_router(&self) -> Option<Arc<dyn Router>> {
+        self.router
+            .books_visits()
+            .then(|| self.router.clone() as Arc<dyn Router>)
+    }
 }
 
 /// Starts the built-in partners that `config` chooses and builds the router, with `rest`

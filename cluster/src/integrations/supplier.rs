@@ -24,6 +24,8 @@ use tonic::{Request, Response, Status};
 struct Books {
     /// Accepted orders by (tenant, key).
     orders: BTreeMap<(String, String), SupplierOrder>,
+    /// Where each accepted order goes, by (tenant, key): as the first request said.
+    deliver_to: BTreeMap<(String, String), String>,
     /// Units left of the parts with limited stock.
     stock: BTreeMap<String, u32>,
     /// Orders placed in all: the reference counter.
@@ -109,6 +111,16 @@ impl InProcessSupplier {
             .cloned()
     }
 
+    /// Where the order `key` placed for `tenant` is delivered (empty: the tenant's
+    /// default depot), if it was placed.
+    pub fn deliver_to(&self, tenant: &str, key: &str) -> Option<String> {
+        let books = self.books.lock().expect("books lock");
+        books
+            .deliver_to
+            .get(&(tenant.to_owned(), key.to_owned()))
+            .cloned()
+    }
+
     fn lead_time_ms(&self, part_number: &str) -> u64 {
         self.config
             .inventory
@@ -155,6 +167,7 @@ impl InProcessSupplier {
             quantity: r.quantity,
         };
         tracing::info!(tenant = %order.tenant, key = %order.idempotency_key, reference = %order.supplier_reference, "built-in supplier placed an order");
+        books.deliver_to.insert(id.clone(), r.deliver_to);
         books.orders.insert(id, order.clone());
         Ok(place_order_response::Outcome::Accepted(order))
     }

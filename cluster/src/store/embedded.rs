@@ -212,7 +212,7 @@ fn backend(e: fjall::Error) -> Error {
     Error::Backend(format!("fjall: {e}"))
 }
 
-fn decode_u64(b: &[u8]) -> Result<u64> {
+pub(super) fn decode_u64(b: &[u8]) -> Result<u64> {
     let arr: [u8; 8] = b
         .try_into()
         .map_err(|_| Error::Backend(format!("corrupt u64 of {} bytes", b.len())))?;
@@ -268,7 +268,27 @@ fn decode_lease(name: &Key, v: &[u8]) -> Result<Lease> {
     })
 }
 
-fn decode_snapshot(v: &[u8]) -> Result<Versioned> {
+/// A snapshot record: version (u64 BE) ++ value (the FoundationDB backend's too).
+pub(super) fn encode_snapshot(version: u64, value: &[u8]) -> Vec<u8> {
+    let mut v = Vec::with_capacity(8 + value.len());
+    v.extend_from_slice(&version.to_be_bytes());
+    v.extend_from_slice(value);
+    v
+}
+
+/// The compare-and-set check of a snapshot write: the version read must be the one stored.
+pub(super) fn check_version(key: &Key, expected: u64, actual: u64) -> Result<()> {
+    if actual == expected {
+        return Ok(());
+    }
+    Err(Error::VersionConflict {
+        key: key.to_string(),
+        expected,
+        actual,
+    })
+}
+
+pub(super) fn decode_snapshot(v: &[u8]) -> Result<Versioned> {
     if v.len() < 8 {
         return Err(Error::Backend("corrupt snapshot record".into()));
     }
@@ -434,18 +454,13 @@ impl<'a> Txn<'a> {
                 let actual = self
                     .get(Table::Snapshots, k)?
                     .map_or(Ok(0), |v| decode_snapshot(&v).map(|s| s.version))?;
-                if actual != *expected_version {
-                    return Err(Error::VersionConflict {
-                        key: key.to_string(),
-                        expected: *expected_version,
-                        actual,
-                    });
-                }
+                check_version(key, *expected_version, actual)?;
                 let version = actual + 1;
-                let mut v = Vec::with_capacity(8 + value.len());
-                v.extend_from_slice(&version.to_be_bytes());
-                v.extend_from_slice(value);
-                self.put(Table::Snapshots, k.to_vec(), v);
+                self.put(
+                    Table::Snapshots,
+                    k.to_vec(),
+                    encode_snapshot(version, value),
+                );
                 Applied::Snapshot { version }
             }
             Op::DeleteSnapshot {
@@ -456,13 +471,7 @@ impl<'a> Txn<'a> {
                 let actual = self
                     .get(Table::Snapshots, k)?
                     .map_or(Ok(0), |v| decode_snapshot(&v).map(|s| s.version))?;
-                if actual != *expected_version {
-                    return Err(Error::VersionConflict {
-                        key: key.to_string(),
-                        expected: *expected_version,
-                        actual,
-                    });
-                }
+                check_version(key, *expected_version, actual)?;
                 self.delete(Table::Snapshots, k.to_vec());
                 Applied::Deleted
             }

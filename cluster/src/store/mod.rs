@@ -2,10 +2,13 @@
 //!
 //! - [`embedded`] — fjall on local disk, group commit; the default for one node.
 //! - [`watch`] — a wrapper that signals when logs grow (the gRPC streams wait on it).
-//!
-//! PostgreSQL and FoundationDB backends come with the multi-node cluster.
+//! - `fdb` — FoundationDB, one transaction per batch; only with the cargo feature `fdb`
+//!   (it links the FoundationDB client library). Its settings, [`FdbConfig`], always parse,
+//!   so a node built without the feature refuses `backend = "foundationdb"` clearly.
 
 pub mod embedded;
+#[cfg(feature = "fdb")]
+pub mod fdb;
 pub mod watch;
 
 use caretwin_actors::store::Store;
@@ -13,6 +16,8 @@ use serde::{Deserialize, Serialize};
 use std::sync::Arc;
 
 pub use embedded::{EmbeddedConfig, EmbeddedStore};
+#[cfg(feature = "fdb")]
+pub use fdb::{FdbNetwork, FdbStore};
 
 /// The storage backends.
 #[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
@@ -21,6 +26,8 @@ pub enum Backend {
     /// The embedded store (fjall) in a local directory: one node.
     #[default]
     Embedded,
+    /// FoundationDB (`"foundationdb"`); needs a node built with the `fdb` feature.
+    FoundationDb,
 }
 
 /// Which backend holds the node's state, and each backend's settings
@@ -34,6 +41,44 @@ pub struct StoreConfig {
     /// Settings of the embedded backend.
     #[serde(default)]
     pub embedded: EmbeddedConfig,
+    /// Settings of the FoundationDB backend.
+    #[serde(default)]
+    pub foundationdb: FdbConfig,
+}
+
+/// Settings of the FoundationDB backend (`[store.foundationdb]`).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct FdbConfig {
+    /// The cluster file; unset: FoundationDB's default (`FDB_CLUSTER_FILE`, then
+    /// `/etc/foundationdb/fdb.cluster`).
+    #[serde(default)]
+    pub cluster_file: Option<std::path::PathBuf>,
+    /// The tuple-layer root every key lives under, so deployments can share a cluster.
+    #[serde(default = "default_fdb_root")]
+    pub root: String,
+    /// How long one batch or read may take with its retries, in ms, before it fails
+    /// (FoundationDB itself ends each attempt after 5 s; this bounds the retries, e.g.
+    /// while the cluster is unreachable).
+    #[serde(default = "default_fdb_timeout_ms")]
+    pub transaction_timeout_ms: u64,
+}
+
+fn default_fdb_root() -> String {
+    "caretwin".into()
+}
+fn default_fdb_timeout_ms() -> u64 {
+    10_000
+}
+
+impl Default for FdbConfig {
+    fn default() -> Self {
+        Self {
+            cluster_file: None,
+            root: default_fdb_root(),
+            transaction_timeout_ms: default_fdb_timeout_ms(),
+        }
+    }
 }
 
 impl StoreConfig {
@@ -42,6 +87,7 @@ impl StoreConfig {
         Self {
             backend: Backend::Embedded,
             embedded: EmbeddedConfig::at(path),
+            foundationdb: FdbConfig::default(),
         }
     }
 }
@@ -50,5 +96,60 @@ impl StoreConfig {
 pub fn open(config: &StoreConfig) -> crate::Result<Arc<dyn Store>> {
     match config.backend {
         Backend::Embedded => Ok(Arc::new(EmbeddedStore::open(&config.embedded)?)),
+        Backend::FoundationDb => open_fdb(&config.foundationdb),
+    }
+}
+
+#[cfg(feature = "fdb")]
+fn open_fdb(config: &FdbConfig) -> crate::Result<Arc<dyn Store>> {
+    Ok(Arc::new(fdb::FdbStore::open(config)?))
+}
+
+#[cfg(not(feature = "fdb"))]
+fn open_fdb(_: &FdbConfig) -> crate::Result<Arc<dyn Store>> {
+    Err(crate::Error::Config(
+        "store backend \"foundationdb\" is not available: caretwin-cluster was built without \
+         the fdb feature (build with `--features fdb`, which needs libfdb_c)"
+            .into(),
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn foundationdb_settings_parse() {
+        let c: StoreConfig = toml::from_str(
+            r#"
+            backend = "foundationdb"
+            [foundationdb]
+            cluster_file = "/etc/foundationdb/fdb.cluster"
+            root = "caretwin-eu"
+            "#,
+        )
+        .unwrap();
+        assert_eq!(c.backend, Backend::FoundationDb);
+        assert_eq!(
+            c.foundationdb.cluster_file.as_deref(),
+            Some(std::path::Path::new("/etc/foundationdb/fdb.cluster"))
+        );
+        assert_eq!(c.foundationdb.root, "caretwin-eu");
+        assert_eq!(c.foundationdb.transaction_timeout_ms, 10_000);
+        assert!(toml::from_str::<StoreConfig>("[foundationdb]\nroots = \"x\"").is_err());
+    }
+
+    #[cfg(not(feature = "fdb"))]
+    #[test]
+    fn foundationdb_without_the_feature_is_refused_clearly() {
+        let c = StoreConfig {
+            backend: Backend::FoundationDb,
+            ..StoreConfig::default()
+        };
+        let err = open(&c).err().expect("no fdb backend in this build");
+        assert!(
+            err.to_string().contains("built without the fdb feature"),
+            "{err}"
+        );
     }
 }

@@ -43,7 +43,9 @@ impl LogSignals {
             .subscribe()
     }
 
-    fn grew(&self, log: &Key) {
+    /// Wakes the waiters on `log` (and on its families): called after a commit that
+    /// appended to it here, or when a peer says it appended to it there.
+    pub fn grew(&self, log: &Key) {
         let logs = self.logs.lock().expect("log signals lock");
         if let Some(tx) = logs.get(log.as_str()) {
             tx.send_modify(|n| *n += 1);
@@ -158,7 +160,12 @@ pub struct Watched {
     signals: Arc<LogSignals>,
     snapshots: Arc<SnapshotSignals>,
     mail: Arc<tokio::sync::Notify>,
+    /// Also told of every watched log that grew (a cluster member tells its peers).
+    also: std::sync::OnceLock<GrewHook>,
 }
+
+/// Who else hears of a watched log that grew.
+pub type GrewHook = Arc<dyn Fn(&Key) + Send + Sync>;
 
 impl Watched {
     /// Wraps `inner`, signalling appends to logs starting with one of `prefixes`.
@@ -169,7 +176,14 @@ impl Watched {
             signals: Arc::new(LogSignals::default()),
             snapshots: Arc::new(SnapshotSignals::default()),
             mail: Arc::new(tokio::sync::Notify::new()),
+            also: std::sync::OnceLock::new(),
         }
+    }
+
+    /// Tells `hook` too of every watched log that grew (once; a cluster member passes its
+    /// peers, whose waiters on the log are on other nodes).
+    pub fn also_tell(&self, hook: GrewHook) {
+        let _ = self.also.set(hook);
     }
 
     /// Notified after every commit that enqueued mail: the node delivers it at once
@@ -227,6 +241,9 @@ impl Store for Watched {
         let applied = self.inner.commit(batch).await?;
         for log in &grown {
             self.signals.grew(log);
+            if let Some(also) = self.also.get() {
+                also(log);
+            }
         }
         for key in &written {
             self.snapshots.changed(key);

@@ -309,6 +309,14 @@ fn server_names(cluster_name: &str) -> Vec<&str> {
 
 fn server_params(cluster_name: &str, names: &[&str]) -> Result<CertificateParams> {
     let mut params = leaf_params(cluster_name, ExtendedKeyUsagePurpose::ServerAuth);
+    // The node certificate also authenticates the node to its peers (the peer channel),
+    // named as a cluster member, which no site certificate is.
+    params
+        .extended_key_usages
+        .push(ExtendedKeyUsagePurpose::ClientAuth);
+    params
+        .subject_alt_names
+        .push(SanType::URI(crate::peer::NODE_URI_PREFIX.try_into()?));
     for &name in names {
         params.subject_alt_names.push(match name.parse() {
             Ok(ip) => SanType::IpAddress(ip),

@@ -1,0 +1,326 @@
+//! The membership loop: the I/O around [`caretwin_actors::placement`].
+//!
+//! Each round (every `[cluster] round`, 200 ms by default) a node reads who announced
+//! themselves in the `members` log and whose member lease is live, publishes that view to
+//! its router ([`crate::peer::View`]), asks `placement::round` what to do with its
+//! shards, and does it:
+//!
+//! - **acquire** the lease `shard/<n>` of each shard it now owns and nobody holds, then
+//!   host the shard with the lease's fence (every write of its twins carries the token);
+//! - **renew** the leases it keeps (all at once; one store call each);
+//! - **hand over** shards another member owns now: stop hosting after what is queued
+//!   (nothing in flight is lost), then release the lease, so the new owner can take it at
+//!   once instead of waiting for it to expire;
+//! - **drop** shards whose lease it could not renew in time: stop at once, `margin` before
+//!   the lease runs out by its own clock, so it has stopped acting before anyone else may
+//!   take the lease (leases change hands only after they expire or are released). Should
+//!   a write still be on its way, the store refuses it: its fence is stale.
+//!
+//! A node that is cut off from the store therefore drops every shard within
+//! `lease_ttl - margin` of its last renewal, and another node takes them over after
+//! `lease_ttl`.
+
+use crate::peer::View;
+use crate::{Error, Result};
+use caretwin_actors::placement::{self, Announce};
+use caretwin_actors::store::{Key, Lease, Store};
+use caretwin_actors::system::System;
+use std::collections::BTreeMap;
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+/// Entries of the members log read per call.
+const READ_CHUNK: usize = 1_000;
+
+/// Timing of the membership loop.
+#[derive(Debug, Clone, Copy)]
+pub struct Timing {
+    /// How long a shard lease lasts without renewal.
+    pub lease_ttl: Duration,
+    /// How often a round runs.
+    pub round: Duration,
+    /// How long before its lease runs out a node stops acting for a shard it could not
+    /// renew.
+    pub margin: Duration,
+}
+
+/// One node's membership: what it announced, what it sees, what it holds.
+pub struct Membership {
+    me: String,
+    store: Arc<dyn Store>,
+    system: Arc<System>,
+    view: Arc<RwLock<View>>,
+    timing: Timing,
+    clock: fn() -> u64,
+    announced: Vec<Announce>,
+    next_entry: u64,
+    held: BTreeMap<u32, Lease>,
+}
+
+impl Membership {
+    /// Announces `me` at `peer_addr` in the members log (the node holds its member lease
+    /// already) and returns the loop's state.
+    pub async fn join(
+        me: &str,
+        peer_addr: &str,
+        store: Arc<dyn Store>,
+        system: Arc<System>,
+        view: Arc<RwLock<View>>,
+        timing: Timing,
+    ) -> Result<Self> {
+        let announce = Announce {
+            node_id: me.to_owned(),
+            peer_addr: peer_addr.to_owned(),
+        };
+        let value = serde_json::to_vec(&announce).map_err(|e| Error::Config(e.to_string()))?;
+        store
+            .commit(caretwin_actors::store::WriteBatch::new().with(
+                caretwin_actors::store::Op::Append {
+                    log: Key::new(placement::MEMBERS_LOG),
+                    value,
+                },
+            ))
+            .await?;
+        Ok(Self {
+            me: me.to_owned(),
+            store,
+            system,
+            view,
+            timing,
+            clock: crate::node::now_ms,
+            announced: Vec::new(),
+            next_entry: 1,
+            held: BTreeMap::new(),
+        })
+    }
+
+    fn ttl_ms(&self) -> u64 {
+        self.timing.lease_ttl.as_millis() as u64
+    }
+
+    /// Reads the members log's new entries and every announced member's lease.
+    async fn read_view(&mut self, now: u64) -> Result<Vec<placement::Member>> {
+        loop {
+            let entries = self
+                .store
+                .read_log(
+                    &Key::new(placement::MEMBERS_LOG),
+                    self.next_entry,
+                    READ_CHUNK,
+                )
+                .await?;
+            let n = entries.len();
+            for e in entries {
+                self.next_entry = e.index + 1;
+                match serde_json::from_slice::<Announce>(&e.value) {
+                    Ok(a) => self.announced.push(a),
+                    Err(err) => {
+                        tracing::warn!(index = e.index, error = %err, "unreadable member announcement skipped")
+                    }
+                }
+            }
+            if n < READ_CHUNK {
+                break;
+            }
+        }
+        let mut ids: Vec<&str> = self.announced.iter().map(|a| a.node_id.as_str()).collect();
+        ids.sort_unstable();
+        ids.dedup();
+        let reads = ids.iter().map(|id| {
+            let key = Key::new(placement::member_lease(id));
+            let store = &self.store;
+            async move { (id.to_string(), store.lease(&key).await) }
+        });
+        let mut leases = BTreeMap::new();
+        for (id, lease) in futures::future::join_all(reads).await {
+            if let Some(l) = lease? {
+                leases.insert(id, l);
+            }
+        }
+        Ok(placement::live_members(&self.announced, &leases, now))
+    }
+
+    /// One round: read the view, then acquire, renew, hand over and drop shards.
+    pub async fn round(&mut self) -> Result<()> {
+        let now = (self.clock)();
+        let live = match self.read_view(now).await {
+            Ok(live) => live,
+            Err(e) => {
+                // Without a view the node keeps what it holds while its leases last.
+                tracing::warn!(error = %e, "membership view unreadable this round");
+                self.drop_lapsing(now).await;
+                return Err(e);
+            }
+        };
+        self.view.write().expect("view lock").live = live.clone();
+        let expiries = self
+            .held
+            .iter()
+            .map(|(&s, l)| (s, l.expires_at_ms))
+            .collect();
+        let plan = placement::round(
+            &self.me,
+            self.system.shard_count(),
+            &live,
+            &expiries,
+            now,
+            self.timing.margin.as_millis() as u64,
+        );
+        for s in plan.drop {
+            tracing::warn!(
+                shard = s,
+                "shard lease about to run out unrenewed; shard dropped"
+            );
+            self.held.remove(&s);
+            self.system.drop_shard(s, false).await;
+        }
+        for s in plan.hand_over {
+            let lease = self.held.remove(&s).expect("held");
+            self.system.drop_shard(s, true).await;
+            if let Err(e) = self.store.release_lease(&lease).await {
+                tracing::warn!(shard = s, error = %e, "shard lease not released; it will expire");
+            }
+            tracing::info!(shard = s, "shard handed over");
+        }
+        let ttl = self.ttl_ms();
+        let renewals = plan.renew.iter().map(|s| {
+            let lease = self.held[s].clone();
+            let store = &self.store;
+            async move { (*s, store.renew_lease(&lease, ttl, now).await) }
+        });
+        for (s, r) in futures::future::join_all(renewals).await {
+            match r {
+                Ok(l) => {
+                    self.held.insert(s, l);
+                }
+                Err(e @ caretwin_actors::Error::LeaseLost { .. }) => {
+                    tracing::warn!(shard = s, error = %e, "shard lease lost; shard dropped");
+                    self.held.remove(&s);
+                    self.system.drop_shard(s, false).await;
+                }
+                Err(e) => {
+                    // Kept while the lease lasts; dropped by a later round if it runs out.
+                    tracing::warn!(shard = s, error = %e, "shard lease not renewed this round");
+                }
+            }
+        }
+        let acquisitions = plan.acquire.iter().map(|s| {
+            let store = &self.store;
+            let me = &self.me;
+            async move {
+                let name = Key::new(placement::shard_lease(*s));
+                (*s, store.acquire_lease(&name, me, ttl, now).await)
+            }
+        });
+        for (s, r) in futures::future::join_all(acquisitions).await {
+            match r {
+                Ok(lease) => {
+                    if let Err(e) = self.system.host_shard(s, Some(lease.fence())).await {
+                        tracing::warn!(shard = s, error = %e, "cannot host shard");
+                        let _ = self.store.release_lease(&lease).await;
+                        continue;
+                    }
+                    tracing::info!(shard = s, token = lease.token, "shard hosted");
+                    self.held.insert(s, lease);
+                }
+                // Its previous owner still holds it (handing over, or dead until it expires).
+                Err(caretwin_actors::Error::LeaseHeld { .. }) => {}
+                Err(e) => tracing::warn!(shard = s, error = %e, "shard lease not acquired"),
+            }
+        }
+        Ok(())
+    }
+
+    async fn drop_lapsing(&mut self, now: u64) {
+        let margin = self.timing.margin.as_millis() as u64;
+        let lapsing: Vec<u32> = self
+            .held
+            .iter()
+            .filter(|(_, l)| now.saturating_add(margin) >= l.expires_at_ms)
+            .map(|(&s, _)| s)
+            .collect();
+        for s in lapsing {
+            tracing::warn!(
+                shard = s,
+                "shard lease about to run out unrenewed; shard dropped"
+            );
+            self.held.remove(&s);
+            self.system.drop_shard(s, false).await;
+        }
+    }
+
+    /// Runs rounds until `shutdown`, then hands every shard over (drained, leases
+    /// released) so the other members take them at once. On `kill` it stops at once like
+    /// a process killed: shards stop without draining and their leases are left to run
+    /// out (the chaos tools' in-process crash).
+    pub async fn run(
+        mut self,
+        mut shutdown: tokio::sync::watch::Receiver<bool>,
+        mut kill: tokio::sync::watch::Receiver<bool>,
+    ) {
+        let mut every = tokio::time::interval(self.timing.round);
+        every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                () = async { let _ = kill.wait_for(|s| *s).await; } => {
+                    for s in std::mem::take(&mut self.held).into_keys() {
+                        self.system.drop_shard(s, false).await;
+                    }
+                    return;
+                }
+                () = async { let _ = shutdown.wait_for(|s| *s).await; } => break,
+                _ = every.tick() => {
+                    if let Err(e) = self.round().await {
+                        tracing::debug!(error = %e, "membership round failed");
+                    }
+                }
+            }
+        }
+        self.leave().await;
+    }
+
+    /// Hands every held shard over: drained, then its lease released.
+    pub async fn leave(&mut self) {
+        for (s, lease) in std::mem::take(&mut self.held) {
+            self.system.drop_shard(s, true).await;
+            if let Err(e) = self.store.release_lease(&lease).await {
+                tracing::warn!(shard = s, error = %e, "shard lease not released; it will expire");
+            }
+        }
+        self.view.write().expect("view lock").live.clear();
+    }
+
+    /// The shards held now.
+    pub fn held(&self) -> Vec<u32> {
+        self.held.keys().copied().collect()
+    }
+
+    /// Rounds until this node holds every shard it owns in its view and no other, or
+    /// `timeout` passes; returns whether it got there.
+    pub async fn settle(&mut self, timeout: Duration) -> bool {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let _ = self.round().await;
+            let ids: Vec<String> = self
+                .view
+                .read()
+                .expect("view lock")
+                .live
+                .iter()
+                .map(|m| m.node_id.clone())
+                .collect();
+            let want = placement::shards_of(
+                &self.me,
+                self.system.shard_count(),
+                ids.iter().map(String::as_str),
+            );
+            if want.iter().copied().eq(self.held.keys().copied()) {
+                return true;
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return false;
+            }
+            tokio::time::sleep(self.timing.round.min(Duration::from_millis(50))).await;
+        }
+    }
+}
