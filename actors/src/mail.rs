@@ -101,6 +101,50 @@ pub struct DeviceCommand {
     /// Urgency: the edge delivers SAFETY commands first (absent in older mail: normal).
     #[serde(default)]
     pub priority: Priority,
+    /// What the command does when it is not the remedy `name` (absent: a remedy).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub action: Option<CommandAction>,
+}
+
+/// A command other than a named remedy (`name` then says which kind it is).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", tag = "kind")]
+pub enum CommandAction {
+    /// Set configuration fields: they become the device's desired state, and the command
+    /// succeeds once the device reports every value.
+    Configure {
+        /// (field, value, desired-state version) per field.
+        fields: Vec<(String, String, u64)>,
+    },
+    /// Install a firmware image.
+    Firmware {
+        /// The version, as the manufacturer names it.
+        version: String,
+        /// HTTPS address of the image.
+        url: String,
+        /// SHA-256 of the image, lowercase hexadecimal.
+        sha256: String,
+        /// Size of the image in bytes.
+        size_bytes: u64,
+    },
+    /// Pass the customer's answer to a question the product asked.
+    Answer {
+        /// The question.
+        question_id: String,
+        /// The chosen option.
+        option_id: String,
+    },
+}
+
+impl CommandAction {
+    /// The command's name for this kind (the remedy's name otherwise).
+    pub fn name(&self) -> &'static str {
+        match self {
+            Self::Configure { .. } => "configure",
+            Self::Firmware { .. } => "firmware_update",
+            Self::Answer { .. } => "answer_question",
+        }
+    }
 }
 
 /// The context a human agent gets with a case, so nobody asks the customer again.

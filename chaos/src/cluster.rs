@@ -237,6 +237,7 @@ impl Cluster {
             grpc: GrpcConfig {
                 listen: "127.0.0.1:0".parse().unwrap(),
                 tokens: dir.join("no-tokens.toml"),
+                ..Default::default()
             },
             cluster: MembershipConfig {
                 enabled: true,

@@ -273,6 +273,7 @@ pub async fn run(
         grpc: GrpcConfig {
             listen: "127.0.0.1:0".parse()?,
             tokens,
+            ..Default::default()
         },
         services: toml::from_str::<ServicesConfig>(SERVICES)?,
         provision: Some(provision),

@@ -102,6 +102,7 @@ async fn run(seconds: u64) {
         grpc: GrpcConfig {
             listen: "127.0.0.1:0".parse().expect("addr"),
             tokens: d.join("tokens.toml"),
+            ..Default::default()
         },
         provision: Some(d.join("devices.toml")),
         ..ClusterConfig::default()

@@ -138,6 +138,14 @@ pub struct GrpcConfig {
     /// `caretwin-cluster token`. Without it every call is refused.
     #[serde(default = "default_tokens")]
     pub tokens: PathBuf,
+    /// How long a resolved case stays in the tenant's case log (`90d`); open cases are
+    /// never dropped.
+    #[serde(default = "default_case_retention", with = "humantime_serde")]
+    pub case_retention: Duration,
+    /// How long a finished command stays in the tenant's command log (`30d`); a command
+    /// still under way is never dropped.
+    #[serde(default = "default_command_retention", with = "humantime_serde")]
+    pub command_retention: Duration,
 }
 
 fn default_grpc_listen() -> SocketAddr {
@@ -146,12 +154,20 @@ fn default_grpc_listen() -> SocketAddr {
 fn default_tokens() -> PathBuf {
     PathBuf::from("certs/tokens.toml")
 }
+fn default_case_retention() -> Duration {
+    Duration::from_millis(crate::grpc::cases::CASE_RETENTION.keep_ms)
+}
+fn default_command_retention() -> Duration {
+    Duration::from_millis(crate::grpc::commands::COMMAND_RETENTION.keep_ms)
+}
 
 impl Default for GrpcConfig {
     fn default() -> Self {
         Self {
             listen: default_grpc_listen(),
             tokens: default_tokens(),
+            case_retention: default_case_retention(),
+            command_retention: default_command_retention(),
         }
     }
 }

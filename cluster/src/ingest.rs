@@ -689,18 +689,17 @@ impl Ingest {
                 if c.command.expires_at_ms <= now || self.cancelled(&c).await? {
                     continue;
                 }
-                let args = c.command.args.into_iter().collect();
+                let payload = crate::grpc::convert::command_payload(
+                    &c.command.name,
+                    &c.command.args,
+                    c.command.action.as_ref(),
+                );
                 frames.push(ClusterFrame {
                     body: Some(cluster_frame::Body::Command(v1::Command {
                         command_id: c.command.command_id,
                         position: e.index,
                         device_id: c.device,
-                        payload: Some(v1::CommandPayload {
-                            kind: Some(v1::command_payload::Kind::RemoteRemedy(v1::RemoteRemedy {
-                                name: c.command.name,
-                                args,
-                            })),
-                        }),
+                        payload: Some(payload),
                         priority: crate::grpc::convert::priority(c.command.priority) as i32,
                         issued_at_ms: now as i64,
                         expires_at_ms: c.command.expires_at_ms as i64,

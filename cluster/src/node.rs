@@ -279,18 +279,22 @@ impl Node {
         };
         tracing::info!(addr = %grpc_addr, tokens = tokens.len(), "gRPC listening");
         let sites = server.clone();
-        let services = crate::grpc::Services::new(crate::grpc::Parts {
-            system: system.clone(),
-            store: store.clone(),
-            logs: log_signals,
-            snapshots: snapshot_signals,
-            vault: vault.clone(),
-            clock: clock.clone(),
-            catalogue: catalogue.clone(),
-            scheduler: config.services.scheduler.clone(),
-            sites_online: Arc::new(move || sites.live_sites()),
-            closing: stop_rx.clone(),
-        });
+        let services = crate::grpc::Services::with_retention(
+            crate::grpc::Parts {
+                system: system.clone(),
+                store: store.clone(),
+                logs: log_signals,
+                snapshots: snapshot_signals,
+                vault: vault.clone(),
+                clock: clock.clone(),
+                catalogue: catalogue.clone(),
+                scheduler: config.services.scheduler.clone(),
+                sites_online: Arc::new(move || sites.live_sites()),
+                closing: stop_rx.clone(),
+            },
+            crate::grpc::projection::Retention::keeping(config.grpc.case_retention),
+            crate::grpc::projection::Retention::keeping(config.grpc.command_retention),
+        );
         let identity = crate::grpc::identity(&config.sync.cert, &config.sync.key)?;
 
         let mut stop_server = stop_rx.clone();
@@ -796,6 +800,7 @@ mod tests {
             grpc: crate::config::GrpcConfig {
                 listen: "127.0.0.1:0".parse().unwrap(),
                 tokens: dir.path().join("no-tokens.toml"),
+                ..Default::default()
             },
             ..ClusterConfig::default()
         };

@@ -3,6 +3,7 @@
 //! after a disconnect until acknowledged, its delivery reported, and the customer's answer
 //! reaches the customer twin, whose case moves on.
 
+use caretwin_actors::host::clock::ManualClock;
 use caretwin_actors::host::dispatch::Router;
 use caretwin_actors::mail::{Address, Body, Mail};
 use caretwin_actors::model::{HOUR_MS, Priority};
@@ -30,6 +31,8 @@ const CLOSED_IT: &str = "It was open, I closed it";
 
 struct Node {
     _node: TestNode,
+    /// The clock of the twins, the recorder and the services.
+    clock: Arc<ManualClock>,
     system: Arc<System>,
     recorder: Arc<Recorder>,
     outside: Arc<Outside>,
@@ -53,6 +56,7 @@ async fn customer_with_fridge(system: &System, vault: &Vault, customer: &str, fr
                     verified: true,
                 })
                 .collect();
+            r.locale = "fr-FR".into();
         })
         .await
         .unwrap();
@@ -86,6 +90,7 @@ async fn node() -> Node {
     customer_with_fridge(&n.system, &n.vault, "t1:bob", "t1:fridge-2").await;
     customer_with_fridge(&n.system, &n.vault, "t2:carol", "t2:fridge-1").await;
     Node {
+        clock: n.clock.clone(),
         system: n.system.clone(),
         recorder: n.recorder.clone(),
         outside: n.outside.clone(),
@@ -244,8 +249,30 @@ async fn a_question_reaches_the_gateway_and_the_answer_moves_the_case_on() {
         .await
         .unwrap_err();
     assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
+    // A report from far in the future (it would also hold the entry past its retention).
+    let e = n
+        .client
+        .report_delivery(with(
+            &gateway,
+            v1::ReportDeliveryRequest {
+                at_ms: (NOW + 24 * HOUR_MS) as i64,
+                ..report(v1::NotificationState::Read)
+            },
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
     // Bad answers change nothing.
     for bad in [
+        v1::RecordResponseRequest {
+            response: Some(v1::CustomerResponse {
+                responded_at_ms: (NOW + 24 * HOUR_MS) as i64,
+                ..answer(&note.notification_id, CLOSED_IT, "k1")
+                    .response
+                    .unwrap()
+            }),
+            ..answer(&note.notification_id, CLOSED_IT, "k1")
+        },
         answer(&note.notification_id, "Maybe", "k1"),
         answer(&note.notification_id, CLOSED_IT, ""),
         v1::RecordResponseRequest {
@@ -535,4 +562,99 @@ async fn scopes_tenants_and_bad_input_are_checked() {
         .await
         .unwrap_err();
     assert_eq!(e.code(), Code::NotFound);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn questions_expire_unanswerable_and_undelivered_and_the_log_keeps_seven_days() {
+    use caretwin_cluster::grpc::notifications::ANSWER_TTL_MS;
+    use v1::NotificationState as S;
+    let mut n = node().await;
+    let gateway = n.gateway.clone();
+    door_seal_question(&n, "t1:fridge-1").await;
+    let mut stream = subscribe(&mut n, None).await;
+    let first = next(&mut stream).await;
+    let note = first.notification.clone().unwrap();
+    // Its expiry by its kind (a question waits as long as the twin waits), its title and
+    // the customer's language.
+    assert_eq!(note.expires_at_ms, Some(NOW as i64 + ANSWER_TTL_MS as i64));
+    assert_eq!(note.locale, "fr-FR");
+    assert_eq!(note.title, "A question about your product");
+    drop(stream);
+
+    // Past its expiry: shown EXPIRED, an answer is refused, and nothing changes.
+    n.clock.set(NOW + ANSWER_TTL_MS);
+    let late = n
+        .client
+        .record_response(with(
+            &gateway,
+            answer(&note.notification_id, CLOSED_IT, "late-1"),
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(late.code(), Code::FailedPrecondition, "{late:?}");
+    assert!(late.message().contains("expired"), "{late:?}");
+    let list = |n: &mut Node| {
+        let mut client = n.client.clone();
+        let gateway = gateway.clone();
+        async move {
+            client
+                .list_notifications(with(&gateway, v1::ListNotificationsRequest::default()))
+                .await
+                .unwrap()
+                .into_inner()
+                .notifications
+        }
+    };
+    let shown = list(&mut n).await;
+    let expired = shown
+        .iter()
+        .find(|x| x.notification_id == note.notification_id)
+        .expect("still listed");
+    assert_eq!(expired.state, S::Expired as i32);
+    assert!(expired.response.is_none());
+    // A gateway subscribing from the start is not given the expired one: the first it
+    // gets is the next notification (bob's, asked now).
+    door_seal_question(&n, "t1:fridge-2").await;
+    let mut stream = subscribe(&mut n, Some(0)).await;
+    let bob = loop {
+        let d = next(&mut stream).await;
+        assert_ne!(
+            d.cursor, first.cursor,
+            "an expired notification is not delivered"
+        );
+        if d.notification.as_ref().unwrap().customer_id == "t1:bob" {
+            break d;
+        }
+    };
+    drop(stream);
+
+    // Seven days on, both are past the retention: the log is trimmed, the list is empty,
+    // and resuming before the first entry kept is OUT_OF_RANGE, naming where to resume.
+    n.clock.set(NOW + ANSWER_TTL_MS + 8 * 24 * HOUR_MS);
+    let kept = list(&mut n).await;
+    assert!(
+        !kept
+            .iter()
+            .any(|x| x.notification_id == note.notification_id
+                || Some(&x.notification_id)
+                    == bob.notification.as_ref().map(|b| &b.notification_id)),
+        "{kept:?}"
+    );
+    let gone = n
+        .client
+        .subscribe_notifications(with(
+            &gateway,
+            v1::SubscribeNotificationsRequest {
+                subscriber_id: "gw-1".into(),
+                after_cursor: Some(first.cursor),
+                channels: Vec::new(),
+            },
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(gone.code(), Code::OutOfRange, "{gone:?}");
+    assert!(
+        gone.message().contains("resume with after_cursor"),
+        "{gone:?}"
+    );
 }

@@ -959,7 +959,7 @@ async fn commands_check_scopes_tenants_and_input() {
         )),
     });
     for (req, code) in [
-        (firmware, Code::Unimplemented),
+        (firmware, Code::InvalidArgument),
         (unknown, Code::InvalidArgument),
         (past, Code::InvalidArgument),
         (no_payload, Code::InvalidArgument),

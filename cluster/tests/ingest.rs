@@ -281,6 +281,7 @@ async fn a_command_waits_in_the_sites_log_and_its_state_is_truthful() {
             args: vec![],
             expires_at_ms: T0 + 6 * HOUR_MS,
             priority: Default::default(),
+            action: None,
         }),
     };
     let r = f
@@ -380,6 +381,7 @@ async fn a_command_waits_in_the_sites_log_and_its_state_is_truthful() {
             args: vec![],
             expires_at_ms: T0 + HOUR_MS,
             priority: Default::default(),
+            action: None,
         }),
     };
     f.system

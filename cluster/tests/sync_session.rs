@@ -502,6 +502,7 @@ async fn a_command_sent_while_the_edge_is_offline_arrives_after_it_connects() {
             args: vec![],
             expires_at_ms: u64::MAX / 2,
             priority: Default::default(),
+            action: None,
         }),
     };
     let r = c
@@ -949,6 +950,7 @@ async fn queue_command(c: &Cluster, n: u32, expires_at_ms: u64) {
             args: vec![],
             expires_at_ms,
             priority: Default::default(),
+            action: None,
         }),
     };
     let r = c
@@ -1237,12 +1239,21 @@ async fn cancel(
     api: &caretwin_cluster::grpc::commands::CommandApi,
     id: &str,
 ) -> Result<v1::CommandRecord, tonic::Status> {
+    cancel_with_key(c, api, id, "").await
+}
+
+async fn cancel_with_key(
+    c: &Cluster,
+    api: &caretwin_cluster::grpc::commands::CommandApi,
+    id: &str,
+    key: &str,
+) -> Result<v1::CommandRecord, tonic::Status> {
     use caretwin_proto::v1::command_service_server::CommandService;
     let r = api
         .cancel_command(call(v1::CancelCommandRequest {
             command_id: id.into(),
             reason: "customer called".into(),
-            idempotency_key: String::new(),
+            idempotency_key: key.into(),
         }))
         .await
         .map(tonic::Response::into_inner);
@@ -1308,9 +1319,14 @@ async fn a_command_held_on_the_edge_is_cancelled_at_both_ends_and_never_reaches_
     })
     .await;
     let r = record(&api, &sent.command_id).await;
-    assert_eq!(states(&r), [S::Queued, S::SentToEdge, S::Cancelled]);
     assert_eq!(
-        r.history[2].detail, "cancelled: customer called",
+        states(&r),
+        [S::Queued, S::SentToEdge, S::SentToEdge, S::Cancelled],
+        "the request is in the history, logged once however often it was asked"
+    );
+    assert_eq!(r.history[2].detail, "cancel requested: customer called");
+    assert_eq!(
+        r.history[3].detail, "cancelled: customer called",
         "ended by the edge's answer"
     );
     // At the edge: ended (and forgotten once the cluster has the result), so the adapter
@@ -1380,7 +1396,9 @@ async fn a_cancel_that_comes_after_the_device_got_the_command_ends_with_the_devi
             .await
             .unwrap()
     );
-    let r = cancel(&c, &api, &sent.command_id).await.unwrap();
+    let r = cancel_with_key(&c, &api, &sent.command_id, "race-1")
+        .await
+        .unwrap();
     assert_eq!(r.state, S::SentToEdge as i32);
     let stats = edge.stats.clone();
     eventually("the edge handled the cancel", || async {
@@ -1421,11 +1439,24 @@ async fn a_cancel_that_comes_after_the_device_got_the_command_ends_with_the_devi
     let r = record(&api, &sent.command_id).await;
     assert_eq!(
         states(&r),
-        [S::Queued, S::SentToEdge, S::DeliveredToDevice, S::Succeeded]
+        [
+            S::Queued,
+            S::SentToEdge,
+            S::SentToEdge, // the cancel asked of the edge
+            S::DeliveredToDevice,
+            S::Succeeded
+        ]
     );
+    assert!(r.cancel_requested_at_ms.is_some());
     let refused = cancel(&c, &api, &sent.command_id).await.unwrap_err();
     assert_eq!(refused.code(), tonic::Code::FailedPrecondition);
     assert_eq!(record(&api, &sent.command_id).await.history, r.history);
+    // The first cancel retried with its key: answered (the command as it ended), not
+    // refused, and nothing more logged.
+    let retried = cancel_with_key(&c, &api, &sent.command_id, "race-1")
+        .await
+        .unwrap();
+    assert_eq!(retried, r);
     let _ = edge.stop.send(());
     let _ = edge.running.await;
 }
@@ -1451,18 +1482,35 @@ async fn a_cancel_asked_while_the_edge_is_away_reaches_it_when_it_reconnects() {
     let _ = edge.stop.send(());
     edge.running.await.unwrap();
     drop(edge.outbox); // its lock, for the edge that comes back
-    let r = cancel(&c, &api, &sent.command_id).await.unwrap();
+    let r = cancel_with_key(&c, &api, &sent.command_id, "cancel-1")
+        .await
+        .unwrap();
     assert_eq!(r.state, S::SentToEdge as i32, "waits for the edge");
+    // The request is visible while the edge is away: in the record and in its history.
+    assert!(r.cancel_requested_at_ms.is_some(), "{r:?}");
+    assert_eq!(states(&r), [S::Queued, S::SentToEdge, S::SentToEdge]);
+    assert_eq!(r.history[2].detail, "cancel requested: customer called");
+    // A retry with the same key: the same answer, nothing asked or logged again.
+    let retry = cancel_with_key(&c, &api, &sent.command_id, "cancel-1")
+        .await
+        .unwrap();
+    assert_eq!(retry, r);
     // Back again: the session sends the cancel logged after the edge's last command.
     let mut edge = start_edge(&c);
     eventually("cancelled at the cluster", || async {
         record(&api, &sent.command_id).await.state == S::Cancelled as i32
     })
     .await;
+    let done = record(&api, &sent.command_id).await;
     assert_eq!(
-        states(&record(&api, &sent.command_id).await),
-        [S::Queued, S::SentToEdge, S::Cancelled]
+        states(&done),
+        [S::Queued, S::SentToEdge, S::SentToEdge, S::Cancelled]
     );
+    // The key's retry after the end: the command as it ended, still one request logged.
+    let retry = cancel_with_key(&c, &api, &sent.command_id, "cancel-1")
+        .await
+        .unwrap();
+    assert_eq!(retry, done);
     // The restarted edge handed the stored command to its adapter again; the adapter that
     // gets round to it now finds it ended.
     let Some(Downlink::Command(again)) = tokio::time::timeout(DEADLINE, edge.downlink.recv())
@@ -1487,4 +1535,311 @@ async fn a_cancel_asked_while_the_edge_is_away_reaches_it_when_it_reconnects() {
     );
     let _ = edge.stop.send(());
     let _ = edge.running.await;
+}
+
+/// A `SendCommand` of `payload` to `DEVICE` with `key`.
+async fn send(
+    c: &Cluster,
+    api: &caretwin_cluster::grpc::commands::CommandApi,
+    key: &str,
+    payload: v1::command_payload::Kind,
+    expires_at_ms: Option<i64>,
+) -> Result<v1::CommandRecord, tonic::Status> {
+    use caretwin_proto::v1::command_service_server::CommandService;
+    let r = api
+        .send_command(call(v1::SendCommandRequest {
+            idempotency_key: key.into(),
+            device_id: DEVICE.into(),
+            payload: Some(v1::CommandPayload {
+                kind: Some(payload),
+            }),
+            expires_at_ms,
+            ..Default::default()
+        }))
+        .await
+        .map(tonic::Response::into_inner);
+    c.system.settle(5).await.unwrap();
+    r
+}
+
+fn configuration(fields: &[(&str, v1::signal_value::Value, u64)]) -> v1::command_payload::Kind {
+    v1::command_payload::Kind::Configuration(v1::Configuration {
+        entries: fields
+            .iter()
+            .map(|(f, v, version)| {
+                let entry = v1::ConfigurationEntry {
+                    value: Some(v1::SignalValue {
+                        value: Some(v.clone()),
+                    }),
+                    version: *version,
+                };
+                ((*f).to_owned(), entry)
+            })
+            .collect(),
+    })
+}
+
+fn firmware(url: &str, sha256: &str, size_bytes: u64) -> v1::command_payload::Kind {
+    v1::command_payload::Kind::FirmwareUpdate(v1::FirmwareUpdate {
+        version: "2.1.0".into(),
+        url: url.into(),
+        sha256: sha256.into(),
+        size_bytes,
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn configuration_and_firmware_commands_reach_a_real_edge_and_bad_ones_change_nothing() {
+    use v1::CommandState as S;
+    use v1::signal_value::Value;
+    let c = cluster().await;
+    let api = command_api(&c);
+    let sha = "0123456789abcdef".repeat(4);
+    // Bad input: INVALID_ARGUMENT, and nothing is stored or sent.
+    let far = caretwin_cluster::node::now_ms() as i64 + 365 * 24 * HOUR_MS as i64;
+    let bad = [
+        (
+            "nan",
+            configuration(&[("brew_temp", Value::Number(f64::NAN), 0)]),
+            None,
+        ),
+        (
+            "inf",
+            configuration(&[("brew_temp", Value::Number(f64::INFINITY), 0)]),
+            None,
+        ),
+        ("empty", configuration(&[]), None),
+        (
+            "long",
+            configuration(&[("brew_temp", Value::Text("x".repeat(300)), 0)]),
+            None,
+        ),
+        (
+            "http",
+            firmware("http://fw.example/a.bin", &sha, 1024),
+            None,
+        ),
+        (
+            "sha",
+            firmware("https://fw.example/a.bin", "ABC", 1024),
+            None,
+        ),
+        ("size", firmware("https://fw.example/a.bin", &sha, 0), None),
+        (
+            "far",
+            firmware("https://fw.example/a.bin", &sha, 1024),
+            Some(far),
+        ),
+    ];
+    for (key, payload, expires) in bad {
+        let refused = send(&c, &api, key, payload, expires).await.unwrap_err();
+        assert_eq!(
+            refused.code(),
+            tonic::Code::InvalidArgument,
+            "{key}: {refused:?}"
+        );
+    }
+    let answer = v1::command_payload::Kind::AnswerQuestion(v1::AnswerQuestion {
+        question_id: "not-asked-by-this-model".into(),
+        option_id: "yes".into(),
+    });
+    let refused = send(&c, &api, "q", answer, None).await.unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::InvalidArgument);
+    let untouched = c
+        .system
+        .devices()
+        .inspect(DEVICE, |t| {
+            let t = t.unwrap();
+            (t.desired().len(), t.commands().len())
+        })
+        .await
+        .unwrap();
+    assert_eq!(untouched, (0, 0), "a refused command changes nothing");
+
+    // A configuration: the desired state (as TwinService.SetDesired sets it), then the
+    // command succeeds once the device reports the values.
+    let config = configuration(&[
+        ("brew_temp", Value::Number(94.0), 0),
+        ("eco", Value::Flag(true), 1),
+    ]);
+    let sent = send(&c, &api, "config-1", config, None).await.unwrap();
+    assert_eq!(sent.state, S::Queued as i32);
+    let Some(v1::command_payload::Kind::Configuration(shown)) =
+        sent.payload.as_ref().and_then(|p| p.kind.clone())
+    else {
+        panic!("the record shows its configuration: {sent:?}")
+    };
+    assert_eq!(shown.entries["brew_temp"].version, 1, "the version it got");
+    // A retry with the key: the same command, the desired state not bumped again.
+    let again = send(&c, &api, "config-1", configuration(&[]), None)
+        .await
+        .unwrap();
+    assert_eq!(again.command_id, sent.command_id);
+    let mut edge = start_edge(&c);
+    let down = tokio::time::timeout(DEADLINE, edge.downlink.recv())
+        .await
+        .unwrap()
+        .unwrap();
+    let Downlink::Desired { device, fields } = down else {
+        panic!("expected the desired state, got {down:?}")
+    };
+    assert_eq!(device, DEVICE);
+    let mut fields = fields;
+    fields.sort();
+    assert_eq!(
+        fields,
+        [
+            ("brew_temp".to_owned(), "94".to_owned(), 1),
+            ("eco".to_owned(), "true".to_owned(), 1)
+        ]
+    );
+    let report = |field: &str, value: &str| {
+        Item::new(
+            DEVICE,
+            1_795_392_000_000,
+            ItemKind::Reported {
+                field: field.into(),
+                value: caretwin_edge::outbox::FieldValue::Text(value.into()),
+            },
+        )
+    };
+    edge.outbox
+        .accept(vec![report("brew_temp", "94"), report("eco", "true")])
+        .await
+        .unwrap();
+    edge.new_items.notify_waiters();
+    eventually("the configuration to succeed", || async {
+        record(&api, &sent.command_id).await.state == S::Succeeded as i32
+    })
+    .await;
+
+    // Firmware: carried to the edge as a command, which stores and confirms it.
+    let fw = send(
+        &c,
+        &api,
+        "fw-1",
+        firmware("https://fw.example/2.1.0.bin", &sha, 4 << 20),
+        None,
+    )
+    .await
+    .unwrap();
+    let down = tokio::time::timeout(DEADLINE, edge.downlink.recv())
+        .await
+        .unwrap()
+        .unwrap();
+    let Downlink::Command(got) = down else {
+        panic!("expected the firmware command, got {down:?}")
+    };
+    assert_eq!(got.command_id, fw.command_id);
+    assert_eq!(got.name, "firmware_update");
+    assert_eq!(got.args["sha256"], sha);
+    assert_eq!(got.args["size_bytes"], (4u64 << 20).to_string());
+    eventually("the firmware stored on the edge", || async {
+        record(&api, &fw.command_id).await.state == S::SentToEdge as i32
+    })
+    .await;
+    let r = record(&api, &fw.command_id).await;
+    assert!(matches!(
+        r.payload.and_then(|p| p.kind),
+        Some(v1::command_payload::Kind::FirmwareUpdate(f)) if f.sha256 == sha
+    ));
+    let _ = edge.stop.send(());
+    let _ = edge.running.await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn finished_commands_past_their_retention_are_trimmed_and_a_rebuild_keeps_the_rest() {
+    use caretwin_cluster::grpc::commands::{CommandApi, Commands};
+    use caretwin_cluster::grpc::projection::Retention;
+    use caretwin_proto::v1::command_service_server::CommandService;
+    use v1::CommandState as S;
+    let c = cluster().await;
+    let api_over = |c: &Cluster| {
+        CommandApi(Arc::new(
+            Commands::new(
+                c.system.clone(),
+                c.store.clone(),
+                c.log_signals.clone(),
+                Arc::new(Catalogue::builtin()),
+                c.clock.clone(),
+            )
+            .with_retention(Retention::days(1)),
+        ))
+    };
+    let api = api_over(&c);
+    let t0 = 1_795_392_000_000;
+    let descale = || {
+        v1::command_payload::Kind::RemoteRemedy(v1::RemoteRemedy {
+            name: "descale".into(),
+            args: Default::default(),
+        })
+    };
+    // a: finished (cancelled while queued); b: live for 29 days; c: finished after b.
+    let a = send(&c, &api, "a", descale(), None).await.unwrap();
+    cancel(&c, &api, &a.command_id).await.unwrap();
+    let live_until = t0 as i64 + 29 * 24 * HOUR_MS as i64;
+    let b = send(&c, &api, "b", descale(), Some(live_until))
+        .await
+        .unwrap();
+    let cc = send(&c, &api, "c", descale(), None).await.unwrap();
+    cancel(&c, &api, &cc.command_id).await.unwrap();
+    assert_eq!(record(&api, &a.command_id).await.state, S::Cancelled as i32);
+
+    // Two days on: a is past the retention and before the live b, so it goes; c is past
+    // it too but after b (the log is trimmed as a prefix), so it stays for now.
+    c.clock.set(t0 + 2 * 24 * HOUR_MS);
+    let get = |api: &CommandApi, id: &str| {
+        let api = api.clone();
+        let id = id.to_owned();
+        async move {
+            api.get_command(call(v1::GetCommandRequest { command_id: id }))
+                .await
+                .map(tonic::Response::into_inner)
+        }
+    };
+    let gone = get(&api, &a.command_id).await.unwrap_err();
+    assert_eq!(gone.code(), tonic::Code::NotFound);
+    let log = c
+        .store
+        .read_log(&Key::new("commands/t1"), 1, 100)
+        .await
+        .unwrap();
+    assert_eq!(
+        log.first().map(|e| e.index),
+        Some(3),
+        "a's two entries trimmed from the store"
+    );
+    // A projection rebuilt from the trimmed log: b whole (what it is and where it
+    // stands), c whole, a unknown.
+    let rebuilt = api_over(&c);
+    let b_again = get(&rebuilt, &b.command_id).await.unwrap();
+    assert_eq!(b_again.state, S::Queued as i32);
+    assert_eq!(b_again.expires_at_ms, live_until);
+    assert!(matches!(
+        b_again.payload.and_then(|p| p.kind),
+        Some(v1::command_payload::Kind::RemoteRemedy(r)) if r.name == "descale"
+    ));
+    assert_eq!(
+        get(&rebuilt, &cc.command_id).await.unwrap().state,
+        S::Cancelled as i32
+    );
+    assert_eq!(
+        get(&rebuilt, &a.command_id).await.unwrap_err().code(),
+        tonic::Code::NotFound
+    );
+    // b ends; a day later everything has finished past the retention: all is trimmed.
+    cancel(&c, &rebuilt, &b.command_id).await.unwrap();
+    c.clock.set(t0 + 4 * 24 * HOUR_MS);
+    let listed = rebuilt
+        .list_commands(call(v1::ListCommandsRequest::default()))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(listed.commands.is_empty(), "{listed:?}");
+    let log = c
+        .store
+        .read_log(&Key::new("commands/t1"), 1, 100)
+        .await
+        .unwrap();
+    assert!(log.is_empty(), "{log:?}");
 }

@@ -845,6 +845,7 @@ impl CustomerTwin {
                         .collect(),
                     expires_at_ms: due,
                     priority: Default::default(),
+                    action: None,
                 };
                 self.send(ctx, Address::Device(device), Body::Command(cmd));
                 ctx.arm(due, &format!("case:{case_id}:remedy"));

@@ -19,7 +19,7 @@
 
 use crate::catalogue::{Catalogue, DeviceModel, Gauge, Signal};
 use crate::host::{Ctx, Twin};
-use crate::mail::{Address, Body, DeviceCommand, Mail, tenant_of};
+use crate::mail::{Address, Body, CommandAction, DeviceCommand, Mail, tenant_of};
 use crate::model::{ConsentScope, Insight, InsightKind, Priority, TimeMs};
 use crate::policy::Consent;
 use crate::reasoning::{
@@ -269,6 +269,8 @@ pub enum DeviceMsg {
         command_id: String,
         /// Why, for the record.
         reason: String,
+        /// The caller's idempotency key, recorded with the cancel (may be empty).
+        key: String,
     },
     /// Set a field of the device's desired state (from an integrator or operator). With
     /// `expected_version`, only if the field is at that version (0: not set yet).
@@ -394,6 +396,10 @@ pub struct CommandEntry {
     /// A cancel was asked of the edge, which has not answered yet.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub cancel_requested: bool,
+    /// A configuration command: the (field, value) pairs the device must report for it
+    /// to succeed.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub awaits: Vec<(String, String)>,
 }
 
 /// How far a command state is along its lifecycle: `queued` 0, `sent_to_edge` 1,
@@ -475,6 +481,9 @@ pub struct CommandInfo {
     /// Why it was sent, for people.
     #[serde(rename = "r", default, skip_serializing_if = "String::is_empty")]
     pub reason: String,
+    /// What it does when it is not the remedy `name`.
+    #[serde(rename = "y", default, skip_serializing_if = "Option::is_none")]
+    pub action: Option<CommandAction>,
 }
 
 /// One entry of [`commands_log`]: a command entered a state.
@@ -499,6 +508,11 @@ pub struct CommandEvent {
     /// What the command is: on its first (`queued`) entry only.
     #[serde(rename = "i", default, skip_serializing_if = "Option::is_none")]
     pub info: Option<CommandInfo>,
+    /// On the entry a cancel made (the `cancelled` of a command the edge did not hold
+    /// yet, or the request to the edge, logged in the state the command stays in until
+    /// the edge answers): the cancel's idempotency key (may be empty).
+    #[serde(rename = "q", default, skip_serializing_if = "Option::is_none")]
+    pub cancel: Option<String>,
 }
 
 /// A command an integrator issues to a device (the gRPC `SendCommand`).
@@ -646,6 +660,7 @@ impl DeviceTwin {
             .collect()
     }
 
+    /// Sets one field of the desired state and sends the desired state to the edge.
     fn set_desired(
         &mut self,
         field: String,
@@ -653,25 +668,63 @@ impl DeviceTwin {
         expected: Option<u64>,
         ctx: &mut Ctx,
     ) -> DeviceReply {
-        if field.is_empty() || field.len() > MAX_FIELD_BYTES || value.len() > MAX_FIELD_BYTES {
-            return DeviceReply::Rejected(format!(
-                "desired field {field:?} needs a name of 1..={MAX_FIELD_BYTES} bytes and a value of at most {MAX_FIELD_BYTES}"
-            ));
+        let changes = [(field, value, expected)];
+        let version = match self.change_desired(&changes, ctx) {
+            Ok(versions) => versions[0],
+            Err(why) => return DeviceReply::Rejected(why),
+        };
+        self.send_desired(ctx);
+        DeviceReply::Version(version)
+    }
+
+    /// Sets the desired `(field, value, expected version)`s, all or none (every change is
+    /// checked before any is made); the version each got.
+    fn change_desired(
+        &mut self,
+        changes: &[(String, String, Option<u64>)],
+        ctx: &mut Ctx,
+    ) -> Result<Vec<u64>, String> {
+        let mut new = 0;
+        for (field, value, expected) in changes {
+            if field.is_empty() || field.len() > MAX_FIELD_BYTES || value.len() > MAX_FIELD_BYTES {
+                return Err(format!(
+                    "desired field {field:?} needs a name of 1..={MAX_FIELD_BYTES} bytes and a value of at most {MAX_FIELD_BYTES}"
+                ));
+            }
+            let current = self.desired.get(field).map_or(0, |d| d.version);
+            if let Some(e) = expected
+                && *e != current
+            {
+                return Err(format!(
+                    "desired field {field:?} is at version {current}, not {e}"
+                ));
+            }
+            if changes.iter().filter(|(f, ..)| f == field).count() > 1 {
+                return Err(format!("desired field {field:?} is set twice"));
+            }
+            new += usize::from(current == 0);
         }
-        let current = self.desired.get(&field).map_or(0, |d| d.version);
-        if let Some(e) = expected
-            && e != current
-        {
-            return DeviceReply::Rejected(format!(
-                "desired field {field:?} is at version {current}, not {e}"
-            ));
+        if self.desired.len() + new > MAX_FIELDS {
+            return Err(format!("at most {MAX_FIELDS} desired fields"));
         }
-        if current == 0 && self.desired.len() >= MAX_FIELDS {
-            return DeviceReply::Rejected(format!("at most {MAX_FIELDS} desired fields"));
+        let mut versions = Vec::with_capacity(changes.len());
+        for (field, value, _) in changes {
+            let version = self.desired.get(field).map_or(0, |d| d.version) + 1;
+            self.desired.insert(
+                field.clone(),
+                Desired {
+                    value: value.clone(),
+                    version,
+                },
+            );
+            versions.push(version);
         }
-        let version = current + 1;
-        self.desired.insert(field, Desired { value, version });
         ctx.changed();
+        Ok(versions)
+    }
+
+    /// Sends the whole desired state to the device's edge.
+    fn send_desired(&mut self, ctx: &mut Ctx) {
         if let Some(site) = self.site.clone() {
             let fields = self
                 .desired
@@ -687,7 +740,6 @@ impl DeviceTwin {
                 },
             );
         }
-        DeviceReply::Version(version)
     }
 
     /// `Some(refusal)` unless the device is provisioned and belongs to `site`.
@@ -977,6 +1029,7 @@ impl DeviceTwin {
                         },
                     );
                 }
+                self.configured(ctx);
                 Ok(())
             }
             ItemKind::CommandResult {
@@ -1006,7 +1059,7 @@ impl DeviceTwin {
                     c.cancel_requested = false;
                     // Ended: its expiry timer has nothing left to do.
                     ctx.disarm(c.expires_at_ms, &expiry_tag(command_id));
-                    self.log_command(ctx, command_id, state, detail, None);
+                    self.log_command(ctx, command_id, state, detail, None, None);
                 }
                 self.tell_customer(
                     ctx,
@@ -1019,6 +1072,40 @@ impl DeviceTwin {
                 );
                 Ok(())
             }
+        }
+    }
+
+    /// Ends the configuration commands whose every value the device now reports.
+    fn configured(&mut self, ctx: &mut Ctx) {
+        let reported = &self.reported_fields;
+        let done: Vec<String> = self
+            .commands
+            .iter()
+            .filter(|c| !c.awaits.is_empty() && !command_final(&c.state))
+            .filter(|c| {
+                c.awaits
+                    .iter()
+                    .all(|(f, v)| reported.get(f).is_some_and(|r| r.value == *v))
+            })
+            .map(|c| c.id.clone())
+            .collect();
+        for id in done {
+            if let Some(c) = self.commands.iter_mut().find(|c| c.id == id) {
+                c.state = "succeeded".into();
+                ctx.disarm(c.expires_at_ms, &expiry_tag(&id));
+            }
+            ctx.changed();
+            let detail = "the device reports every value";
+            self.log_command(ctx, &id, "succeeded", detail, None, None);
+            self.tell_customer(
+                ctx,
+                Body::CommandOutcome {
+                    device: self.id.clone(),
+                    command_id: id,
+                    succeeded: true,
+                    detail: detail.into(),
+                },
+            );
         }
     }
 
@@ -1207,6 +1294,7 @@ impl DeviceTwin {
             key: String::new(),
             case_id: String::new(),
             reason: String::new(),
+            action: cmd.action.clone(),
         };
         self.queue_command(cmd, info, ctx)
     }
@@ -1224,12 +1312,33 @@ impl DeviceTwin {
         let Some(model) = self.model.as_deref().and_then(|m| env.catalogue.model(m)) else {
             return DeviceReply::UnknownDevice;
         };
-        if !model.has_command(&command.name) {
-            return DeviceReply::Rejected(format!(
-                "model {} has no command {:?}",
-                model.id(),
-                command.name
-            ));
+        match &command.action {
+            None if !model.has_command(&command.name) => {
+                return DeviceReply::Rejected(format!(
+                    "model {} has no command {:?}",
+                    model.id(),
+                    command.name
+                ));
+            }
+            Some(CommandAction::Answer {
+                question_id,
+                option_id,
+            }) => match model.question(question_id) {
+                None => {
+                    return DeviceReply::Rejected(format!(
+                        "model {} asks no question {question_id:?}",
+                        model.id()
+                    ));
+                }
+                Some(q) if !q.options.contains(option_id) => {
+                    return DeviceReply::Rejected(format!(
+                        "option {option_id:?} is not one of {:?}",
+                        q.options
+                    ));
+                }
+                Some(_) => {}
+            },
+            _ => {}
         }
         if command.device != self.id || tenant_of(&command.command_id) != tenant_of(&self.id) {
             return DeviceReply::Rejected(format!(
@@ -1246,6 +1355,27 @@ impl DeviceTwin {
         if self.commands.iter().any(|c| c.id == command.command_id) {
             return DeviceReply::Ok; // a retry
         }
+        let mut command = command;
+        // A configuration becomes the desired state (the same change as a desired field
+        // set on its own), all fields or none; the command then follows it to the device.
+        if let Some(CommandAction::Configure { fields }) = &mut command.action {
+            if self.site.is_none() {
+                return DeviceReply::Rejected("device has no site".into());
+            }
+            let changes: Vec<(String, String, Option<u64>)> = fields
+                .iter()
+                .map(|(f, v, version)| (f.clone(), v.clone(), version.checked_sub(1)))
+                .collect();
+            match self.change_desired(&changes, ctx) {
+                Ok(versions) => {
+                    for (f, v) in fields.iter_mut().zip(versions) {
+                        f.2 = v;
+                    }
+                }
+                Err(why) => return DeviceReply::Rejected(why),
+            }
+            self.send_desired(ctx);
+        }
         ctx.op(Op::PutIdempotency {
             key: Key::new(format!("commands/{}/{key}", tenant_of(&self.id))),
             value: command.command_id.clone().into_bytes(),
@@ -1261,13 +1391,20 @@ impl DeviceTwin {
             key,
             case_id,
             reason,
+            action: cmd.action.clone(),
         };
         self.queue_command(command, info, ctx)
     }
 
     /// Cancels a command (see [`cancel_step`]): one the edge has not confirmed ends at
     /// once; for one the edge holds, the edge is asked, once.
-    fn cancel_command(&mut self, command_id: &str, reason: String, ctx: &mut Ctx) -> DeviceReply {
+    fn cancel_command(
+        &mut self,
+        command_id: &str,
+        reason: String,
+        key: String,
+        ctx: &mut Ctx,
+    ) -> DeviceReply {
         let Some(c) = self.commands.iter_mut().find(|c| c.id == command_id) else {
             return DeviceReply::Rejected(format!("unknown command {command_id:?}"));
         };
@@ -1286,9 +1423,16 @@ impl DeviceTwin {
             }
             CancelStep::AskEdge => c.cancel_requested = true,
         }
+        let state = c.state.clone();
         ctx.changed();
+        // Logged either way: the request stays visible while the edge is asked (in the
+        // state the command is in until the edge answers).
+        let detail = match step {
+            CancelStep::EndNow => reason.clone(),
+            _ => format!("cancel requested: {reason}"),
+        };
+        self.log_command(ctx, command_id, &state, &detail, None, Some(key));
         if step == CancelStep::EndNow {
-            self.log_command(ctx, command_id, "cancelled", &reason, None);
             let body = Body::CommandOutcome {
                 device: self.id.clone(),
                 command_id: command_id.to_owned(),
@@ -1308,7 +1452,8 @@ impl DeviceTwin {
         DeviceReply::Ok
     }
 
-    /// Appends a command's transition to the tenant's command log.
+    /// Appends a command's transition to the tenant's command log (`cancel`: the key of
+    /// the cancel that made it).
     fn log_command(
         &self,
         ctx: &mut Ctx,
@@ -1316,6 +1461,7 @@ impl DeviceTwin {
         state: &str,
         detail: &str,
         info: Option<CommandInfo>,
+        cancel: Option<String>,
     ) {
         let event = CommandEvent {
             command_id: command_id.to_owned(),
@@ -1324,6 +1470,7 @@ impl DeviceTwin {
             at: ctx.now(),
             detail: detail.to_owned(),
             info,
+            cancel,
         };
         ctx.op(Op::Append {
             log: commands_log(tenant_of(&self.id)),
@@ -1344,13 +1491,22 @@ impl DeviceTwin {
             return DeviceReply::Rejected("device has no site".into());
         };
         let info = info(site.clone(), &cmd);
-        self.log_command(ctx, &cmd.command_id, "queued", "", Some(info));
+        self.log_command(ctx, &cmd.command_id, "queued", "", Some(info), None);
+        let awaits = match &cmd.action {
+            Some(CommandAction::Configure { fields }) => fields
+                .iter()
+                .map(|(f, v, _)| (f.clone(), v.clone()))
+                .collect(),
+            _ => Vec::new(),
+        };
+        let configure = !awaits.is_empty();
         self.commands.push(CommandEntry {
             id: cmd.command_id.clone(),
             name: cmd.name.clone(),
             state: "queued".into(),
             expires_at_ms: cmd.expires_at_ms,
             cancel_requested: false,
+            awaits,
         });
         if self.commands.len() > MAX_COMMANDS {
             self.commands.remove(0);
@@ -1358,7 +1514,11 @@ impl DeviceTwin {
         // If the edge never confirms it before its time to live runs out (the site stayed
         // offline), the twin ends it as expired itself; past the edge, the edge decides.
         ctx.arm(cmd.expires_at_ms, &expiry_tag(&cmd.command_id));
-        self.send(ctx, Address::Edge(site), Body::Command(cmd));
+        // A configuration travels as the desired state (sent already); the others as
+        // commands through the site's command log.
+        if !configure {
+            self.send(ctx, Address::Edge(site), Body::Command(cmd));
+        }
         ctx.changed();
         DeviceReply::Ok
     }
@@ -1452,7 +1612,7 @@ impl Twin for DeviceTwin {
                     // changes nothing.
                     Some(c) if command_rank(&state) > command_rank(&c.state) => {
                         c.state = state.clone();
-                        self.log_command(ctx, &command_id, &state, "", None);
+                        self.log_command(ctx, &command_id, &state, "", None, None);
                         ctx.changed();
                         DeviceReply::Ok
                     }
@@ -1467,9 +1627,11 @@ impl Twin for DeviceTwin {
                 r
             }
             DeviceMsg::Issue(issued) => self.issue(*issued, ctx, env),
-            DeviceMsg::CancelCommand { command_id, reason } => {
-                self.cancel_command(&command_id, reason, ctx)
-            }
+            DeviceMsg::CancelCommand {
+                command_id,
+                reason,
+                key,
+            } => self.cancel_command(&command_id, reason, key, ctx),
             DeviceMsg::SetDesired {
                 field,
                 value,
@@ -1498,6 +1660,7 @@ impl Twin for DeviceTwin {
             command_id,
             "expired",
             "expired before the site received it",
+            None,
             None,
         );
         let body = Body::CommandOutcome {

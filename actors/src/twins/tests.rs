@@ -1222,6 +1222,7 @@ fn issued(id: &str, name: &str) -> DeviceMsg {
             args: vec![],
             expires_at_ms: T0 + HOUR_MS,
             priority: Default::default(),
+            action: None,
         },
         key: "k-1".into(),
         issued_by: "crm".into(),
@@ -1285,6 +1286,7 @@ fn an_integrators_command_is_logged_queued_once_and_cancelled_before_the_edge_ha
     let cancel = || DeviceMsg::CancelCommand {
         command_id: "t1:cmd/k-1".into(),
         reason: "not needed".into(),
+        key: String::new(),
     };
     let mut c = ctx(T0 + 2, DEVICE);
     assert_eq!(d.handle(cancel(), &mut c, &env), DeviceReply::Ok);
@@ -1347,6 +1349,7 @@ fn every_transition_of_a_command_is_logged() {
     let cancel = DeviceMsg::CancelCommand {
         command_id: "t1:cmd/k-1".into(),
         reason: "late".into(),
+        key: String::new(),
     };
     assert!(matches!(
         d.handle(cancel, &mut c, &env),
@@ -1380,6 +1383,7 @@ fn cancel_k1() -> DeviceMsg {
     DeviceMsg::CancelCommand {
         command_id: "t1:cmd/k-1".into(),
         reason: "not needed".into(),
+        key: String::new(),
     }
 }
 
@@ -1422,10 +1426,17 @@ fn a_cancel_of_a_command_on_the_edge_asks_the_edge_once_and_ends_with_its_answer
     let mut d = coffee(&env);
     d.handle(issued("t1:cmd/k-1", "descale"), &mut ctx(T0, DEVICE), &env);
     d.handle(status("sent_to_edge"), &mut ctx(T0 + 1, DEVICE), &env);
-    // Asked of the edge: no transition yet, the command is still on the edge.
+    // Asked of the edge: the command is still on the edge, and the request is logged in
+    // that state, so the record shows it is waiting for the edge's answer.
     let mut c = ctx(T0 + 2, DEVICE);
     assert_eq!(d.handle(cancel_k1(), &mut c, &env), DeviceReply::Ok);
-    assert!(command_events(&c).is_empty());
+    let events = command_events(&c);
+    assert_eq!(events.len(), 1);
+    assert_eq!(
+        (events[0].state.as_str(), events[0].detail.as_str()),
+        ("sent_to_edge", "cancel requested: not needed")
+    );
+    assert_eq!(events[0].cancel.as_deref(), Some(""));
     assert_eq!(cancels_to_edge(&c), ["t1:cmd/k-1"]);
     assert_eq!(d.commands()[0].state, "sent_to_edge");
     assert!(d.commands()[0].cancel_requested);
@@ -1566,4 +1577,121 @@ fn the_device_index_gets_an_entry_whenever_owner_site_or_model_change_only() {
     let e = &index_entries(&c)[0];
     assert_eq!((e.site.as_deref(), e.customer.as_deref()), (None, None));
     assert_eq!(e.model.as_deref(), Some("coffee.barista-200"));
+}
+
+fn issued_action(id: &str, action: crate::mail::CommandAction) -> DeviceMsg {
+    let DeviceMsg::Issue(mut issued) = issued(id, action.name()) else {
+        unreachable!()
+    };
+    issued.command.action = Some(action);
+    DeviceMsg::Issue(issued)
+}
+
+#[test]
+fn a_configuration_command_sets_the_desired_state_all_or_nothing_and_succeeds_when_reported() {
+    use crate::mail::CommandAction;
+    let env = device_env();
+    let mut d = coffee(&env);
+    let configure = |fields: &[(&str, &str, u64)]| CommandAction::Configure {
+        fields: fields
+            .iter()
+            .map(|(f, v, n)| ((*f).to_owned(), (*v).to_owned(), *n))
+            .collect(),
+    };
+    // A version that is not the next one refuses the whole command: nothing changes.
+    let mut c = ctx(T0, DEVICE);
+    let bad = configure(&[("brew_temp", "94", 0), ("grind", "fine", 7)]);
+    assert!(matches!(
+        d.handle(issued_action("t1:cmd/k-0", bad), &mut c, &env),
+        DeviceReply::Rejected(why) if why.contains("is at version 0")
+    ));
+    assert!(d.desired().is_empty() && c.ops().is_empty() && mail_of(&c).is_empty());
+    // Accepted: both fields desired in one step, the desired state goes to the edge (no
+    // command does), and the command is logged queued with what it sets.
+    let mut c = ctx(T0, DEVICE);
+    let good = configure(&[("brew_temp", "94", 0), ("grind", "fine", 1)]);
+    assert_eq!(
+        d.handle(issued_action("t1:cmd/k-1", good), &mut c, &env),
+        DeviceReply::Ok
+    );
+    assert_eq!(d.desired()["brew_temp"].version, 1);
+    assert_eq!(d.desired()["grind"].value, "fine");
+    let mail = mail_of(&c);
+    assert!(
+        mail.iter()
+            .any(|m| matches!(&m.body, Body::DesiredState { fields, .. } if fields.len() == 2))
+    );
+    assert!(!mail.iter().any(|m| matches!(m.body, Body::Command(_))));
+    let events = command_events(&c);
+    assert_eq!(events.len(), 1);
+    let info = events[0].info.as_ref().unwrap();
+    assert_eq!(
+        info.action,
+        Some(configure(&[("brew_temp", "94", 1), ("grind", "fine", 1)]))
+    );
+    // One field reported: still waiting; both: succeeded, once.
+    let report = |seq, f: &str, v: &str| DeviceItem {
+        seq,
+        ts_ms: T0,
+        kind: ItemKind::Reported {
+            fields: vec![(f.into(), v.into())],
+        },
+    };
+    let mut c = ctx(T0 + 1, DEVICE);
+    applied(d.handle(
+        DeviceMsg::Apply(vec![report(1, "brew_temp", "94")]),
+        &mut c,
+        &env,
+    ));
+    assert!(command_events(&c).is_empty());
+    let mut c = ctx(T0 + 2, DEVICE);
+    applied(d.handle(
+        DeviceMsg::Apply(vec![report(2, "grind", "fine"), report(3, "grind", "fine")]),
+        &mut c,
+        &env,
+    ));
+    let events = command_events(&c);
+    assert_eq!(events.len(), 1);
+    assert_eq!(events[0].state, "succeeded");
+    assert_eq!(d.commands()[0].state, "succeeded");
+}
+
+#[test]
+fn firmware_and_answers_go_to_the_edge_as_commands_and_an_unknown_question_is_refused() {
+    use crate::mail::CommandAction;
+    let env = device_env();
+    let mut d = coffee(&env);
+    let firmware = CommandAction::Firmware {
+        version: "2.1.0".into(),
+        url: "https://fw.example/2.1.0.bin".into(),
+        sha256: "a".repeat(64),
+        size_bytes: 1 << 20,
+    };
+    let mut c = ctx(T0, DEVICE);
+    assert_eq!(
+        d.handle(issued_action("t1:cmd/k-1", firmware.clone()), &mut c, &env),
+        DeviceReply::Ok
+    );
+    let sent: Vec<_> = mail_of(&c)
+        .into_iter()
+        .filter_map(|m| match m.body {
+            Body::Command(cmd) => Some(cmd),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(sent.len(), 1);
+    assert_eq!(
+        (sent[0].name.as_str(), sent[0].action.as_ref()),
+        ("firmware_update", Some(&firmware))
+    );
+    let answer = CommandAction::Answer {
+        question_id: "no-such-question".into(),
+        option_id: "yes".into(),
+    };
+    let mut c = ctx(T0, DEVICE);
+    assert!(matches!(
+        d.handle(issued_action("t1:cmd/k-2", answer), &mut c, &env),
+        DeviceReply::Rejected(_)
+    ));
+    assert!(c.ops().is_empty() && mail_of(&c).is_empty());
 }

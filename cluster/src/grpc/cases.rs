@@ -12,12 +12,14 @@
 
 use super::auth::{Principal, Scope};
 use super::convert;
+use super::projection::{Book, Fold, Projection, Retention, Span};
 use crate::pii::Vault;
 use crate::store::watch::LogSignals;
+use caretwin_actors::host::clock::Clock;
 use caretwin_actors::mail::{Address, AgentWork, Body, Mail};
 use caretwin_actors::services::Status as DeskStatus;
 use caretwin_actors::services::handoff::{CaseEvent, CaseEventKind, MAX_NOTE_CHARS, cases_log};
-use caretwin_actors::store::{IdempotencyMode, Key, Op, Store, WriteBatch};
+use caretwin_actors::store::{Key, Store};
 use caretwin_actors::system::System;
 use caretwin_proto::v1::{self, case_service_server::CaseService};
 use futures::Stream;
@@ -27,30 +29,60 @@ use std::sync::Arc;
 use tokio::sync::Mutex;
 use tonic::{Request, Response, Status};
 
-/// Entries read from the log per store call while catching up.
-const READ_CHUNK: usize = 1_000;
 /// Deliveries buffered per subscriber before the stream waits for the client.
 const STREAM_BUFFER: usize = 256;
+/// How long a resolved case stays in the case log by default.
+pub const CASE_RETENTION: Retention = Retention::days(90);
 
 /// One tenant's cases as the log tells them.
 #[derive(Debug, Default)]
-struct Book {
-    /// The next log index to read.
-    next: u64,
+pub(crate) struct CaseBook {
     /// Every case's events with their indexes, in log order.
     cases: HashMap<String, Vec<(u64, CaseEvent)>>,
     /// Log index → case id, for deliveries in order.
     order: BTreeMap<u64, String>,
 }
 
+impl Fold for CaseBook {
+    type Event = CaseEvent;
+    const WHAT: &'static str = "case event";
+
+    fn apply(&mut self, index: u64, ev: CaseEvent) {
+        self.order.insert(index, ev.case_id.clone());
+        self.cases
+            .entry(ev.case_id.clone())
+            .or_default()
+            .push((index, ev));
+    }
+
+    fn spans(&self) -> Vec<Span> {
+        self.cases
+            .values()
+            .filter_map(|evs| {
+                let (first, _) = evs.first()?;
+                let (last, ev) = evs.last()?;
+                Some(Span {
+                    first: *first,
+                    last: *last,
+                    last_at_ms: ev.at_ms,
+                    finished: evs.iter().any(|(_, e)| e.event == CaseEventKind::Resolved),
+                })
+            })
+            .collect()
+    }
+
+    fn forget_before(&mut self, from: u64) {
+        self.cases
+            .retain(|_, evs| evs.last().is_some_and(|(i, _)| *i >= from));
+        self.order = self.order.split_off(&from);
+    }
+}
+
 /// The projection of every tenant's case log.
 pub struct Cases {
     system: Arc<System>,
-    store: Arc<dyn Store>,
     signals: Arc<LogSignals>,
-    books: std::sync::Mutex<HashMap<String, Arc<Mutex<Book>>>>,
-    /// Serialises acknowledgements, so a cursor never moves back.
-    acks: Mutex<()>,
+    log: Projection<CaseBook>,
     /// Becomes true when the node shuts down: every subscription stream then ends, so the
     /// server's drain does not wait for clients that never hang up.
     closing: Option<tokio::sync::watch::Receiver<bool>>,
@@ -73,10 +105,8 @@ impl Cases {
     pub fn new(system: Arc<System>, store: Arc<dyn Store>, signals: Arc<LogSignals>) -> Self {
         Self {
             system,
-            store,
             signals,
-            books: Default::default(),
-            acks: Mutex::new(()),
+            log: Projection::new(store, cases_log, CASE_RETENTION),
             closing: None,
             vault: None,
         }
@@ -143,6 +173,7 @@ impl Cases {
         let ids: Vec<String> = {
             let b = book.lock().await;
             let mut v: Vec<(u64, String)> = b
+                .state
                 .cases
                 .iter()
                 .filter(|(_, evs)| evs.iter().any(|(_, e)| e.customer == customer))
@@ -166,59 +197,28 @@ impl Cases {
         self
     }
 
-    fn book(&self, tenant: &str) -> Arc<Mutex<Book>> {
-        self.books
-            .lock()
-            .expect("books lock")
-            .entry(tenant.to_owned())
-            .or_insert_with(|| {
-                Arc::new(Mutex::new(Book {
-                    next: 1,
-                    ..Default::default()
-                }))
-            })
-            .clone()
+    /// Ages resolved cases on `clock` (the node's) for their retention (without a clock
+    /// none is trimmed).
+    pub fn with_clock(mut self, clock: Arc<dyn Clock>) -> Self {
+        self.log.set_clock(clock);
+        self
     }
 
-    /// Reads what the tenant's log gained since the last call.
-    async fn catch_up(&self, tenant: &str) -> Result<Arc<Mutex<Book>>, Status> {
-        let book = self.book(tenant);
-        {
-            let mut b = book.lock().await;
-            loop {
-                let entries = self
-                    .store
-                    .read_log(&cases_log(tenant), b.next, READ_CHUNK)
-                    .await
-                    .map_err(internal)?;
-                let Some(last) = entries.last().map(|e| e.index) else {
-                    break;
-                };
-                for e in entries {
-                    match serde_json::from_slice::<CaseEvent>(&e.value) {
-                        Ok(ev) => {
-                            b.order.insert(e.index, ev.case_id.clone());
-                            b.cases
-                                .entry(ev.case_id.clone())
-                                .or_default()
-                                .push((e.index, ev));
-                        }
-                        Err(err) => {
-                            tracing::warn!(tenant, index = e.index, error = %err, "unreadable case event skipped");
-                        }
-                    }
-                }
-                b.next = last + 1;
-            }
-        }
-        Ok(book)
+    /// Keeps resolved cases in the log for `retention` (default [`CASE_RETENTION`]).
+    pub fn with_retention(mut self, retention: Retention) -> Self {
+        self.log.set_retention(retention);
+        self
+    }
+
+    async fn catch_up(&self, tenant: &str) -> Result<Arc<Mutex<Book<CaseBook>>>, Status> {
+        self.log.catch_up(tenant).await
     }
 
     /// The case `case_id` of `tenant` as of log index `upto`.
     async fn case_as_of(&self, tenant: &str, case_id: &str, upto: u64) -> Option<v1::Case> {
-        let book = self.book(tenant);
+        let book = self.log.book(tenant);
         let b = book.lock().await;
-        let events = b.cases.get(case_id)?;
+        let events = b.state.cases.get(case_id)?;
         let case = fold(tenant, case_id, events, upto)?;
         drop(b);
         let case = self.with_devices(case).await;
@@ -487,81 +487,71 @@ impl CaseService for CaseApi {
         let r = req.into_inner();
         check_name("subscriber_id", &r.subscriber_id, 64)?;
         let cases = self.0.clone();
-        let after = match r.after_cursor {
-            Some(c) => c,
-            None => {
-                super::stream::stored_cursor(
-                    &*cases.store,
-                    &subscriber_key(&p.tenant, &r.subscriber_id),
-                )
-                .await?
-            }
-        };
+        let after = cases
+            .log
+            .resume_after(
+                &p.tenant,
+                r.after_cursor,
+                &subscriber_key(&p.tenant, &r.subscriber_id),
+            )
+            .await?;
         let priorities: Vec<i32> = r.priorities.clone();
         let kinds: Vec<i32> = r.kinds.clone();
         let log = cases_log(&p.tenant);
         // Subscribe before the first read, so an append in between wakes the loop.
-        let mut grew = cases.signals.subscribe(&log);
-        let (tx, rx) = tokio::sync::mpsc::channel(STREAM_BUFFER);
-        let mut closing = cases.closing.clone();
+        let grew = cases.signals.subscribe(&log);
         tracing::info!(tenant = %p.tenant, subscriber = %r.subscriber_id, after, "case subscription");
-        tokio::spawn(async move {
-            let mut cursor = after;
-            loop {
-                grew.borrow_and_update();
-                let book = match cases.catch_up(&p.tenant).await {
-                    Ok(b) => b,
-                    Err(e) => {
-                        let _ = tx.send(Err(e)).await;
-                        return;
-                    }
-                };
-                let pending: Vec<(u64, String)> = {
-                    let b = book.lock().await;
-                    b.order
-                        .range(cursor + 1..)
-                        .map(|(i, c)| (*i, c.clone()))
-                        .collect()
-                };
-                for (index, case_id) in pending {
-                    cursor = index;
-                    let (kind, at, prio) = {
-                        let b = book.lock().await;
-                        let Some((_, ev)) = b
-                            .cases
-                            .get(&case_id)
-                            .and_then(|evs| evs.iter().find(|(i, _)| *i == index))
-                        else {
-                            continue;
-                        };
-                        (
+        let tenant = p.tenant.clone();
+        let (lister, shower) = (cases.clone(), cases.clone());
+        let pending = move |cursor: u64| {
+            let (cases, tenant) = (lister.clone(), tenant.clone());
+            async move {
+                let book = cases.catch_up(&tenant).await?;
+                let b = &book.lock().await.state;
+                // Each event after the cursor, with what the subscription filters on.
+                Ok(b.order
+                    .range(cursor + 1..)
+                    .filter_map(|(index, case_id)| {
+                        let (_, ev) = b.cases.get(case_id)?.iter().find(|(i, _)| i == index)?;
+                        let what = (
+                            case_id.clone(),
                             event_kind(ev.event),
                             ev.at_ms,
                             convert::priority(ev.priority),
-                        )
-                    };
-                    if (!priorities.is_empty() && !priorities.contains(&(prio as i32)))
-                        || (!kinds.is_empty() && !kinds.contains(&(kind as i32)))
-                    {
-                        continue;
-                    }
-                    let case = cases.case_as_of(&p.tenant, &case_id, index).await;
-                    let delivery = v1::CaseDelivery {
-                        cursor: index,
-                        case_id,
-                        event: kind as i32,
-                        event_at_ms: at as i64,
-                        case,
-                    };
-                    if tx.send(Ok(delivery)).await.is_err() {
-                        return; // the client went away
-                    }
-                }
-                if !super::stream::more(&mut grew, &tx, &mut closing).await {
-                    return;
-                }
+                        );
+                        Some((*index, what))
+                    })
+                    .collect())
             }
-        });
+        };
+        let tenant = p.tenant.clone();
+        let deliver = move |index: u64, (case_id, kind, at, prio): (String, _, u64, _)| {
+            let (cases, tenant) = (shower.clone(), tenant.clone());
+            let (priorities, kinds) = (priorities.clone(), kinds.clone());
+            async move {
+                if (!priorities.is_empty() && !priorities.contains(&(prio as i32)))
+                    || (!kinds.is_empty() && !kinds.contains(&(kind as i32)))
+                {
+                    return Ok(None);
+                }
+                let case = cases.case_as_of(&tenant, &case_id, index).await;
+                Ok(Some(v1::CaseDelivery {
+                    cursor: index,
+                    case_id,
+                    event: kind as i32,
+                    event_at_ms: at as i64,
+                    case,
+                }))
+            }
+        };
+        let rx = super::stream::follow(
+            grew,
+            cases.closing.clone(),
+            after,
+            STREAM_BUFFER,
+            pending,
+            deliver,
+        );
         Ok(Response::new(Box::pin(
             tokio_stream::wrappers::ReceiverStream::new(rx),
         )))
@@ -575,29 +565,17 @@ impl CaseService for CaseApi {
         p.require(Scope::CasesHandle)?;
         let r = req.into_inner();
         check_name("subscriber_id", &r.subscriber_id, 64)?;
-        let store = &*self.0.store;
-        let _one_at_a_time = self.0.acks.lock().await;
-        let stored =
-            super::stream::stored_cursor(store, &subscriber_key(&p.tenant, &r.subscriber_id))
-                .await?;
-        let last = self.0.catch_up(&p.tenant).await?.lock().await.next - 1;
-        if r.cursor > last {
-            return Err(Status::invalid_argument(format!(
-                "cursor {} is beyond the newest event {last}",
-                r.cursor
-            )));
-        }
-        if r.cursor > stored {
-            let mut batch = WriteBatch::new();
-            batch.ops.push(Op::PutIdempotency {
-                key: subscriber_key(&p.tenant, &r.subscriber_id),
-                value: r.cursor.to_be_bytes().to_vec(),
-                mode: IdempotencyMode::Overwrite,
-            });
-            store.commit(batch).await.map_err(internal)?;
-        }
+        let acknowledged = self
+            .0
+            .log
+            .acknowledge(
+                &p.tenant,
+                subscriber_key(&p.tenant, &r.subscriber_id),
+                r.cursor,
+            )
+            .await?;
         Ok(Response::new(v1::AcknowledgeDeliveryResponse {
-            acknowledged_cursor: r.cursor.max(stored),
+            acknowledged_cursor: acknowledged,
         }))
     }
 
@@ -771,6 +749,7 @@ impl CaseService for CaseApi {
         let opened: Vec<(u64, String)> = {
             let b = book.lock().await;
             let mut v: Vec<(u64, String)> = b
+                .state
                 .cases
                 .iter()
                 .filter_map(|(id, evs)| evs.first().map(|(i, _)| (*i, id.clone())))
@@ -864,5 +843,56 @@ impl CaseApi {
             Ok(DeskStatus::Done | DeskStatus::Duplicate) => Ok(()),
             Err(e) => Err(internal(e)),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::grpc::projection::keep_from;
+    use caretwin_actors::model::{DAY_MS, Priority};
+
+    fn event(case_id: &str, event: CaseEventKind, at_ms: u64) -> CaseEvent {
+        CaseEvent {
+            case_id: case_id.into(),
+            event,
+            priority: Priority::Normal,
+            escalation_level: 0,
+            at_ms,
+            customer: "t1:alice".into(),
+            reason: None,
+            context: None,
+            agent: None,
+            truncated: false,
+            note: None,
+            resolution: None,
+            accept_by_ms: None,
+        }
+    }
+
+    #[test]
+    fn an_open_case_is_never_trimmed_and_holds_back_what_follows_it() {
+        let mut book = CaseBook::default();
+        // 1-2: case a, resolved long ago; 3: case b, open; 4-5: case c, resolved long ago.
+        book.apply(1, event("a", CaseEventKind::HandedOff, 0));
+        book.apply(2, event("a", CaseEventKind::Resolved, DAY_MS));
+        book.apply(3, event("b", CaseEventKind::HandedOff, DAY_MS));
+        book.apply(4, event("c", CaseEventKind::HandedOff, DAY_MS));
+        book.apply(5, event("c", CaseEventKind::Resolved, DAY_MS));
+        let now = 100 * DAY_MS;
+        let from = keep_from(&book.spans(), 6, now, CASE_RETENTION.keep_ms);
+        assert_eq!(from, 3, "a goes, the open b and everything after it stay");
+        book.forget_before(from);
+        assert!(!book.cases.contains_key("a"));
+        assert!(book.cases.contains_key("b") && book.cases.contains_key("c"));
+        assert_eq!(book.order.keys().copied().collect::<Vec<_>>(), [3, 4, 5]);
+        // b resolved: now everything may go.
+        book.apply(6, event("b", CaseEventKind::Resolved, 2 * DAY_MS));
+        assert_eq!(keep_from(&book.spans(), 7, now, CASE_RETENTION.keep_ms), 7);
+        // ... but not while it is younger than the retention.
+        assert_eq!(
+            keep_from(&book.spans(), 7, 50 * DAY_MS, CASE_RETENTION.keep_ms),
+            3
+        );
     }
 }

@@ -11,15 +11,16 @@
 //! holds (the protocol's `CommandCancel`), which ends with the edge's answer.
 
 use super::auth::{Principal, Scope};
+use super::projection::{Book, Fold, Projection, Retention, Span};
 use crate::store::watch::LogSignals;
 use caretwin_actors::catalogue::Catalogue;
 use caretwin_actors::host::clock::Clock;
-use caretwin_actors::mail::DeviceCommand;
+use caretwin_actors::mail::{CommandAction, DeviceCommand};
 use caretwin_actors::model::{DAY_MS, Priority};
 use caretwin_actors::store::Store;
 use caretwin_actors::system::System;
 use caretwin_actors::twins::device::{
-    CommandEvent, CommandInfo, DeviceMsg, DeviceReply, IssuedCommand, commands_log,
+    CommandEvent, CommandInfo, DeviceMsg, DeviceReply, IssuedCommand, command_final, commands_log,
 };
 use caretwin_proto::v1::{self, command_service_server::CommandService};
 use futures::Stream;
@@ -29,8 +30,6 @@ use std::sync::Arc;
 use tokio::sync::Mutex;
 use tonic::{Request, Response, Status};
 
-/// Entries read from the log per store call while catching up.
-const READ_CHUNK: usize = 1_000;
 /// Longest idempotency key, in bytes.
 const MAX_KEY: usize = 128;
 /// Longest reason, in bytes (it is kept in the device twin's log entry).
@@ -38,36 +37,90 @@ const MAX_REASON: usize = 512;
 /// Most arguments of a remedy, and their total size in bytes.
 const MAX_ARGS: usize = 16;
 const MAX_ARGS_BYTES: usize = 1024;
+/// Most fields a configuration command sets (the contract's limit).
+const MAX_CONFIG_ENTRIES: usize = 256;
+/// Longest configuration field name or value, in bytes (the device twin's limit).
+const MAX_FIELD_BYTES: usize = 256;
+/// Longest firmware address, in bytes.
+const MAX_URL: usize = 2048;
+/// Largest firmware image, in bytes (8 GiB).
+const MAX_FIRMWARE_BYTES: u64 = 8 << 30;
 /// Furthest expiry a command may be given.
 const MAX_TTL_MS: u64 = 30 * DAY_MS;
+
+/// How long a finished command stays in the command log by default.
+pub const COMMAND_RETENTION: Retention = Retention::days(30);
+
+/// A command's payload as the device twin takes it: its name, a remedy's arguments, and
+/// what it does when it is not a remedy.
+type Payload = (String, Vec<(String, String)>, Option<CommandAction>);
 
 /// One command as the log tells it.
 #[derive(Debug, Default)]
 struct Tracked {
     /// Log index of its first transition (its order among commands).
     first: u64,
+    /// Log index of its latest transition.
+    last: u64,
     /// Its transitions, oldest first.
     events: Vec<CommandEvent>,
 }
 
 /// One tenant's commands.
 #[derive(Debug, Default)]
-struct Book {
-    /// The next log index to read.
-    next: u64,
+pub(crate) struct CommandBook {
     commands: HashMap<String, Tracked>,
     /// Idempotency key → command id.
     by_key: HashMap<String, String>,
 }
 
+impl Fold for CommandBook {
+    type Event = CommandEvent;
+    const WHAT: &'static str = "command event";
+
+    fn apply(&mut self, index: u64, ev: CommandEvent) {
+        if let Some(key) = ev.info.as_ref().map(|i| &i.key)
+            && !key.is_empty()
+        {
+            self.by_key.insert(key.clone(), ev.command_id.clone());
+        }
+        let t = self.commands.entry(ev.command_id.clone()).or_default();
+        if t.events.is_empty() {
+            t.first = index;
+        }
+        t.last = index;
+        t.events.push(ev);
+    }
+
+    fn spans(&self) -> Vec<Span> {
+        self.commands
+            .values()
+            .filter_map(|t| {
+                let last = t.events.last()?;
+                Some(Span {
+                    first: t.first,
+                    last: t.last,
+                    last_at_ms: last.at,
+                    finished: t.events.iter().any(|e| command_final(&e.state)),
+                })
+            })
+            .collect()
+    }
+
+    fn forget_before(&mut self, from: u64) {
+        self.commands.retain(|_, t| t.last >= from);
+        let commands = &self.commands;
+        self.by_key.retain(|_, id| commands.contains_key(id));
+    }
+}
+
 /// The projection of every tenant's command log.
 pub struct Commands {
     system: Arc<System>,
-    store: Arc<dyn Store>,
     signals: Arc<LogSignals>,
     catalogue: Arc<Catalogue>,
     clock: Arc<dyn Clock>,
-    books: std::sync::Mutex<HashMap<String, Arc<Mutex<Book>>>>,
+    log: Projection<CommandBook>,
     /// Becomes true when the node shuts down: watch streams then end.
     closing: Option<tokio::sync::watch::Receiver<bool>>,
 }
@@ -122,12 +175,7 @@ fn fold(id: &str, t: &Tracked) -> v1::CommandRecord {
         command_id: id.to_owned(),
         device_id: first.map(|e| e.device.clone()).unwrap_or_default(),
         site_id: info.map(|i| i.site.clone()).unwrap_or_default(),
-        payload: info.map(|i| v1::CommandPayload {
-            kind: Some(v1::command_payload::Kind::RemoteRemedy(v1::RemoteRemedy {
-                name: i.name.clone(),
-                args: i.args.iter().cloned().collect(),
-            })),
-        }),
+        payload: info.map(|i| super::convert::command_payload(&i.name, &i.args, i.action.as_ref())),
         state: last.map_or(v1::CommandState::Unspecified, |e| state_of(&e.state)) as i32,
         priority: info.map_or(v1::Priority::Normal, |i| priority_of(i.priority)) as i32,
         issued_at_ms: first.map_or(0, |e| e.at as i64),
@@ -138,6 +186,11 @@ fn fold(id: &str, t: &Tracked) -> v1::CommandRecord {
         case_id: info.map(|i| i.case_id.clone()).unwrap_or_default(),
         reason: info.map(|i| i.reason.clone()).unwrap_or_default(),
         idempotency_key: info.map(|i| i.key.clone()).unwrap_or_default(),
+        cancel_requested_at_ms: t
+            .events
+            .iter()
+            .find(|e| e.cancel.is_some())
+            .map(|e| e.at as i64),
     }
 }
 
@@ -151,13 +204,14 @@ impl Commands {
         catalogue: Arc<Catalogue>,
         clock: Arc<dyn Clock>,
     ) -> Self {
+        let mut log = Projection::new(store, commands_log, COMMAND_RETENTION);
+        log.set_clock(clock.clone());
         Self {
             system,
-            store,
             signals,
             catalogue,
             clock,
-            books: Default::default(),
+            log,
             closing: None,
         }
     }
@@ -168,68 +222,129 @@ impl Commands {
         self
     }
 
-    fn book(&self, tenant: &str) -> Arc<Mutex<Book>> {
-        self.books
-            .lock()
-            .expect("books lock")
-            .entry(tenant.to_owned())
-            .or_insert_with(|| {
-                Arc::new(Mutex::new(Book {
-                    next: 1,
-                    ..Default::default()
-                }))
-            })
-            .clone()
+    /// Keeps finished commands in the log for `retention` (default
+    /// [`COMMAND_RETENTION`]).
+    pub fn with_retention(mut self, retention: Retention) -> Self {
+        self.log.set_retention(retention);
+        self
     }
 
-    /// Reads what the tenant's log gained since the last call.
-    async fn catch_up(&self, tenant: &str) -> Result<Arc<Mutex<Book>>, Status> {
-        let book = self.book(tenant);
-        {
-            let mut b = book.lock().await;
-            loop {
-                let entries = self
-                    .store
-                    .read_log(&commands_log(tenant), b.next, READ_CHUNK)
-                    .await
-                    .map_err(internal)?;
-                let Some(last) = entries.last().map(|e| e.index) else {
-                    break;
-                };
-                for e in entries {
-                    match serde_json::from_slice::<CommandEvent>(&e.value) {
-                        Ok(ev) => {
-                            if let Some(key) = ev.info.as_ref().map(|i| &i.key)
-                                && !key.is_empty()
-                            {
-                                b.by_key.insert(key.clone(), ev.command_id.clone());
-                            }
-                            let t = b.commands.entry(ev.command_id.clone()).or_default();
-                            if t.events.is_empty() {
-                                t.first = e.index;
-                            }
-                            t.events.push(ev);
-                        }
-                        Err(err) => {
-                            tracing::warn!(tenant, index = e.index, error = %err, "unreadable command event skipped");
-                        }
-                    }
+    async fn catch_up(&self, tenant: &str) -> Result<Arc<Mutex<Book<CommandBook>>>, Status> {
+        self.log.catch_up(tenant).await
+    }
+
+    /// A request's payload as the device twin takes it: (name, arguments, action), every
+    /// field checked (INVALID_ARGUMENT otherwise).
+    fn payload(&self, model: &str, payload: Option<v1::CommandPayload>) -> Result<Payload, Status> {
+        use v1::command_payload::Kind;
+        let action = match payload.and_then(|p| p.kind) {
+            None => return Err(Status::invalid_argument("payload must be set")),
+            Some(Kind::RemoteRemedy(remedy)) => {
+                if !self
+                    .catalogue
+                    .model(model)
+                    .is_some_and(|m| m.has_command(&remedy.name))
+                {
+                    return Err(Status::invalid_argument(format!(
+                        "model {model} has no remedy {:?}",
+                        remedy.name
+                    )));
                 }
-                b.next = last + 1;
+                let args_bytes: usize = remedy.args.iter().map(|(k, v)| k.len() + v.len()).sum();
+                if remedy.args.len() > MAX_ARGS || args_bytes > MAX_ARGS_BYTES {
+                    return Err(Status::invalid_argument(format!(
+                        "at most {MAX_ARGS} arguments of {MAX_ARGS_BYTES} bytes in all"
+                    )));
+                }
+                let mut args: Vec<(String, String)> = remedy.args.into_iter().collect();
+                args.sort();
+                return Ok((remedy.name, args, None));
             }
-        }
-        Ok(book)
+            Some(Kind::Configuration(c)) => {
+                if c.entries.is_empty() || c.entries.len() > MAX_CONFIG_ENTRIES {
+                    return Err(Status::invalid_argument(format!(
+                        "a configuration sets 1 to {MAX_CONFIG_ENTRIES} fields"
+                    )));
+                }
+                let mut fields = Vec::with_capacity(c.entries.len());
+                for (field, entry) in c.entries {
+                    check_text("configuration field name", &field, MAX_FIELD_BYTES)?;
+                    let value = super::twins::desired_value(&field, entry.value)?;
+                    if value.len() > MAX_FIELD_BYTES {
+                        return Err(Status::invalid_argument(format!(
+                            "field {field:?}: the value is over {MAX_FIELD_BYTES} bytes"
+                        )));
+                    }
+                    fields.push((field, value, entry.version));
+                }
+                fields.sort();
+                CommandAction::Configure { fields }
+            }
+            Some(Kind::FirmwareUpdate(f)) => {
+                check_text("firmware version", &f.version, 64)?;
+                check_text("firmware url", &f.url, MAX_URL)?;
+                if !f.url.starts_with("https://")
+                    || f.url.len() <= "https://".len()
+                    || f.url.chars().any(char::is_whitespace)
+                {
+                    return Err(Status::invalid_argument(format!(
+                        "firmware url {:?} must be an https:// address without spaces",
+                        f.url
+                    )));
+                }
+                if f.sha256.len() != 64
+                    || !f
+                        .sha256
+                        .chars()
+                        .all(|c| c.is_ascii_digit() || ('a'..='f').contains(&c))
+                {
+                    return Err(Status::invalid_argument(
+                        "sha256 must be 64 lowercase hexadecimal characters",
+                    ));
+                }
+                if f.size_bytes == 0 || f.size_bytes > MAX_FIRMWARE_BYTES {
+                    return Err(Status::invalid_argument(format!(
+                        "size_bytes must be 1 to {MAX_FIRMWARE_BYTES}, not {}",
+                        f.size_bytes
+                    )));
+                }
+                CommandAction::Firmware {
+                    version: f.version,
+                    url: f.url,
+                    sha256: f.sha256,
+                    size_bytes: f.size_bytes,
+                }
+            }
+            Some(Kind::AnswerQuestion(a)) => {
+                check_text("question_id", &a.question_id, MAX_KEY)?;
+                check_text("option_id", &a.option_id, MAX_REASON)?;
+                CommandAction::Answer {
+                    question_id: a.question_id,
+                    option_id: a.option_id,
+                }
+            }
+        };
+        Ok((action.name().to_owned(), Vec::new(), Some(action)))
+    }
+
+    /// Whether a cancel with idempotency key `key` was logged for the command.
+    async fn cancelled_with(&self, tenant: &str, id: &str, key: &str) -> Result<bool, Status> {
+        let book = self.catch_up(tenant).await?;
+        let b = &book.lock().await.state;
+        Ok(b.commands
+            .get(id)
+            .is_some_and(|t| t.events.iter().any(|e| e.cancel.as_deref() == Some(key))))
     }
 
     async fn record(&self, tenant: &str, id: &str) -> Result<Option<v1::CommandRecord>, Status> {
         let book = self.catch_up(tenant).await?;
-        let b = book.lock().await;
+        let b = &book.lock().await.state;
         Ok(b.commands.get(id).map(|t| fold(id, t)))
     }
 
     async fn by_key(&self, tenant: &str, key: &str) -> Result<Option<v1::CommandRecord>, Status> {
         let book = self.catch_up(tenant).await?;
-        let b = book.lock().await;
+        let b = &book.lock().await.state;
         Ok(b.by_key
             .get(key)
             .and_then(|id| b.commands.get(id).map(|t| fold(id, t))))
@@ -288,42 +403,7 @@ impl CommandService for CommandApi {
             .await
             .map_err(internal)?
             .ok_or_else(|| Status::not_found(format!("device {device:?} not found")))?;
-        let remedy = match r.payload.and_then(|p| p.kind) {
-            Some(v1::command_payload::Kind::RemoteRemedy(remedy)) => remedy,
-            Some(v1::command_payload::Kind::Configuration(_)) => {
-                return Err(Status::unimplemented(
-                    "configuration commands are not supported yet; set the fields with TwinService.SetDesired, the device reports what it applied",
-                ));
-            }
-            Some(v1::command_payload::Kind::FirmwareUpdate(_)) => {
-                return Err(Status::unimplemented(
-                    "firmware updates are not supported yet",
-                ));
-            }
-            Some(v1::command_payload::Kind::AnswerQuestion(_)) => {
-                return Err(Status::unimplemented(
-                    "answers to product questions cannot be sent as commands yet",
-                ));
-            }
-            None => return Err(Status::invalid_argument("payload must be set")),
-        };
-        if !self
-            .0
-            .catalogue
-            .model(&model)
-            .is_some_and(|m| m.has_command(&remedy.name))
-        {
-            return Err(Status::invalid_argument(format!(
-                "model {model} has no remedy {:?}",
-                remedy.name
-            )));
-        }
-        let args_bytes: usize = remedy.args.iter().map(|(k, v)| k.len() + v.len()).sum();
-        if remedy.args.len() > MAX_ARGS || args_bytes > MAX_ARGS_BYTES {
-            return Err(Status::invalid_argument(format!(
-                "at most {MAX_ARGS} arguments of {MAX_ARGS_BYTES} bytes in all"
-            )));
-        }
+        let (name, args, action) = self.0.payload(&model, r.payload)?;
         let priority = match v1::Priority::try_from(r.priority) {
             Ok(v1::Priority::Unspecified | v1::Priority::Normal) => Priority::Normal,
             Ok(v1::Priority::Low) => Priority::Low,
@@ -355,16 +435,15 @@ impl CommandService for CommandApi {
             )));
         }
         let command_id = format!("{}:cmd/{}", p.tenant, r.idempotency_key);
-        let mut args: Vec<(String, String)> = remedy.args.into_iter().collect();
-        args.sort();
         let issued = IssuedCommand {
             command: DeviceCommand {
                 command_id: command_id.clone(),
                 device: device.clone(),
-                name: remedy.name,
+                name,
                 args,
                 expires_at_ms: expires,
                 priority,
+                action,
             },
             key: r.idempotency_key.clone(),
             issued_by: p.name.clone(),
@@ -380,6 +459,10 @@ impl CommandService for CommandApi {
             .await;
         match reply {
             Ok(DeviceReply::Ok) => {}
+            // A configuration's field was not at the version the caller named.
+            Ok(DeviceReply::Rejected(why)) if why.contains(" is at version ") => {
+                return Err(Status::failed_precondition(why));
+            }
             Ok(DeviceReply::Rejected(why)) => return Err(Status::invalid_argument(why)),
             Ok(DeviceReply::UnknownDevice) => {
                 return Err(Status::not_found(format!("device {device:?} not found")));
@@ -466,11 +549,24 @@ impl CommandService for CommandApi {
         let p = Principal::of(&req)?.clone();
         p.require(Scope::CommandsWrite)?;
         let r = req.into_inner();
-        let current = self.current(&p, &r.command_id).await?;
-        if r.reason.len() > MAX_REASON {
+        if r.reason.len() > MAX_REASON || r.reason.chars().any(char::is_control) {
             return Err(Status::invalid_argument(format!(
-                "reason is over {MAX_REASON} bytes"
+                "reason must be at most {MAX_REASON} printable bytes"
             )));
+        }
+        if !r.idempotency_key.is_empty() {
+            check_text("idempotency_key", &r.idempotency_key, MAX_KEY)?;
+        }
+        let current = self.current(&p, &r.command_id).await?;
+        // A retry of a cancel this key made: the command as it stands, whatever it became
+        // since (the first call's answer), and nothing asked or logged again.
+        if !r.idempotency_key.is_empty()
+            && self
+                .0
+                .cancelled_with(&p.tenant, &r.command_id, &r.idempotency_key)
+                .await?
+        {
+            return Ok(Response::new(current));
         }
         match v1::CommandState::try_from(current.state) {
             Ok(v1::CommandState::Cancelled) => return Ok(Response::new(current)),
@@ -494,6 +590,7 @@ impl CommandService for CommandApi {
             } else {
                 r.reason
             },
+            key: r.idempotency_key,
         };
         match self.0.system.devices().call(&current.device_id, msg).await {
             Ok(DeviceReply::Ok) => {}
@@ -534,6 +631,7 @@ impl CommandService for CommandApi {
         let book = self.0.catch_up(&p.tenant).await?;
         let b = book.lock().await;
         let mut all: Vec<(u64, v1::CommandRecord)> = b
+            .state
             .commands
             .iter()
             .filter(|(_, t)| t.first < below)

@@ -88,3 +88,52 @@ pub fn insight(device: &str, n: usize, i: &Insight) -> v1::Insight {
         superseded_by: String::new(),
     }
 }
+
+/// A command's payload on the wire: the remedy `name` with `args`, or its `action`.
+pub fn command_payload(
+    name: &str,
+    args: &[(String, String)],
+    action: Option<&caretwin_actors::mail::CommandAction>,
+) -> v1::CommandPayload {
+    use caretwin_actors::mail::CommandAction;
+    use v1::command_payload::Kind;
+    let kind = match action {
+        None => Kind::RemoteRemedy(v1::RemoteRemedy {
+            name: name.to_owned(),
+            args: args.iter().cloned().collect(),
+        }),
+        Some(CommandAction::Configure { fields }) => Kind::Configuration(v1::Configuration {
+            entries: fields
+                .iter()
+                .map(|(f, value, version)| {
+                    let entry = v1::ConfigurationEntry {
+                        value: Some(v1::SignalValue {
+                            value: Some(v1::signal_value::Value::Text(value.clone())),
+                        }),
+                        version: *version,
+                    };
+                    (f.clone(), entry)
+                })
+                .collect(),
+        }),
+        Some(CommandAction::Firmware {
+            version,
+            url,
+            sha256,
+            size_bytes,
+        }) => Kind::FirmwareUpdate(v1::FirmwareUpdate {
+            version: version.clone(),
+            url: url.clone(),
+            sha256: sha256.clone(),
+            size_bytes: *size_bytes,
+        }),
+        Some(CommandAction::Answer {
+            question_id,
+            option_id,
+        }) => Kind::AnswerQuestion(v1::AnswerQuestion {
+            question_id: question_id.clone(),
+            option_id: option_id.clone(),
+        }),
+    };
+    v1::CommandPayload { kind: Some(kind) }
+}

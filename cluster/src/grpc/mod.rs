@@ -10,6 +10,8 @@
 //! - [`customers`] — `CustomerService`: profiles, preferences, consent, export, erasure.
 //! - [`notifications`] — `NotificationService`: the durable notification log, its stream
 //!   for channel gateways, delivery reports and customers' answers.
+//! - [`projection`] — the per-tenant fold of a log (cases, commands, notifications) and
+//!   its retention.
 //! - `stream` — what the log-backed streams share: waiting for more, durable cursors.
 //! - [`twins`] — `TwinService`: get, query (through the device index) and watch twins,
 //!   set desired state.
@@ -26,6 +28,7 @@ pub mod commands;
 pub mod convert;
 pub mod customers;
 pub mod notifications;
+pub mod projection;
 mod stream;
 pub mod twins;
 pub mod work;
@@ -47,6 +50,7 @@ use caretwin_proto::v1::customer_service_server::CustomerServiceServer;
 use caretwin_proto::v1::notification_service_server::NotificationServiceServer;
 use caretwin_proto::v1::twin_service_server::TwinServiceServer;
 use caretwin_proto::v1::work_service_server::WorkServiceServer;
+use projection::Retention;
 use std::future::Future;
 use std::path::Path;
 use std::sync::Arc;
@@ -110,6 +114,14 @@ impl Services {
     /// Every service over one node's `parts`, wired as the node serves them (the one
     /// place a new service is added, for the node and the tests alike).
     pub fn new(parts: Parts) -> Self {
+        Self::with_retention(parts, cases::CASE_RETENTION, commands::COMMAND_RETENTION)
+    }
+
+    /// [`Services::new`], keeping resolved cases in the case log for `cases` and finished
+    /// commands in the command log for `commands` (`[grpc] case_retention`,
+    /// `command_retention`).
+    pub fn with_retention(parts: Parts, cases: Retention, commands: Retention) -> Self {
+        let (case_retention, command_retention) = (cases, commands);
         let Parts {
             system,
             store,
@@ -125,11 +137,14 @@ impl Services {
         let cases = Arc::new(
             cases::Cases::new(system.clone(), store.clone(), logs.clone())
                 .with_shutdown(closing.clone())
-                .with_vault(vault.clone()),
+                .with_vault(vault.clone())
+                .with_clock(clock.clone())
+                .with_retention(case_retention),
         );
         let notifications = Arc::new(
             notifications::Notifications::new(system.clone(), store.clone(), logs.clone())
                 .with_vault(vault.clone())
+                .with_clock(clock.clone())
                 .with_shutdown(closing.clone()),
         );
         let directory = Arc::new(twins::Directory::new(
@@ -160,6 +175,7 @@ impl Services {
             ),
             commands: commands::CommandApi(Arc::new(
                 commands::Commands::new(system, store, logs, catalogue, clock)
+                    .with_retention(command_retention)
                     .with_shutdown(closing),
             )),
         }

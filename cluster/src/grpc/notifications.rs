@@ -21,11 +21,13 @@
 
 use super::auth::{Principal, Scope};
 use super::convert;
+use super::projection::{Book, Fold, Projection, Retention, Span};
 use crate::pii::Vault;
 use crate::store::watch::LogSignals;
+use caretwin_actors::host::clock::Clock;
 use caretwin_actors::host::dispatch::{Delivery, Router};
 use caretwin_actors::mail::{Address, Body, Mail, tenant_of};
-use caretwin_actors::model::Priority;
+use caretwin_actors::model::{DAY_MS, Priority};
 use caretwin_actors::store::{IdempotencyMode, Key, Op, Store, WriteBatch};
 use caretwin_actors::system::System;
 use caretwin_actors::twins::customer::{CustomerMsg, CustomerReply};
@@ -38,10 +40,12 @@ use std::sync::Arc;
 use tokio::sync::Mutex;
 use tonic::{Request, Response, Status};
 
-/// Entries read from the log per store call while catching up.
-const READ_CHUNK: usize = 1_000;
 /// Deliveries buffered per subscriber before the stream waits for the client.
 const STREAM_BUFFER: usize = 256;
+/// Notifications are read for 7 days (the contract's retention), then trimmed.
+pub const NOTIFICATION_RETENTION: Retention = Retention::days(7);
+/// How far ahead of the node's clock a gateway's timestamp may be.
+const MAX_SKEW_MS: u64 = 5 * 60 * 1000;
 /// Longest free-text answer or delivery detail, in characters.
 pub const MAX_TEXT_CHARS: usize = 2_000;
 
@@ -84,6 +88,10 @@ pub enum NotificationEvent {
         question_id: Option<String>,
         /// When recorded, Unix ms.
         at_ms: u64,
+        /// After this an answer is not taken and an unsent notification expires, Unix ms
+        /// (absent: never); see [`expiry`].
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        expires_at_ms: Option<u64>,
     },
     /// A gateway reported how far it got.
     Delivery {
@@ -109,6 +117,65 @@ pub enum NotificationEvent {
         /// The caller's idempotency key, so a retry is recognised.
         idempotency_key: String,
     },
+}
+
+impl NotificationEvent {
+    /// The notification the event is about.
+    fn notification_id(&self) -> &str {
+        match self {
+            Self::Created {
+                notification_id, ..
+            }
+            | Self::Delivery {
+                notification_id, ..
+            }
+            | Self::Answered {
+                notification_id, ..
+            } => notification_id,
+        }
+    }
+
+    /// When it happened, Unix ms.
+    fn at_ms(&self) -> u64 {
+        match self {
+            Self::Created { at_ms, .. }
+            | Self::Delivery { at_ms, .. }
+            | Self::Answered { at_ms, .. } => *at_ms,
+        }
+    }
+}
+
+/// How long a question waits for its answer: as long as the customer twin waits before it
+/// moves on without one (its approval timeout).
+pub const ANSWER_TTL_MS: u64 = 2 * DAY_MS;
+/// How long a plain notice may wait for a gateway: a day-old "descaling done" is noise.
+pub const NOTICE_TTL_MS: u64 = DAY_MS;
+
+/// When a notification created at `at_ms` expires, by its kind: a question or an approval
+/// (an appointment proposal, an order to approve) once its answer no longer counts; a
+/// notice after a day; a safety notification never (it must get through).
+pub fn expiry(priority: Priority, question_id: Option<&str>, at_ms: u64) -> Option<u64> {
+    match (priority, question_id) {
+        (_, Some(_)) => Some(at_ms + ANSWER_TTL_MS),
+        (Priority::Safety, None) => None,
+        (_, None) => Some(at_ms + NOTICE_TTL_MS),
+    }
+}
+
+/// The title of a notification, by its kind (none for SMS, which has no subject).
+fn title(channel: v1::Channel, priority: Priority, question_id: Option<&str>) -> String {
+    if channel == v1::Channel::Sms {
+        return String::new();
+    }
+    let question = question_id.and_then(|q| q.rsplit_once('/')).map(|(_, q)| q);
+    match (priority, question) {
+        (Priority::Safety, _) => "Safety alert",
+        (_, Some("confirm-visit")) => "Please confirm your technician visit",
+        (_, Some(q)) if q.starts_with("approve-") => "Your approval is needed",
+        (_, Some(_)) => "A question about your product",
+        (_, None) => "About your product",
+    }
+    .to_owned()
 }
 
 /// Splits a notification's text from its one-tap options: the customer twin writes them
@@ -185,6 +252,7 @@ impl Router for Recorder {
                 )));
             }
             let (text, options) = split_options(text);
+            let now = (self.now)();
             let text = match &self.vault {
                 None => text,
                 Some(v) => v
@@ -205,7 +273,8 @@ impl Router for Recorder {
                 options,
                 priority: *priority,
                 question_id: question_id.clone(),
-                at_ms: (self.now)(),
+                at_ms: now,
+                expires_at_ms: expiry(*priority, question_id.as_deref(), now),
             };
             let batch = WriteBatch::new()
                 .with(Op::PutIdempotency {
@@ -240,19 +309,45 @@ struct Item {
     response: Option<v1::CustomerResponse>,
     /// The answer's log index and idempotency key, once answered.
     answer: Option<(u64, String)>,
+    /// Log index and time of its latest event.
+    last: (u64, u64),
 }
 
 /// One tenant's notifications.
 #[derive(Debug, Default)]
-struct Book {
-    next: u64,
+pub(crate) struct NotificationBook {
     items: HashMap<String, Item>,
     /// Cursor → notification id.
     order: BTreeMap<u64, String>,
 }
 
-impl Book {
+impl Fold for NotificationBook {
+    type Event = NotificationEvent;
+    const WHAT: &'static str = "notification event";
+
+    fn spans(&self) -> Vec<Span> {
+        self.items
+            .values()
+            .map(|i| Span {
+                first: i.cursor,
+                last: i.last.0,
+                last_at_ms: i.last.1,
+                // Nothing waits on a notification beyond its retention.
+                finished: true,
+            })
+            .collect()
+    }
+
+    fn forget_before(&mut self, from: u64) {
+        self.items.retain(|_, i| i.last.0 >= from);
+        self.order = self.order.split_off(&from);
+    }
+
     fn apply(&mut self, index: u64, ev: NotificationEvent) {
+        let at = ev.at_ms();
+        if let Some(i) = self.items.get_mut(ev.notification_id()) {
+            i.last = (index, i.last.1.max(at));
+        }
         match &ev {
             NotificationEvent::Created {
                 notification_id, ..
@@ -266,6 +361,7 @@ impl Book {
                         state: v1::NotificationState::Pending as i32,
                         response: None,
                         answer: None,
+                        last: (index, at),
                     },
                 );
             }
@@ -322,10 +418,9 @@ fn advances(from: i32, to: i32) -> bool {
 /// The projection of every tenant's notification log, and what acts on it.
 pub struct Notifications {
     system: Arc<System>,
-    store: Arc<dyn Store>,
     signals: Arc<LogSignals>,
     vault: Option<Arc<Vault>>,
-    books: std::sync::Mutex<HashMap<String, Arc<Mutex<Book>>>>,
+    log: Projection<NotificationBook>,
     /// Serialises the read-decide-append of acknowledgements, reports and answers, so a
     /// cursor never moves back and a notification is answered once.
     writes: Mutex<()>,
@@ -338,10 +433,9 @@ impl Notifications {
     pub fn new(system: Arc<System>, store: Arc<dyn Store>, signals: Arc<LogSignals>) -> Self {
         Self {
             system,
-            store,
             signals,
             vault: None,
-            books: Default::default(),
+            log: Projection::new(store, notifications_log, NOTIFICATION_RETENTION),
             writes: Mutex::new(()),
             closing: None,
         }
@@ -359,47 +453,37 @@ impl Notifications {
         self
     }
 
-    async fn catch_up(&self, tenant: &str) -> Result<Arc<Mutex<Book>>, Status> {
-        let book = self
-            .books
-            .lock()
-            .expect("books lock")
-            .entry(tenant.to_owned())
-            .or_insert_with(|| {
-                Arc::new(Mutex::new(Book {
-                    next: 1,
-                    ..Default::default()
-                }))
-            })
-            .clone();
-        {
-            let mut b = book.lock().await;
-            loop {
-                let entries = self
-                    .store
-                    .read_log(&notifications_log(tenant), b.next, READ_CHUNK)
-                    .await
-                    .map_err(internal)?;
-                let Some(last) = entries.last().map(|e| e.index) else {
-                    break;
-                };
-                for e in entries {
-                    match serde_json::from_slice::<NotificationEvent>(&e.value) {
-                        Ok(ev) => b.apply(e.index, ev),
-                        Err(err) => {
-                            tracing::warn!(tenant, index = e.index, error = %err, "unreadable notification event skipped");
-                        }
-                    }
-                }
-                b.next = last + 1;
-            }
+    /// Ages notifications on `clock` (the node's): their expiry and their retention
+    /// (without a clock neither is judged).
+    pub fn with_clock(mut self, clock: Arc<dyn Clock>) -> Self {
+        self.log.set_clock(clock);
+        self
+    }
+
+    async fn catch_up(&self, tenant: &str) -> Result<Arc<Mutex<Book<NotificationBook>>>, Status> {
+        self.log.catch_up(tenant).await
+    }
+
+    /// Where `item` stands now: a pending notification past its expiry is EXPIRED.
+    fn state(&self, item: &Item) -> i32 {
+        if item.state == v1::NotificationState::Pending as i32 && self.expired(item) {
+            v1::NotificationState::Expired as i32
+        } else {
+            item.state
         }
-        Ok(book)
+    }
+
+    /// Whether `item`'s expiry has passed.
+    fn expired(&self, item: &Item) -> bool {
+        let Some(now) = self.log.aging_now() else {
+            return false; // no clock to judge it by
+        };
+        matches!(&item.created, NotificationEvent::Created { expires_at_ms: Some(t), .. } if now >= *t)
     }
 
     async fn item(&self, tenant: &str, id: &str) -> Result<Option<Item>, Status> {
         let book = self.catch_up(tenant).await?;
-        let b = book.lock().await;
+        let b = &book.lock().await.state;
         Ok(b.items.get(id).cloned())
     }
 
@@ -414,11 +498,13 @@ impl Notifications {
             priority,
             question_id,
             at_ms,
+            expires_at_ms,
         } = &item.created
         else {
             return Err(Status::internal("a notification starts with its creation"));
         };
         let channel_kind = channel_of(channel);
+        let mut locale = String::new();
         let mut address = String::new();
         let mut verified = false;
         let mut text = text.clone();
@@ -434,6 +520,7 @@ impl Notifications {
             }
             match vault.personal(customer).await.map_err(internal)? {
                 Some(p) => {
+                    locale = p.locale;
                     if let Some(c) = p
                         .contact_points
                         .iter()
@@ -473,8 +560,8 @@ impl Notifications {
                 verified,
             }),
             priority: convert::priority(*priority) as i32,
-            locale: String::new(),
-            title: String::new(),
+            locale,
+            title: title(channel_kind, *priority, question_id.as_deref()),
             body: text,
             options: options
                 .iter()
@@ -483,9 +570,9 @@ impl Notifications {
                     label: o.clone(),
                 })
                 .collect(),
-            expires_at_ms: None,
+            expires_at_ms: expires_at_ms.map(|t| t as i64),
             created_at_ms: *at_ms as i64,
-            state: item.state,
+            state: self.state(item),
             response,
         })
     }
@@ -497,7 +584,7 @@ impl Notifications {
     ) -> Result<Vec<v1::Notification>, Status> {
         let book = self.catch_up(tenant_of(customer)).await?;
         let items: Vec<Item> = {
-            let b = book.lock().await;
+            let b = &book.lock().await.state;
             b.order
                 .values()
                 .filter_map(|id| b.items.get(id))
@@ -529,18 +616,7 @@ impl Notifications {
     }
 
     async fn append(&self, tenant: &str, ev: &NotificationEvent) -> Result<u64, Status> {
-        let applied = self
-            .store
-            .commit(WriteBatch::new().with(Op::Append {
-                log: notifications_log(tenant),
-                value: serde_json::to_vec(ev).expect("an event is plain data"),
-            }))
-            .await
-            .map_err(internal)?;
-        match applied.first() {
-            Some(caretwin_actors::store::Applied::Index { index }) => Ok(*index),
-            _ => Err(Status::internal("the append returned no index")),
-        }
+        self.log.append(tenant, ev).await
     }
 
     /// Mails the customer's answer to their twin, which continues its playbook.
@@ -594,6 +670,17 @@ fn channel_of(name: &str) -> v1::Channel {
     }
 }
 
+/// A caller's timestamp: not negative, and not ahead of `now` by more than a clock's skew
+/// (a time in the future would also hold the entry past its retention).
+fn check_time(what: &str, at_ms: i64, now: u64) -> Result<(), Status> {
+    if at_ms < 0 || at_ms as u64 > now + MAX_SKEW_MS {
+        return Err(Status::invalid_argument(format!(
+            "{what} {at_ms} must be between 0 and now plus {MAX_SKEW_MS} ms"
+        )));
+    }
+    Ok(())
+}
+
 fn check_name(what: &str, s: &str, max: usize) -> Result<(), Status> {
     if s.is_empty() || s.len() > max || s.chars().any(|c| c.is_control()) {
         return Err(Status::invalid_argument(format!(
@@ -637,67 +724,58 @@ impl NotificationService for NotificationApi {
             }
         }
         let n = self.0.clone();
-        let after = match r.after_cursor {
-            Some(c) => c,
-            None => {
-                super::stream::stored_cursor(
-                    &*n.store,
-                    &subscriber_key(&p.tenant, &r.subscriber_id),
-                )
-                .await?
-            }
-        };
+        let after = n
+            .log
+            .resume_after(
+                &p.tenant,
+                r.after_cursor,
+                &subscriber_key(&p.tenant, &r.subscriber_id),
+            )
+            .await?;
         let channels = r.channels.clone();
         let log = notifications_log(&p.tenant);
         // Subscribe before the first read, so an append in between wakes the loop.
-        let mut grew = n.signals.subscribe(&log);
-        let (tx, rx) = tokio::sync::mpsc::channel(STREAM_BUFFER);
-        let mut closing = n.closing.clone();
+        let grew = n.signals.subscribe(&log);
         tracing::info!(tenant = %p.tenant, subscriber = %r.subscriber_id, after, "notification subscription");
-        tokio::spawn(async move {
-            let mut cursor = after;
-            loop {
-                grew.borrow_and_update();
-                let book = match n.catch_up(&p.tenant).await {
-                    Ok(b) => b,
-                    Err(e) => {
-                        let _ = tx.send(Err(e)).await;
-                        return;
-                    }
-                };
-                let pending: Vec<Item> = {
-                    let b = book.lock().await;
-                    b.order
-                        .range(cursor + 1..)
-                        .filter_map(|(_, id)| b.items.get(id).cloned())
-                        .collect()
-                };
-                for item in pending {
-                    cursor = item.cursor;
-                    let shown = match n.show(&item).await {
-                        Ok(s) => s,
-                        Err(e) => {
-                            let _ = tx.send(Err(e)).await;
-                            return;
-                        }
-                    };
-                    let channel = shown.recipient.as_ref().map_or(0, |c| c.channel);
-                    if !channels.is_empty() && !channels.contains(&channel) {
-                        continue;
-                    }
-                    let delivery = v1::NotificationDelivery {
-                        cursor: item.cursor,
-                        notification: Some(shown),
-                    };
-                    if tx.send(Ok(delivery)).await.is_err() {
-                        return; // the client went away
-                    }
-                }
-                if !super::stream::more(&mut grew, &tx, &mut closing).await {
-                    return;
-                }
+        let tenant = p.tenant.clone();
+        let (lister, shower) = (n.clone(), n.clone());
+        let pending = move |cursor: u64| {
+            let (n, tenant) = (lister.clone(), tenant.clone());
+            async move {
+                let book = n.catch_up(&tenant).await?;
+                let b = &book.lock().await.state;
+                Ok(b.order
+                    .range(cursor + 1..)
+                    .filter_map(|(i, id)| Some((*i, b.items.get(id)?.clone())))
+                    .collect())
             }
-        });
+        };
+        let deliver = move |cursor: u64, item: Item| {
+            let (n, channels) = (shower.clone(), channels.clone());
+            async move {
+                // Past its expiry and never taken: not delivered any more.
+                if n.state(&item) == v1::NotificationState::Expired as i32 {
+                    return Ok(None);
+                }
+                let shown = n.show(&item).await?;
+                let channel = shown.recipient.as_ref().map_or(0, |c| c.channel);
+                if !channels.is_empty() && !channels.contains(&channel) {
+                    return Ok(None);
+                }
+                Ok(Some(v1::NotificationDelivery {
+                    cursor,
+                    notification: Some(shown),
+                }))
+            }
+        };
+        let rx = super::stream::follow(
+            grew,
+            n.closing.clone(),
+            after,
+            STREAM_BUFFER,
+            pending,
+            deliver,
+        );
         Ok(Response::new(Box::pin(
             tokio_stream::wrappers::ReceiverStream::new(rx),
         )))
@@ -711,28 +789,17 @@ impl NotificationService for NotificationApi {
         p.require(Scope::NotificationsGateway)?;
         let r = req.into_inner();
         check_name("subscriber_id", &r.subscriber_id, 64)?;
-        let store = &*self.0.store;
-        let _one_at_a_time = self.0.writes.lock().await;
-        let stored =
-            super::stream::stored_cursor(store, &subscriber_key(&p.tenant, &r.subscriber_id))
-                .await?;
-        let last = self.0.catch_up(&p.tenant).await?.lock().await.next - 1;
-        if r.cursor > last {
-            return Err(Status::invalid_argument(format!(
-                "cursor {} is beyond the newest notification {last}",
-                r.cursor
-            )));
-        }
-        if r.cursor > stored {
-            let batch = WriteBatch::new().with(Op::PutIdempotency {
-                key: subscriber_key(&p.tenant, &r.subscriber_id),
-                value: r.cursor.to_be_bytes().to_vec(),
-                mode: IdempotencyMode::Overwrite,
-            });
-            store.commit(batch).await.map_err(internal)?;
-        }
+        let acknowledged = self
+            .0
+            .log
+            .acknowledge(
+                &p.tenant,
+                subscriber_key(&p.tenant, &r.subscriber_id),
+                r.cursor,
+            )
+            .await?;
         Ok(Response::new(v1::AcknowledgeNotificationsResponse {
-            acknowledged_cursor: r.cursor.max(stored),
+            acknowledged_cursor: acknowledged,
         }))
     }
 
@@ -758,9 +825,7 @@ impl NotificationService for NotificationApi {
                 "detail is over {MAX_TEXT_CHARS} characters"
             )));
         }
-        if r.at_ms < 0 {
-            return Err(Status::invalid_argument("at_ms must not be negative"));
-        }
+        check_time("at_ms", r.at_ms, self.0.log.now_ms())?;
         if r.idempotency_key.len() > 128 {
             return Err(Status::invalid_argument(
                 "idempotency_key is over 128 bytes",
@@ -768,18 +833,19 @@ impl NotificationService for NotificationApi {
         }
         let _one_at_a_time = self.0.writes.lock().await;
         let item = self.current(&p, &r.notification_id).await?;
-        if item.state != r.state {
-            if !advances(item.state, r.state) {
+        let state = self.0.state(&item);
+        if state != r.state {
+            if !advances(state, r.state) {
                 return Err(Status::failed_precondition(format!(
                     "notification {:?} is {}: states only move forward",
                     r.notification_id,
-                    S::try_from(item.state).map_or("unknown", |s| s.as_str_name())
+                    S::try_from(state).map_or("unknown", |s| s.as_str_name())
                 )));
             }
             let at = if r.at_ms > 0 {
                 r.at_ms as u64
             } else {
-                crate::node::now_ms()
+                self.0.log.now_ms()
             };
             let ev = NotificationEvent::Delivery {
                 notification_id: r.notification_id.clone(),
@@ -804,6 +870,11 @@ impl NotificationService for NotificationApi {
         let response = r
             .response
             .ok_or_else(|| Status::invalid_argument("response is required"))?;
+        check_time(
+            "responded_at_ms",
+            response.responded_at_ms,
+            self.0.log.now_ms(),
+        )?;
         if response.free_text.chars().count() > MAX_TEXT_CHARS {
             return Err(Status::invalid_argument(format!(
                 "free_text is over {MAX_TEXT_CHARS} characters"
@@ -837,9 +908,22 @@ impl NotificationService for NotificationApi {
                 .await?;
             return Ok(Response::new(shown));
         }
-        let NotificationEvent::Created { options, .. } = &item.created else {
+        let NotificationEvent::Created {
+            options,
+            expires_at_ms,
+            ..
+        } = &item.created
+        else {
             return Err(Status::internal("a notification starts with its creation"));
         };
+        if let Some(t) = expires_at_ms
+            && self.0.expired(&item)
+        {
+            return Err(Status::failed_precondition(format!(
+                "notification {:?} expired at {t}: the answer is no longer taken",
+                r.notification_id
+            )));
+        }
         if options.is_empty() {
             return Err(Status::failed_precondition(format!(
                 "notification {:?} expects no answer",
@@ -864,7 +948,7 @@ impl NotificationService for NotificationApi {
         let at = if response.responded_at_ms > 0 {
             response.responded_at_ms as u64
         } else {
-            crate::node::now_ms()
+            self.0.log.now_ms()
         };
         let NotificationEvent::Created { customer, .. } = &item.created else {
             return Err(Status::internal("a notification starts with its creation"));
@@ -914,7 +998,7 @@ impl NotificationService for NotificationApi {
         };
         let book = self.0.catch_up(&p.tenant).await?;
         let items: Vec<Item> = {
-            let b = book.lock().await;
+            let b = &book.lock().await.state;
             b.order
                 .range(..below)
                 .rev()

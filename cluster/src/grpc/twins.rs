@@ -408,6 +408,24 @@ fn health(index: f64) -> v1::Health {
 
 type UpdateStream = Pin<Box<dyn Stream<Item = Result<v1::TwinUpdate, Status>> + Send>>;
 
+/// A desired field's value as the device twin keeps it (text); INVALID_ARGUMENT for no
+/// value or a number that is not finite. Shared by `SetDesired` and configuration
+/// commands, which set the desired state the same way.
+pub(crate) fn desired_value(field: &str, value: Option<v1::SignalValue>) -> Result<String, Status> {
+    match value.and_then(|v| v.value) {
+        Some(v1::signal_value::Value::Text(t)) => Ok(t),
+        Some(v1::signal_value::Value::Number(n)) if n.is_finite() => Ok(n.to_string()),
+        Some(v1::signal_value::Value::Number(n)) => Err(Status::invalid_argument(format!(
+            "field {field:?}: {n} is not a finite number"
+        ))),
+        Some(v1::signal_value::Value::Integer(i)) => Ok(i.to_string()),
+        Some(v1::signal_value::Value::Flag(b)) => Ok(b.to_string()),
+        None => Err(Status::invalid_argument(format!(
+            "field {field:?} has no value"
+        ))),
+    }
+}
+
 #[tonic::async_trait]
 impl TwinService for TwinApi {
     type WatchTwinsStream = UpdateStream;
@@ -620,22 +638,7 @@ impl TwinService for TwinApi {
             if change.clear {
                 return Err(Status::unimplemented("clearing a desired field"));
             }
-            let value = match change.value.and_then(|v| v.value) {
-                Some(v1::signal_value::Value::Text(t)) => t,
-                Some(v1::signal_value::Value::Number(n)) if n.is_finite() => n.to_string(),
-                Some(v1::signal_value::Value::Number(n)) => {
-                    return Err(Status::invalid_argument(format!(
-                        "field {field:?}: {n} is not a finite number"
-                    )));
-                }
-                Some(v1::signal_value::Value::Integer(i)) => i.to_string(),
-                Some(v1::signal_value::Value::Flag(b)) => b.to_string(),
-                None => {
-                    return Err(Status::invalid_argument(format!(
-                        "field {field:?} has no value"
-                    )));
-                }
-            };
+            let value = desired_value(&field, change.value)?;
             let msg = DeviceMsg::SetDesired {
                 field: field.clone(),
                 value,

@@ -45,12 +45,53 @@ pub struct IncomingCommand {
     pub command_id: String,
     /// The device.
     pub device: String,
-    /// The remedy's name.
+    /// The remedy's name, or the kind of command (see `command_of`).
     pub name: String,
     /// Its arguments.
     pub args: BTreeMap<String, String>,
     /// When it expires, Unix ms.
     pub expires_at_ms: i64,
+}
+
+/// A command's payload as the device adapters take it: a name and its arguments. A remedy
+/// is itself; firmware (`firmware_update`: version, url, sha256, size_bytes), an answer
+/// (`answer_question`: question_id, option_id) and a configuration (`configure`: each
+/// field with its value) are named by their kind.
+fn command_of(kind: v1::command_payload::Kind) -> (String, BTreeMap<String, String>) {
+    use v1::command_payload::Kind;
+    let named = |name: &str, args: &[(&str, String)]| {
+        let args = args.iter().map(|(k, v)| ((*k).to_owned(), v.clone()));
+        (name.to_owned(), args.collect())
+    };
+    match kind {
+        Kind::RemoteRemedy(r) => (r.name, r.args.into_iter().collect()),
+        Kind::FirmwareUpdate(f) => named(
+            "firmware_update",
+            &[
+                ("version", f.version),
+                ("url", f.url),
+                ("sha256", f.sha256),
+                ("size_bytes", f.size_bytes.to_string()),
+            ],
+        ),
+        Kind::AnswerQuestion(a) => named(
+            "answer_question",
+            &[("question_id", a.question_id), ("option_id", a.option_id)],
+        ),
+        Kind::Configuration(c) => {
+            let args = c.entries.into_iter().map(|(field, entry)| {
+                let value = match entry.value.and_then(|v| v.value) {
+                    Some(v1::signal_value::Value::Text(t)) => t,
+                    Some(v1::signal_value::Value::Number(n)) => n.to_string(),
+                    Some(v1::signal_value::Value::Integer(i)) => i.to_string(),
+                    Some(v1::signal_value::Value::Flag(b)) => b.to_string(),
+                    None => String::new(),
+                };
+                (field, value)
+            });
+            ("configure".to_owned(), args.collect())
+        }
+    }
 }
 
 /// What the cluster sends down for the devices.
@@ -382,10 +423,9 @@ impl SyncClient {
             match frame.body {
                 Some(cluster_frame::Body::Command(c)) => {
                     let payload = c.payload.clone().unwrap_or_default();
-                    let Some(v1::command_payload::Kind::RemoteRemedy(_)) = payload.kind.clone()
-                    else {
+                    if payload.kind.is_none() {
                         continue;
-                    };
+                    }
                     let stored = StoredCommand {
                         command_id: c.command_id.clone(),
                         position: c.position,
@@ -510,14 +550,14 @@ impl SyncClient {
             return Ok(true);
         }
         let payload = v1::CommandPayload::decode(c.payload.as_slice()).unwrap_or_default();
-        let Some(v1::command_payload::Kind::RemoteRemedy(r)) = payload.kind else {
+        let Some((name, args)) = payload.kind.map(command_of) else {
             return Ok(true);
         };
         let cmd = IncomingCommand {
             command_id: c.command_id.clone(),
             device: c.device.clone(),
-            name: r.name,
-            args: r.args,
+            name,
+            args,
             expires_at_ms: c.expires_at_ms as i64,
         };
         Ok(self.commands.send(Downlink::Command(cmd)).await.is_ok())
