@@ -103,7 +103,7 @@ start() {
         fi
         if as_owner "$bin/pg_ctl" start -w -t 60 -D "$dir/data" -l "$dir/server.log" \
             -o "-p $port -k $dir -c listen_addresses=127.0.0.1 -c max_connections=300 -c shared_buffers=64MB" \
-            >/dev/null 2>&1; then
+            >/dev/null 2>&1 9>&-; then
             echo "$port" >"$dir/port"
             return
         fi
@@ -138,7 +138,8 @@ start)
 ensure)
     dir=${2:?usage: postgres.sh ensure DIR}
     mkdir -p "$dir"
-    # One caller at a time decides whether to start the server.
+    # One caller at a time decides whether to start the server (the server itself does
+    # not inherit the lock: start closes descriptor 9 for it).
     exec 9>"$dir.lock"
     flock 9
     running "$dir" || start "$dir"

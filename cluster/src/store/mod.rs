@@ -83,11 +83,17 @@ mod tests {
         want.postgres.pool_size = 32;
         assert_eq!(c.store, want);
         // The password comes from the environment, as a secret should.
-        let env = [(
-            "CARETWIN_CLUSTER__STORE__POSTGRES__URL".to_string(),
-            "postgres://ct:secret@db/ct".to_string(),
-        )];
-        let c = ClusterConfig::load("[store]\nbackend = \"postgres\"", env).unwrap();
+        let env = [
+            (
+                "CARETWIN_CLUSTER__STORE__BACKEND".to_string(),
+                "postgres".to_string(),
+            ),
+            (
+                "CARETWIN_CLUSTER__STORE__POSTGRES__URL".to_string(),
+                "postgres://ct:secret@db/ct".to_string(),
+            ),
+        ];
+        let c = ClusterConfig::load("", env).unwrap();
         assert_eq!(c.store.backend, Backend::Postgres);
         assert_eq!(
             c.store.postgres,
