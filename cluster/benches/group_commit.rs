@@ -43,13 +43,8 @@ async fn run_once(group: usize, duration: Duration) -> Run {
 }
 
 fn main() {
-    let quick = std::env::args().any(|a| a == "--quick");
-    let duration = Duration::from_millis(if quick { 500 } else { 3000 });
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .expect("runtime");
+    let duration = common::run_length();
+    let runtime = common::runtime();
     println!("# group commit, embedded store (fjall) through the Store port");
     println!("machine: {}", caretwin_tests::machine());
     println!("each configuration: 3 runs of {duration:?}, median run by writes/s\n");

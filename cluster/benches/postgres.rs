@@ -65,13 +65,8 @@ async fn server_version(server: &str) -> String {
 }
 
 fn main() {
-    let quick = std::env::args().any(|a| a == "--quick");
-    let duration = Duration::from_millis(if quick { 500 } else { 3000 });
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .expect("runtime");
+    let duration = common::run_length();
+    let runtime = common::runtime();
     let server = pg::server_url(&Path::new(env!("CARGO_TARGET_TMPDIR")).join("postgres"));
     println!("# PostgreSQL backend through the Store port (one transaction per write)");
     println!("machine: {}", caretwin_tests::machine());

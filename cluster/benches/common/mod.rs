@@ -6,6 +6,21 @@ use hdrhistogram::Histogram;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+/// How long each run lasts: 3 s, or 0.5 s with `--quick` on the command line.
+pub fn run_length() -> Duration {
+    let quick = std::env::args().any(|a| a == "--quick");
+    Duration::from_millis(if quick { 500 } else { 3000 })
+}
+
+/// The runtime the benches drive the store from: two workers, as on the target machine.
+pub fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime")
+}
+
 const DEVICES_PER_WRITER: u64 = 100;
 const SNAPSHOT_BYTES: usize = 600;
 

@@ -296,7 +296,9 @@ fn backend(e: &tokio_postgres::Error) -> Error {
     }
 }
 
-/// The outcome of a failed `COMMIT`: retried only when the server said it rolled back.
+/// The outcome of a failed `COMMIT`. When the server answered with an error, it rolled
+/// the transaction back: a serialization failure or deadlock is retried, anything else
+/// is final. When the connection failed instead, nobody knows whether it committed.
 fn commit_failed(e: tokio_postgres::Error) -> Fail {
     match e.code() {
         Some(code)
@@ -305,6 +307,7 @@ fn commit_failed(e: tokio_postgres::Error) -> Fail {
         {
             Fail::Transient(e.to_string())
         }
+        Some(_) if !is_transient(&e) => Fail::Port(backend(&e)),
         _ => Fail::Port(Error::Backend(format!(
             "postgres: commit outcome unknown, the connection failed during COMMIT: {e}"
         ))),
@@ -384,7 +387,7 @@ impl PostgresStore {
             .pool
             .get()
             .await
-            .map_err(|e| Fail::from(e).into_error())?;
+            .map_err(|e| Error::Backend(format!("postgres: cannot connect: {e}")))?;
         let q = |e: tokio_postgres::Error| backend(&e);
         client
             .execute("SELECT pg_advisory_lock($1)", &[&MIGRATION_LOCK])
@@ -533,6 +536,21 @@ impl PostgresStore {
         }
         tx.commit().await.map_err(commit_failed)?;
         Ok(next)
+    }
+
+    /// A range of a log or an outbox queue (`sql` is [`READ_LOG`] or [`READ_OUTBOX`]).
+    async fn read_entries(
+        &self,
+        what: &'static str,
+        sql: &'static str,
+        name: &Key,
+        from: u64,
+        limit: usize,
+    ) -> Result<Vec<Entry>> {
+        store::validate_range(name, from, limit)?;
+        let (from, limit) = (bound(from), limit as i64);
+        self.read(what, sql, &[&name.as_str(), &from, &limit], entries)
+            .await
     }
 
     /// A read on a pooled connection, retried like the writes.
@@ -724,15 +742,8 @@ impl Store for PostgresStore {
     }
 
     async fn read_log(&self, log: &Key, from: u64, limit: usize) -> Result<Vec<Entry>> {
-        store::validate_range(log, from, limit)?;
-        let (from, limit) = (bound(from), limit as i64);
-        self.read(
-            "read_log",
-            READ_LOG,
-            &[&log.as_str(), &from, &limit],
-            entries,
-        )
-        .await
+        self.read_entries("read_log", READ_LOG, log, from, limit)
+            .await
     }
 
     async fn idempotency(&self, key: &Key) -> Result<Option<Vec<u8>>> {
@@ -744,15 +755,8 @@ impl Store for PostgresStore {
     }
 
     async fn read_outbox(&self, queue: &Key, from: u64, limit: usize) -> Result<Vec<Entry>> {
-        store::validate_range(queue, from, limit)?;
-        let (from, limit) = (bound(from), limit as i64);
-        self.read(
-            "read_outbox",
-            READ_OUTBOX,
-            &[&queue.as_str(), &from, &limit],
-            entries,
-        )
-        .await
+        self.read_entries("read_outbox", READ_OUTBOX, queue, from, limit)
+            .await
     }
 
     async fn read_due(&self, schedule: &Key, until_ms: u64, limit: usize) -> Result<Vec<Due>> {
