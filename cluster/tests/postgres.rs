@@ -178,6 +178,79 @@ async fn a_takeover_waits_for_a_fenced_batch_in_flight() {
     assert!(matches!(err, Error::StaleFence { .. }), "{err}");
 }
 
+/// A deadlock aborts one transaction; when it is a store's batch, the store retries it
+/// and the caller sees only success.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deadlocked_batch_is_retried_not_returned() {
+    let mut h = Postgres::new();
+    let config = h.config().await;
+    let (db, url) = h.db.clone().unwrap();
+    let store = Arc::new(PostgresStore::open(&config).await.unwrap());
+    let append = |log: &str| Op::Append {
+        log: log.into(),
+        value: b"x".to_vec(),
+    };
+    store
+        .commit(
+            WriteBatch::new()
+                .with(append("t1/log/a"))
+                .with(append("t1/log/b")),
+        )
+        .await
+        .unwrap();
+
+    // Another client holds log b's counter; the store's batch takes a's, then waits on b.
+    let mut other = admin(&url).await;
+    // The store's backend, waiting first and with the default timeout, finds the cycle.
+    other
+        .batch_execute("SET deadlock_timeout = '30s'")
+        .await
+        .unwrap();
+    let tx = other.transaction().await.unwrap();
+    tx.query(
+        "SELECT 1 FROM counters WHERE name = 't1/log/b' FOR UPDATE",
+        &[],
+    )
+    .await
+    .unwrap();
+    let watcher = admin(&url).await;
+    let batch = tokio::spawn({
+        let store = store.clone();
+        async move {
+            store
+                .commit(
+                    WriteBatch::new()
+                        .with(append("t1/log/a"))
+                        .with(append("t1/log/b")),
+                )
+                .await
+        }
+    });
+    wait_until("the batch to wait on log b's counter", || async {
+        waiting_on_locks(&watcher, &db).await == 1
+    })
+    .await;
+    // Close the cycle. This lock is granted only once the batch's transaction rolled back.
+    tx.query(
+        "SELECT 1 FROM counters WHERE name = 't1/log/a' FOR UPDATE",
+        &[],
+    )
+    .await
+    .unwrap();
+    tx.commit().await.unwrap();
+    let applied = batch
+        .await
+        .unwrap()
+        .expect("the deadlock was retried, not returned");
+    assert_eq!(
+        applied,
+        vec![
+            caretwin_actors::store::Applied::Index { index: 2 },
+            caretwin_actors::store::Applied::Index { index: 2 }
+        ]
+    );
+}
+
 /// Acknowledged writes survive a crash of the server itself (`pg_ctl stop -m
 /// immediate`: no checkpoint, WAL replay on restart), and the store's pool recovers by
 /// itself once the server is back.
