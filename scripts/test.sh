@@ -51,6 +51,16 @@ cargo clippy --workspace --all-targets --locked -- -D warnings
 step "build the binaries (end-to-end tests start them)"
 cargo build --workspace --bins --locked
 
+step "a throwaway PostgreSQL server for the PostgreSQL backend's tests"
+# A real server in a temporary directory (installed from Debian's packages if missing),
+# stopped and removed when this script ends, however it ends.
+pg_settings=$(bash scripts/postgres.sh start)
+set -a # export CARETWIN_TEST_PG_URL and CARETWIN_TEST_PG_DIR
+eval "$pg_settings"
+set +a
+trap 'bash scripts/postgres.sh remove "$CARETWIN_TEST_PG_DIR"' EXIT
+echo "$CARETWIN_TEST_PG_URL"
+
 step "tests"
 if cargo nextest --version >/dev/null 2>&1; then
     cargo nextest run --workspace --locked --no-fail-fast

@@ -8,8 +8,9 @@
 //! - [`config`] — the node's configuration (TOML plus environment overrides).
 //! - [`node`] — the node's lifecycle: [`node::run`] takes a config and a shutdown future.
 //! - [`replay`] — recorded run data (C-MAPSS) parsed and replayed through twins in virtual time.
-//! - [`store`] — storage backends behind the `Store` port: [`store::embedded`] (fjall);
-//!   with the cargo feature `fdb`, `store::fdb` (FoundationDB).
+//! - [`store`] — storage backends behind the `Store` port: [`store::embedded`] (fjall),
+//!   [`store::postgres`] (PostgreSQL); with the cargo feature `fdb`, `store::fdb`
+//!   (FoundationDB).
 //! - [`sync`] — the edge sync's QUIC and mutual TLS glue, and the development PKI.
 //! - [`error`] — the crate's error type.
 //! - [`grpc`] — the integrator gRPC endpoint: auth by token and scope, cases, twins,

@@ -156,7 +156,7 @@ impl Node {
         config.validate()?;
         let backend = match options.store {
             Some(store) => store,
-            None => crate::store::open(&config.store)?,
+            None => crate::store::open(&config.store).await?,
         };
         // The twins write through the watched store, so the gRPC case streams wake as soon
         // as a case event or command transition is durable, and twin watches as soon as a
@@ -812,7 +812,7 @@ mod tests {
         // after shutdown: taken once (token 1), then released.
         tx.send(()).unwrap();
         node.await.unwrap().unwrap();
-        let store = crate::store::open(&config.store).unwrap();
+        let store = crate::store::open(&config.store).await.unwrap();
         let lease = store.lease(&member_key("node-1")).await.unwrap().unwrap();
         assert_eq!(lease.expires_at_ms, 0, "released on shutdown");
         assert_eq!(lease.token, 1);

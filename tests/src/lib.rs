@@ -8,8 +8,11 @@
 //! - [`Process`] — a running binary with its output captured line by line.
 //! - [`machine`] — what benchmarks print about the machine they ran on.
 //! - [`bin`] — the path of a workspace binary, built next to the tests.
+//! - [`postgres`] — a real PostgreSQL server and a fresh database per test.
 
 #![forbid(unsafe_code)]
+
+pub mod postgres;
 
 use std::io::{BufRead, BufReader};
 use std::path::Path;

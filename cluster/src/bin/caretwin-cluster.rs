@@ -297,7 +297,7 @@ fn token(
 }
 
 async fn check_store(config: &ClusterConfig) -> anyhow::Result<()> {
-    let store = caretwin_cluster::store::open(&config.store)?;
+    let store = caretwin_cluster::store::open(&config.store).await?;
     let key = Key::new(format!("probe/{}", config.node_id));
     let started = Instant::now();
     let current = store.snapshot(&key).await?.map_or(0, |v| v.version);

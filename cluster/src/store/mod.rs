@@ -1,6 +1,7 @@
 //! Storage backends behind the [`caretwin_actors::store::Store`] port.
 //!
 //! - [`embedded`] — fjall on local disk, group commit; the default for one node.
+//! - [`postgres`] — PostgreSQL through a connection pool; one transaction per batch.
 //! - [`watch`] — a wrapper that signals when logs grow (the gRPC streams wait on it).
 //! - `fdb` — FoundationDB, one transaction per batch; only with the cargo feature `fdb`
 //!   (it links the FoundationDB client library). Its settings, [`FdbConfig`], always parse,
@@ -9,6 +10,7 @@
 pub mod embedded;
 #[cfg(feature = "fdb")]
 pub mod fdb;
+pub mod postgres;
 pub mod watch;
 
 use caretwin_actors::store::Store;
@@ -18,6 +20,7 @@ use std::sync::Arc;
 pub use embedded::{EmbeddedConfig, EmbeddedStore};
 #[cfg(feature = "fdb")]
 pub use fdb::{FdbNetwork, FdbStore};
+pub use postgres::{PostgresConfig, PostgresStore};
 
 /// The storage backends.
 #[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
@@ -26,6 +29,8 @@ pub enum Backend {
     /// The embedded store (fjall) in a local directory: one node.
     #[default]
     Embedded,
+    /// PostgreSQL (`[store.postgres] url = "postgres://…"`): nodes share one database.
+    Postgres,
     /// FoundationDB (`"foundationdb"`); needs a node built with the `fdb` feature.
     FoundationDb,
 }
@@ -41,6 +46,9 @@ pub struct StoreConfig {
     /// Settings of the embedded backend.
     #[serde(default)]
     pub embedded: EmbeddedConfig,
+    /// Settings of the PostgreSQL backend.
+    #[serde(default)]
+    pub postgres: PostgresConfig,
     /// Settings of the FoundationDB backend.
     #[serde(default)]
     pub foundationdb: FdbConfig,
@@ -87,15 +95,27 @@ impl StoreConfig {
         Self {
             backend: Backend::Embedded,
             embedded: EmbeddedConfig::at(path),
+            postgres: PostgresConfig::default(),
+            foundationdb: FdbConfig::default(),
+        }
+    }
+
+    /// The PostgreSQL backend at `url`, with default settings.
+    pub fn postgres_at(url: impl Into<String>) -> Self {
+        Self {
+            backend: Backend::Postgres,
+            embedded: EmbeddedConfig::default(),
+            postgres: PostgresConfig::at(url),
             foundationdb: FdbConfig::default(),
         }
     }
 }
 
-/// Opens the configured backend.
-pub fn open(config: &StoreConfig) -> crate::Result<Arc<dyn Store>> {
+/// Opens the configured backend (for PostgreSQL: connects and migrates the schema).
+pub async fn open(config: &StoreConfig) -> crate::Result<Arc<dyn Store>> {
     match config.backend {
         Backend::Embedded => Ok(Arc::new(EmbeddedStore::open(&config.embedded)?)),
+        Backend::Postgres => Ok(Arc::new(PostgresStore::open(&config.postgres).await?)),
         Backend::FoundationDb => open_fdb(&config.foundationdb),
     }
 }
@@ -146,10 +166,46 @@ mod tests {
             backend: Backend::FoundationDb,
             ..StoreConfig::default()
         };
-        let err = open(&c).err().expect("no fdb backend in this build");
+        let err = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap()
+            .block_on(open(&c))
+            .err()
+            .expect("no fdb backend in this build");
         assert!(
             err.to_string().contains("built without the fdb feature"),
             "{err}"
+        );
+    }
+
+    #[test]
+    fn postgres_backend_from_file_and_environment() {
+        let text = "[store]\nbackend = \"postgres\"\n[store.postgres]\nurl = \"postgres://ct@db:5432/ct\"\npool_size = 32\n";
+        let c = crate::config::ClusterConfig::load(text, []).unwrap();
+        let mut want = StoreConfig::postgres_at("postgres://ct@db:5432/ct");
+        want.postgres.pool_size = 32;
+        assert_eq!(c.store, want);
+        // The password comes from the environment, as a secret should.
+        let env = [
+            (
+                "CARETWIN_CLUSTER__STORE__BACKEND".to_string(),
+                "postgres".to_string(),
+            ),
+            (
+                "CARETWIN_CLUSTER__STORE__POSTGRES__URL".to_string(),
+                "postgres://ct:secret@db/ct".to_string(),
+            ),
+        ];
+        let c = crate::config::ClusterConfig::load("", env).unwrap();
+        assert_eq!(c.store.backend, Backend::Postgres);
+        assert_eq!(
+            c.store.postgres,
+            PostgresConfig::at("postgres://ct:secret@db/ct")
+        );
+        assert!(crate::config::ClusterConfig::load("[store.postgres]\npool = 3", []).is_err());
+        assert!(
+            crate::config::ClusterConfig::load("[store.postgres]\npool_size = \"many\"", [])
+                .is_err()
         );
     }
 }
