@@ -167,20 +167,15 @@ impl Membership {
             self.timing.margin.as_millis() as u64,
         );
         for s in plan.drop {
-            tracing::warn!(
-                shard = s,
-                "shard lease about to run out unrenewed; shard dropped"
-            );
-            self.held.remove(&s);
-            self.system.drop_shard(s, false).await;
+            self.stop_hosting(s, false, "lease about to run out unrenewed")
+                .await;
         }
         for s in plan.hand_over {
-            let lease = self.held.remove(&s).expect("held");
-            self.system.drop_shard(s, true).await;
-            if let Err(e) = self.store.release_lease(&lease).await {
+            if let Some(lease) = self.stop_hosting(s, true, "handed over").await
+                && let Err(e) = self.store.release_lease(&lease).await
+            {
                 tracing::warn!(shard = s, error = %e, "shard lease not released; it will expire");
             }
-            tracing::info!(shard = s, "shard handed over");
         }
         let ttl = self.ttl_ms();
         let renewals = plan.renew.iter().map(|s| {
@@ -194,9 +189,8 @@ impl Membership {
                     self.held.insert(s, l);
                 }
                 Err(e @ caretwin_actors::Error::LeaseLost { .. }) => {
-                    tracing::warn!(shard = s, error = %e, "shard lease lost; shard dropped");
-                    self.held.remove(&s);
-                    self.system.drop_shard(s, false).await;
+                    tracing::warn!(shard = s, error = %e, "shard lease lost");
+                    self.stop_hosting(s, false, "lease lost").await;
                 }
                 Err(e) => {
                     // Kept while the lease lasts; dropped by a later round if it runs out.
@@ -215,12 +209,13 @@ impl Membership {
         for (s, r) in futures::future::join_all(acquisitions).await {
             match r {
                 Ok(lease) => {
+                    let at_ms = (self.clock)();
                     if let Err(e) = self.system.host_shard(s, Some(lease.fence())).await {
                         tracing::warn!(shard = s, error = %e, "cannot host shard");
                         let _ = self.store.release_lease(&lease).await;
                         continue;
                     }
-                    tracing::info!(shard = s, token = lease.token, "shard hosted");
+                    tracing::info!(shard = s, token = lease.token, at_ms, "shard hosted");
                     self.held.insert(s, lease);
                 }
                 // Its previous owner still holds it (handing over, or dead until it expires).
@@ -229,6 +224,23 @@ impl Membership {
             }
         }
         Ok(())
+    }
+
+    /// Stops hosting shard `s` (drained or at once) and forgets its lease; logs when
+    /// nothing of it runs here any more (`shard stopped`, with its token and the time,
+    /// which the process-level single-activation check reads).
+    async fn stop_hosting(&mut self, s: u32, drain: bool, why: &'static str) -> Option<Lease> {
+        let lease = self.held.remove(&s);
+        self.system.drop_shard(s, drain).await;
+        let token = lease.as_ref().map_or(0, |l| l.token);
+        tracing::info!(
+            shard = s,
+            token,
+            at_ms = (self.clock)(),
+            why,
+            "shard stopped"
+        );
+        lease
     }
 
     async fn drop_lapsing(&mut self, now: u64) {
@@ -240,12 +252,8 @@ impl Membership {
             .map(|(&s, _)| s)
             .collect();
         for s in lapsing {
-            tracing::warn!(
-                shard = s,
-                "shard lease about to run out unrenewed; shard dropped"
-            );
-            self.held.remove(&s);
-            self.system.drop_shard(s, false).await;
+            self.stop_hosting(s, false, "lease about to run out unrenewed")
+                .await;
         }
     }
 
@@ -263,8 +271,8 @@ impl Membership {
         loop {
             tokio::select! {
                 () = async { let _ = kill.wait_for(|s| *s).await; } => {
-                    for s in std::mem::take(&mut self.held).into_keys() {
-                        self.system.drop_shard(s, false).await;
+                    for s in self.held() {
+                        self.stop_hosting(s, false, "killed").await;
                     }
                     return;
                 }
@@ -281,9 +289,10 @@ impl Membership {
 
     /// Hands every held shard over: drained, then its lease released.
     pub async fn leave(&mut self) {
-        for (s, lease) in std::mem::take(&mut self.held) {
-            self.system.drop_shard(s, true).await;
-            if let Err(e) = self.store.release_lease(&lease).await {
+        for s in self.held() {
+            if let Some(lease) = self.stop_hosting(s, true, "leaving").await
+                && let Err(e) = self.store.release_lease(&lease).await
+            {
                 tracing::warn!(shard = s, error = %e, "shard lease not released; it will expire");
             }
         }
