@@ -55,6 +55,9 @@ pub struct Membership {
     announced: Vec<Announce>,
     next_entry: u64,
     held: BTreeMap<u32, Lease>,
+    /// The node's member lease, renewed every round (also while the node is still
+    /// starting: provisioning may take longer than a lease lasts).
+    member: Lease,
 }
 
 impl Membership {
@@ -72,6 +75,13 @@ impl Membership {
             node_id: me.to_owned(),
             peer_addr: peer_addr.to_owned(),
         };
+        let member = store
+            .lease(&Key::new(placement::member_lease(me)))
+            .await?
+            .filter(|l| l.holder == me && l.expires_at_ms != 0)
+            .ok_or_else(|| {
+                Error::Config(format!("node {me} holds no member lease; register first"))
+            })?;
         let value = serde_json::to_vec(&announce).map_err(|e| Error::Config(e.to_string()))?;
         store
             .commit(caretwin_actors::store::WriteBatch::new().with(
@@ -91,6 +101,7 @@ impl Membership {
             announced: Vec::new(),
             next_entry: 1,
             held: BTreeMap::new(),
+            member,
         })
     }
 
@@ -143,6 +154,22 @@ impl Membership {
     /// One round: read the view, then acquire, renew, hand over and drop shards.
     pub async fn round(&mut self) -> Result<()> {
         let now = (self.clock)();
+        match self
+            .store
+            .renew_lease(&self.member, self.ttl_ms(), now)
+            .await
+        {
+            Ok(l) => self.member = l,
+            Err(e @ caretwin_actors::Error::LeaseLost { .. }) => {
+                // Declared dead (its lease ran out and was taken): it acts for nothing.
+                tracing::error!(error = %e, "member lease lost; every shard dropped");
+                for s in self.held() {
+                    self.stop_hosting(s, false, "member lease lost").await;
+                }
+                return Err(e.into());
+            }
+            Err(e) => tracing::warn!(error = %e, "member lease not renewed this round"),
+        }
         let live = match self.read_view(now).await {
             Ok(live) => live,
             Err(e) => {

@@ -19,6 +19,12 @@ use std::sync::Arc;
 /// Entries read from a queue per round.
 const PAGE: usize = 256;
 
+/// Queues pumped at once. Each holds a store connection only while it reads or writes,
+/// but a delivery waits for the receiving twin's step, which needs one too: with a
+/// bounded pool (PostgreSQL), every queue pumped at once could leave none for the
+/// steps they wait on.
+const PUMPS_AT_ONCE: usize = 8;
+
 /// What became of one delivery.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Delivery {
@@ -95,13 +101,17 @@ impl Dispatcher {
             .iter()
             .map(|(q, &from)| (q.clone(), from))
             .collect();
-        let runs = queues.iter().map(|(queue, from)| async move {
-            let from = *from;
-            (queue.clone(), pump_queue(store, router, queue, from).await)
-        });
+        let mut runs = Vec::with_capacity(queues.len());
+        for chunk in queues.chunks(PUMPS_AT_ONCE) {
+            let chunk = chunk.iter().map(|(queue, from)| async move {
+                let from = *from;
+                (queue.clone(), pump_queue(store, router, queue, from).await)
+            });
+            runs.extend(futures::future::join_all(chunk).await);
+        }
         let mut report = PumpReport::default();
         let mut failed = None;
-        for (queue, run) in futures::future::join_all(runs).await {
+        for (queue, run) in runs {
             match run {
                 Ok(run) => {
                     report.delivered += run.delivered;
