@@ -55,7 +55,8 @@ pub struct ClusterConfig {
 }
 
 /// Membership of a cluster (`[cluster]`). Off, the node hosts every shard itself (one node
-/// on its own store). On, it hosts only the shards whose leases it holds (`lease_ttl`,
+/// on its own embedded store); on a shared store (PostgreSQL, FoundationDB) a node is
+/// always a member, whatever `enabled` says. On, it hosts only the shards whose leases it holds (`lease_ttl`,
 /// renewed every `renew_every`, both also the member lease's), and forwards calls for the
 /// others to their hosts over the peer channel (QUIC, mutual TLS with the sync
 /// endpoint's certificates; the node certificate must carry a `caretwin://node` URI).

@@ -201,7 +201,11 @@ impl Node {
             partners.clone(),
         ));
         let field_service = integrations.booking_router();
-        let hosting = if config.cluster.enabled {
+        // A store other nodes can share is always used as a member of a cluster (of one,
+        // maybe): two nodes on it must never both host every shard.
+        let clustered =
+            config.cluster.enabled || config.store.backend != crate::store::Backend::Embedded;
+        let hosting = if clustered {
             caretwin_actors::system::Hosting::Placed
         } else {
             caretwin_actors::system::Hosting::Everything
@@ -226,7 +230,7 @@ impl Node {
         partners.bind(&system);
         ensure_dev_pki(&config.sync)?;
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-        let mut cluster = if config.cluster.enabled {
+        let mut cluster = if clustered {
             let wake = Wake {
                 logs: log_signals.clone(),
                 sites: signals.clone(),
