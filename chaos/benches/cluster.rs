@@ -69,7 +69,7 @@ struct Run {
 
 /// `CALLERS` callers, each sending one reading at a time to its own devices, through
 /// the nodes in turn, for `secs`.
-async fn load(c: &Cluster, secs: f64) -> Run {
+async fn load(c: &Cluster, secs: f64, seqs: &Arc<Vec<AtomicU64>>) -> Run {
     let systems: Vec<_> = c.nodes.values().map(|n| n.system().clone()).collect();
     let done = Arc::new(AtomicU64::new(0));
     let deadline = Instant::now() + Duration::from_secs_f64(secs);
@@ -77,24 +77,30 @@ async fn load(c: &Cluster, secs: f64) -> Run {
     for caller in 0..CALLERS {
         let systems = systems.clone();
         let done = done.clone();
+        let seqs = seqs.clone();
         tasks.push(tokio::spawn(async move {
             let mut local = Histogram::<u64>::new(3).unwrap();
             let mut forwarded = Histogram::<u64>::new(3).unwrap();
             let mine: Vec<usize> = (caller..DEVICES).step_by(CALLERS).collect();
-            let mut seq = vec![0u64; mine.len()];
+            // Each run goes on from where the last left off (a device's sequence numbers
+            // are contiguous; a repeated one would be a duplicate, skipped unwritten).
+            let seqs = seqs.clone();
             let mut k = 0usize;
             while Instant::now() < deadline {
                 let j = k % mine.len();
                 let system = &systems[k % systems.len()];
                 let id = device(mine[j]);
-                seq[j] += 1;
+                let seq = seqs[mine[j]].fetch_add(1, Ordering::Relaxed) + 1;
                 let here = system
                     .hosted_shards()
                     .contains(&caretwin_actors::host::shard_of(&id, SHARDS));
                 let t = Instant::now();
-                let r = system.devices().call(&id, reading(seq[j])).await;
+                let r = system.devices().call(&id, reading(seq)).await;
                 let us = t.elapsed().as_micros() as u64;
-                assert!(matches!(r, Ok(DeviceReply::Applied(_))), "{r:?}");
+                assert!(
+                    matches!(r, Ok(DeviceReply::Applied(ref a)) if a.applied == 1),
+                    "{r:?}"
+                );
                 if here {
                     local.record(us).unwrap();
                 } else {
@@ -167,8 +173,9 @@ async fn main() {
         let c = cluster(nodes).await;
         let mut rates = Vec::new();
         let mut last = None;
+        let seqs: Arc<Vec<AtomicU64>> = Arc::new((0..DEVICES).map(|_| AtomicU64::new(0)).collect());
         for _ in 0..runs {
-            let r = load(&c, secs).await;
+            let r = load(&c, secs, &seqs).await;
             rates.push(r.per_sec);
             last = Some(r);
         }
