@@ -91,9 +91,7 @@ pub struct Cases {
     vault: Option<Arc<Vault>>,
 }
 
-fn internal(e: impl std::fmt::Display) -> Status {
-    Status::internal(e.to_string())
-}
+use super::internal;
 
 fn subscriber_key(tenant: &str, subscriber: &str) -> Key {
     Key::new(format!("grpc/cases-cursor/{tenant}/{subscriber}"))

@@ -125,9 +125,7 @@ pub struct Commands {
     closing: Option<tokio::sync::watch::Receiver<bool>>,
 }
 
-fn internal(e: impl std::fmt::Display) -> Status {
-    Status::internal(e.to_string())
-}
+use super::internal;
 
 fn state_of(s: &str) -> v1::CommandState {
     match s {

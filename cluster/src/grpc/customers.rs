@@ -60,9 +60,7 @@ const PREFERENCE_FIELDS: [&str; 7] = [
     "standing_approvals",
 ];
 
-fn internal(e: impl std::fmt::Display) -> Status {
-    Status::internal(e.to_string())
-}
+use super::internal;
 
 fn not_found(id: &str) -> Status {
     Status::not_found(format!("customer {id:?} not found"))

@@ -280,3 +280,46 @@ pub async fn serve(
         .await
         .map_err(|e| Error::Config(format!("gRPC server: {e}")))
 }
+
+/// A failure of the node as a gRPC status. Where the caller should simply try again — a
+/// twin's shard moving between nodes, the store unreachable — it is `UNAVAILABLE` (which
+/// stock gRPC clients retry); anything else is `INTERNAL`.
+pub(crate) fn internal<E: std::fmt::Display + 'static>(e: E) -> tonic::Status {
+    use caretwin_actors::Error as E2;
+    let retry = (&e as &dyn std::any::Any)
+        .downcast_ref::<E2>()
+        .is_some_and(|e| {
+            matches!(
+                e,
+                E2::NotHosted { .. } | E2::Backend(_) | E2::Closed | E2::Host(_)
+            )
+        });
+    if retry {
+        tonic::Status::unavailable(e.to_string())
+    } else {
+        tonic::Status::internal(e.to_string())
+    }
+}
+
+#[cfg(test)]
+mod status_tests {
+    use super::internal;
+
+    #[test]
+    fn a_moving_shard_or_an_unreachable_store_is_unavailable_the_rest_internal() {
+        let moving = caretwin_actors::Error::NotHosted {
+            kind: "device".into(),
+            shard: 3,
+            reason: "moving".into(),
+        };
+        assert_eq!(internal(moving).code(), tonic::Code::Unavailable);
+        let down = caretwin_actors::Error::Backend("connection refused".into());
+        assert_eq!(internal(down).code(), tonic::Code::Unavailable);
+        let bug = caretwin_actors::Error::Twin {
+            id: "t1:x".into(),
+            reason: "unreadable snapshot".into(),
+        };
+        assert_eq!(internal(bug).code(), tonic::Code::Internal);
+        assert_eq!(internal("anything else").code(), tonic::Code::Internal);
+    }
+}

@@ -62,9 +62,7 @@ fn subscriber_key(tenant: &str, subscriber: &str) -> Key {
     Key::new(format!("grpc/notifications-cursor/{tenant}/{subscriber}"))
 }
 
-fn internal(e: impl std::fmt::Display) -> Status {
-    Status::internal(e.to_string())
-}
+use super::internal;
 
 /// One event of a tenant's notification log.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

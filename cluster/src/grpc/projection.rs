@@ -336,9 +336,7 @@ impl<F: Fold> Projection<F> {
     }
 }
 
-fn internal(e: impl std::fmt::Display) -> Status {
-    Status::internal(e.to_string())
-}
+use super::internal;
 
 #[cfg(test)]
 mod tests {

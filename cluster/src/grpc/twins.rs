@@ -54,9 +54,7 @@ const STREAM_BUFFER: usize = 64;
 /// Index entries read per store call while catching up.
 const READ_CHUNK: usize = 10_000;
 
-fn internal(e: impl std::fmt::Display) -> Status {
-    Status::internal(e.to_string())
-}
+use super::internal;
 
 /// One tenant's devices as its index tells them.
 #[derive(Debug)]

@@ -45,9 +45,7 @@ pub struct WorkApi {
     clock: Arc<dyn Clock>,
 }
 
-fn internal(e: impl std::fmt::Display) -> Status {
-    Status::internal(e.to_string())
-}
+use super::internal;
 
 fn check_text(what: &str, s: &str, max: usize) -> Result<(), Status> {
     if s.is_empty() || s.len() > max || s.chars().any(char::is_control) {
