@@ -246,6 +246,13 @@ pub fn bin(name: &str) -> std::path::PathBuf {
     path
 }
 
+/// The value of field `name` in a log line (`name=value`, colours stripped), if it has it.
+pub fn log_field(line: &str, name: &str) -> Option<String> {
+    strip_ansi(line)
+        .split_whitespace()
+        .find_map(|w| w.strip_prefix(name)?.strip_prefix('=').map(str::to_owned))
+}
+
 /// `line` without ANSI colour sequences (log lines of a process that coloured them).
 pub fn strip_ansi(line: &str) -> String {
     let mut out = String::with_capacity(line.len());

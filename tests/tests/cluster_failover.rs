@@ -14,7 +14,7 @@ use caretwin_actors::store::{Key, Store};
 use caretwin_cluster::store::{PostgresConfig, PostgresStore};
 use caretwin_edge::outbox::{Outbox, OutboxConfig};
 use caretwin_tests::postgres as pg;
-use caretwin_tests::{Process, bin, strip_ansi};
+use caretwin_tests::{Process, bin, log_field};
 use std::collections::BTreeMap;
 use std::path::Path;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -82,11 +82,7 @@ enabled = true
     )
     .unwrap();
     let line = p.wait_for("sync listening").unwrap();
-    let addr = strip_ansi(&line)
-        .split_whitespace()
-        .find_map(|w| w.strip_prefix("addr="))
-        .expect("the bound address is logged")
-        .to_owned();
+    let addr = log_field(&line, "addr").expect("the bound address is logged");
     p.wait_for("joined the cluster").unwrap();
     (p, addr)
 }
@@ -135,16 +131,10 @@ struct Record {
     at_ms: u64,
 }
 
-fn field<'a>(line: &'a str, name: &str) -> Option<&'a str> {
-    line.split_whitespace()
-        .find_map(|w| w.strip_prefix(name)?.strip_prefix('='))
-}
-
 fn records(node: &str, p: &Process) -> Vec<Record> {
     p.output(caretwin_tests::Stream::Stdout)
         .into_iter()
         .chain(p.output(caretwin_tests::Stream::Stderr))
-        .map(strip_ansi)
         .filter_map(|l| {
             let hosted = if l.contains("shard hosted") {
                 true
@@ -156,9 +146,9 @@ fn records(node: &str, p: &Process) -> Vec<Record> {
             Some(Record {
                 node: node.to_owned(),
                 hosted,
-                shard: field(&l, "shard")?.parse().ok()?,
-                token: field(&l, "token")?.parse().ok()?,
-                at_ms: field(&l, "at_ms")?.parse().ok()?,
+                shard: log_field(l, "shard")?.parse().ok()?,
+                token: log_field(l, "token")?.parse().ok()?,
+                at_ms: log_field(l, "at_ms")?.parse().ok()?,
             })
         })
         .collect()

@@ -13,7 +13,7 @@ use caretwin_cluster::grpc::auth::{Scope, TokensFile, mint};
 use caretwin_cluster::store::{EmbeddedConfig, EmbeddedStore};
 use caretwin_edge::outbox::{Outbox, OutboxConfig};
 use caretwin_proto::v1::{self, case_service_client::CaseServiceClient};
-use caretwin_tests::{Process, bin, strip_ansi};
+use caretwin_tests::{Process, bin, log_field, strip_ansi};
 use std::path::Path;
 
 const SITE: &str = "t1:home-1";
@@ -70,13 +70,7 @@ tokens = "{tokens}"
         &[],
     )
     .unwrap();
-    let addr_of = |line: String| {
-        strip_ansi(&line)
-            .split_whitespace()
-            .find_map(|w| w.strip_prefix("addr="))
-            .expect("the bound address is logged")
-            .to_owned()
-    };
+    let addr_of = |line: String| log_field(&line, "addr").expect("the bound address is logged");
     let addr = addr_of(p.wait_for("sync listening").unwrap());
     let grpc = addr_of(p.wait_for("gRPC listening").unwrap());
     (p, addr, grpc)
