@@ -108,6 +108,16 @@ pub fn live_members(
         .collect()
 }
 
+/// Whether an announced member is still worth watching at `now_ms`: its member lease
+/// exists and ran out (or was released, which leaves it expired at 0) less than
+/// `forget_after_ms` ago. A member that fails this is removed from the view for good:
+/// nobody reads its lease each round any more, so nodes that come and go under new ids
+/// (rolling deploys) cost nothing once they are gone. A removed node that comes back
+/// announces itself again (on restart, or when it finds its own lease had lapsed).
+pub fn remembered(lease: Option<&Lease>, now_ms: u64, forget_after_ms: u64) -> bool {
+    lease.is_some_and(|l| l.expires_at_ms.saturating_add(forget_after_ms) > now_ms)
+}
+
 /// What a member does with its shards in one round of its membership loop.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Round {
@@ -228,6 +238,20 @@ mod tests {
             token: 1,
             expires_at_ms,
         }
+    }
+
+    #[test]
+    fn members_dead_for_longer_than_forget_after_are_removed() {
+        let forget = 10_000;
+        // live, or dead for less than forget_after: still watched (it may come back)
+        assert!(remembered(Some(&lease("a", 5_000)), 1_000, forget));
+        assert!(remembered(Some(&lease("a", 5_000)), 14_999, forget));
+        // dead for forget_after: removed
+        assert!(!remembered(Some(&lease("a", 5_000)), 15_000, forget));
+        // left (released: expired at 0) or no lease at all: removed once forget_after
+        // has passed since the epoch, i.e. at once
+        assert!(!remembered(Some(&lease("a", 0)), 15_000, forget));
+        assert!(!remembered(None, 0, forget));
     }
 
     #[test]

@@ -2,11 +2,17 @@
 //! call to the node hosting its twin, and failover time after a node is killed.
 //!
 //! `cargo bench -p caretwin-chaos --bench cluster` (`-- --quick` for a short run). The
-//! nodes run in one process on one embedded store (`caretwin_chaos::cluster`), over real
-//! QUIC between them; what 2 cores allow is printed with the figures.
+//! nodes run in one process (`caretwin_chaos::cluster`), over real QUIC between them, on
+//! one embedded store, or with `-- --postgres` on one PostgreSQL database, each node with
+//! its own connection pool (the server: `CARETWIN_TEST_PG_URL` if set, else a throwaway
+//! one started through `scripts/postgres.sh`, on the same cores). What 2 cores allow is
+//! printed with the figures.
 
+use caretwin_actors::store::Store;
 use caretwin_actors::twins::device::{DeviceItem, DeviceMsg, DeviceReply, ItemKind};
 use caretwin_chaos::cluster::Cluster;
+use caretwin_cluster::store::{PostgresConfig, PostgresStore};
+use caretwin_tests::postgres as pg;
 use hdrhistogram::Histogram;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -34,10 +40,34 @@ fn reading(seq: u64) -> DeviceMsg {
     }
 }
 
-async fn cluster(nodes: usize) -> Cluster {
+/// Where the nodes keep their state.
+#[derive(Clone)]
+enum Backend {
+    /// One embedded store in the process, shared by the nodes.
+    Embedded,
+    /// A PostgreSQL server: each cluster gets a fresh database, each node its own pool.
+    Postgres(String),
+}
+
+async fn cluster(nodes: usize, backend: &Backend) -> Cluster {
     let mut c = Cluster::new(SHARDS).await;
+    let database = match backend {
+        Backend::Embedded => None,
+        Backend::Postgres(server) => Some(pg::fresh_database(server).await.expect("database").1),
+    };
     for n in 1..=nodes {
-        c.start(&format!("n{n}")).await;
+        let id = format!("n{n}");
+        match &database {
+            None => c.start(&id).await,
+            Some(url) => {
+                let store: Arc<dyn Store> = Arc::new(
+                    PostgresStore::open(&PostgresConfig::at(url.clone()))
+                        .await
+                        .expect("open PostgreSQL"),
+                );
+                c.start_on(&id, store).await;
+            }
+        }
     }
     c.wait_balanced(Duration::from_secs(20)).await;
     let n1 = c.node("n1").system().clone();
@@ -141,36 +171,36 @@ fn median(mut v: Vec<f64>) -> f64 {
 }
 
 fn machine() {
-    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
-    let cpu = cpuinfo
-        .lines()
-        .find_map(|line| line.strip_prefix("model name"))
-        .and_then(|rest| rest.split_once(':'))
-        .map_or("unknown", |(_, model)| model.trim());
-    let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
-    let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
-    let load: Vec<&str> = load.split_whitespace().take(3).collect();
-    println!(
-        "- machine: {cpu}, {cores} cores; load average {} at start",
-        load.join(" ")
-    );
+    println!("- machine: {}", caretwin_tests::machine());
 }
 
 #[tokio::main(flavor = "multi_thread")]
 async fn main() {
     let quick = std::env::args().any(|a| a == "--quick");
     let (secs, runs) = if quick { (2.0, 1) } else { (5.0, 3) };
+    let backend = if std::env::args().any(|a| a == "--postgres") {
+        let dir = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("postgres");
+        Backend::Postgres(pg::server_url(&dir))
+    } else {
+        Backend::Embedded
+    };
+    let store = match backend {
+        Backend::Embedded => "one embedded store",
+        Backend::Postgres(_) => {
+            "one PostgreSQL database on the same machine, a pool of 16 per node"
+        }
+    };
     println!("# The cluster on this machine\n");
     machine();
     println!(
         "- {DEVICES} devices, {SHARDS} shards, {CALLERS} callers each sending one reading at a time \
-         through the nodes in turn; nodes in one process on one embedded store, peers over QUIC \
+         through the nodes in turn; nodes in one process on {store}, peers over QUIC \
          on loopback; {runs} run(s) of {secs} s per configuration, median shown\n"
     );
     println!("| nodes | readings/s | local p50 / p99 ms | forwarded p50 / p99 ms |");
     println!("|---|---|---|---|");
     for nodes in [1usize, 3] {
-        let c = cluster(nodes).await;
+        let c = cluster(nodes, &backend).await;
         let mut rates = Vec::new();
         let mut last = None;
         let seqs: Arc<Vec<AtomicU64>> = Arc::new((0..DEVICES).map(|_| AtomicU64::new(0)).collect());
@@ -198,7 +228,7 @@ async fn main() {
     let trials = if quick { 1 } else { 5 };
     let (mut placed, mut answered) = (Vec::new(), Vec::new());
     for _ in 0..trials {
-        let mut c = cluster(3).await;
+        let mut c = cluster(3, &backend).await;
         let victim_twin = (0..DEVICES)
             .map(device)
             .find(|id| {

@@ -262,6 +262,84 @@ async fn a_partitioned_node_stops_acting_before_its_shards_move_and_its_stale_wr
     let _ = c.nodes.remove("n2").unwrap().stop().await;
 }
 
+/// Waits until `node` sees `live` and still watches `known`; fails after `within`.
+async fn wait_members(node: &Node, live: &[&str], known: &[&str], within: Duration) {
+    let deadline = tokio::time::Instant::now() + within;
+    loop {
+        let m = node.members().expect("a cluster member");
+        if m.live == live && m.known == known {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "members {m:?} after {within:?}, want live {live:?}, known {known:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_node_gone_for_long_is_removed_and_comes_back_when_its_partition_heals() {
+    let mut c = Cluster::new(SHARDS).await;
+    let cut = Cut::new(c.store.clone());
+    c.start("n1").await;
+    c.start_on("n2", cut.clone()).await;
+    c.wait_balanced(Duration::from_secs(10)).await;
+    const DEVICES: usize = 8;
+    for i in 0..DEVICES {
+        provision(c.node("n1"), i).await;
+        let r = reading(c.node("n1"), i, 1).await;
+        assert!(
+            matches!(r, DeviceReply::Applied(ref a) if a.applied == 1),
+            "{r:?}"
+        );
+    }
+    wait_members(
+        c.node("n1"),
+        &["n1", "n2"],
+        &["n1", "n2"],
+        Duration::from_secs(5),
+    )
+    .await;
+
+    cut.set(true);
+    // Suspected first: no longer live once its lease runs out (1 s), still watched.
+    wait_members(
+        c.node("n1"),
+        &["n1"],
+        &["n1", "n2"],
+        Duration::from_secs(10),
+    )
+    .await;
+    // Removed ten lease lifetimes later: its lease is not read any more.
+    wait_members(c.node("n1"), &["n1"], &["n1"], Duration::from_secs(30)).await;
+    assert!(c.node("n2").system().hosted_shards().is_empty());
+
+    // Healed: n2 finds its lease lapsed, announces itself again, and takes its shards
+    // back from n1 (handed over, never hosted twice).
+    cut.set(false);
+    wait_members(
+        c.node("n1"),
+        &["n1", "n2"],
+        &["n1", "n2"],
+        Duration::from_secs(10),
+    )
+    .await;
+    c.wait_balanced(Duration::from_secs(10)).await;
+    for i in 0..DEVICES {
+        let r = reading(c.node("n1"), i, 2).await;
+        assert!(
+            matches!(r, DeviceReply::Applied(ref a) if a.applied == 1),
+            "{r:?}"
+        );
+        assert_eq!(high_water(c.node("n2"), i).await, 2);
+    }
+    assert_eq!(c.violations(), Vec::<String>::new());
+    for (_, n) in std::mem::take(&mut c.nodes) {
+        n.stop().await.unwrap();
+    }
+}
+
 /// A peer endpoint of our own pointed at `node`, presenting `cert`/`key`.
 fn intruder(dir: &Path, node: &Node, cert: &str, key: &str) -> caretwin_cluster::peer::Peers {
     let certs = dir.join("certs");
@@ -277,6 +355,7 @@ fn intruder(dir: &Path, node: &Node, cert: &str, key: &str) -> caretwin_cluster:
             node_id: "n1".into(),
             peer_addr: node.peer_addr().unwrap().to_string(),
         }],
+        known: vec!["n1".into()],
     };
     caretwin_cluster::peer::Peers::bind(
         "intruder",

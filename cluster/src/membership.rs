@@ -29,6 +29,19 @@ use std::collections::BTreeMap;
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
+/// Appends a node's announcement to the members log.
+async fn announce_self(store: &dyn Store, announcement: &[u8]) -> Result<()> {
+    store
+        .commit(caretwin_actors::store::WriteBatch::new().with(
+            caretwin_actors::store::Op::Append {
+                log: Key::new(placement::MEMBERS_LOG),
+                value: announcement.to_vec(),
+            },
+        ))
+        .await?;
+    Ok(())
+}
+
 /// Entries of the members log read per call.
 const READ_CHUNK: usize = 1_000;
 
@@ -42,6 +55,9 @@ pub struct Timing {
     /// How long before its lease runs out a node stops acting for a shard it could not
     /// renew.
     pub margin: Duration,
+    /// How long after its member lease ran out a member is removed from the view (its
+    /// lease no longer read each round; `placement::remembered`).
+    pub forget_after: Duration,
 }
 
 /// One node's membership: what it announced, what it sees, what it holds.
@@ -53,6 +69,9 @@ pub struct Membership {
     timing: Timing,
     clock: fn() -> u64,
     announced: Vec<Announce>,
+    /// This node's own announcement as appended to the members log, appended again
+    /// when its member lease had lapsed (the others may have removed it meanwhile).
+    announcement: Vec<u8>,
     next_entry: u64,
     held: BTreeMap<u32, Lease>,
     /// The node's member lease, renewed every round (also while the node is still
@@ -82,15 +101,9 @@ impl Membership {
             .ok_or_else(|| {
                 Error::Config(format!("node {me} holds no member lease; register first"))
             })?;
-        let value = serde_json::to_vec(&announce).map_err(|e| Error::Config(e.to_string()))?;
-        store
-            .commit(caretwin_actors::store::WriteBatch::new().with(
-                caretwin_actors::store::Op::Append {
-                    log: Key::new(placement::MEMBERS_LOG),
-                    value,
-                },
-            ))
-            .await?;
+        let announcement =
+            serde_json::to_vec(&announce).map_err(|e| Error::Config(e.to_string()))?;
+        announce_self(&*store, &announcement).await?;
         Ok(Self {
             me: me.to_owned(),
             store,
@@ -99,6 +112,7 @@ impl Membership {
             timing,
             clock: crate::node::now_ms,
             announced: Vec::new(),
+            announcement,
             next_entry: 1,
             held: BTreeMap::new(),
             member,
@@ -148,18 +162,42 @@ impl Membership {
                 leases.insert(id, l);
             }
         }
+        let forget_ms = self.timing.forget_after.as_millis() as u64;
+        let removed: Vec<String> = ids
+            .iter()
+            .filter(|id| {
+                **id != self.me && !placement::remembered(leases.get(**id), now, forget_ms)
+            })
+            .map(|id| (*id).to_owned())
+            .collect();
+        if !removed.is_empty() {
+            tracing::info!(members = ?removed, "members removed: their leases ran out long ago");
+            self.announced.retain(|a| !removed.contains(&a.node_id));
+        }
         Ok(placement::live_members(&self.announced, &leases, now))
     }
 
     /// One round: read the view, then acquire, renew, hand over and drop shards.
     pub async fn round(&mut self) -> Result<()> {
         let now = (self.clock)();
+        let lapsed = self.member.expires_at_ms <= now;
         match self
             .store
             .renew_lease(&self.member, self.ttl_ms(), now)
             .await
         {
-            Ok(l) => self.member = l,
+            Ok(l) => {
+                self.member = l;
+                if lapsed {
+                    // Cut off for a while: the others may have removed this node from
+                    // their view. Announce it again; it is live as of this renewal.
+                    tracing::warn!("member lease had lapsed; announcing this node again");
+                    if let Err(e) = announce_self(&*self.store, &self.announcement).await {
+                        tracing::warn!(error = %e, "announcement not written; next round retries");
+                        self.member.expires_at_ms = 0;
+                    }
+                }
+            }
             Err(e @ caretwin_actors::Error::LeaseLost { .. }) => {
                 // Declared dead (its lease ran out and was taken): it acts for nothing.
                 tracing::error!(error = %e, "member lease lost; every shard dropped");
@@ -179,7 +217,13 @@ impl Membership {
                 return Err(e);
             }
         };
-        self.view.write().expect("view lock").live = live.clone();
+        {
+            let mut view = self.view.write().expect("view lock");
+            view.live = live.clone();
+            view.known = self.announced.iter().map(|a| a.node_id.clone()).collect();
+            view.known.sort_unstable();
+            view.known.dedup();
+        }
         let expiries = self
             .held
             .iter()

@@ -20,6 +20,11 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
+/// A member whose lease ran out this many lease lifetimes ago is removed from the view
+/// (`membership::Timing::forget_after`): long enough that a node merely slow to renew is
+/// never removed, short enough that departed nodes stop costing a read per round.
+const FORGET_AFTER_LEASES: u32 = 10;
+
 /// Wall-clock time in Unix milliseconds.
 pub fn now_ms() -> u64 {
     SystemTime::now()
@@ -138,6 +143,17 @@ pub struct Node {
     task: tokio::task::JoinHandle<Result<()>>,
     kill: Option<tokio::sync::watch::Sender<bool>>,
     peer_addr: Option<SocketAddr>,
+    view: Option<Arc<std::sync::RwLock<crate::peer::View>>>,
+}
+
+/// The cluster members as a node sees them ([`Node::members`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Members {
+    /// Live members' ids (their member lease held and unexpired), sorted.
+    pub live: Vec<String>,
+    /// Members still watched: the live ones and those dead for less than the removal
+    /// delay (ten lease lifetimes), sorted.
+    pub known: Vec<String>,
 }
 
 /// Runs a node until `shutdown` resolves (see [`Node::start`] and [`Node::stop`]).
@@ -251,6 +267,7 @@ impl Node {
         };
         let kill = cluster.as_mut().map(|c| c.kill.clone());
         let peer_addr = cluster.as_ref().map(|c| c.addr);
+        let view = cluster.as_ref().map(|c| c.view.clone());
         if let Some(path) = &config.provision {
             provision(&system, &vault, path).await?;
         }
@@ -322,7 +339,10 @@ impl Node {
             let shutdown = async move {
                 let _ = stopped.await;
             };
-            let lease = serve(&*store, &twins, &config, lease, &mail, shutdown).await;
+            // A cluster member's lease is renewed by its membership loop, which rides out
+            // a store outage (dropping shards in time) and announces the node again after.
+            let renews = !clustered;
+            let lease = serve(&*store, &twins, &config, (lease, renews), &mail, shutdown).await;
             let _ = stop_tx.send(true);
             let _ = serving.await;
             // A member hands its shards over (drained, leases released) before it stops.
@@ -363,6 +383,7 @@ impl Node {
             task,
             kill,
             peer_addr,
+            view,
         })
     }
 
@@ -379,6 +400,15 @@ impl Node {
     /// Where integrators connect (gRPC over TLS).
     pub fn grpc_addr(&self) -> SocketAddr {
         self.grpc_addr
+    }
+
+    /// The members this node sees, when it is a cluster member.
+    pub fn members(&self) -> Option<Members> {
+        let view = self.view.as_ref()?.read().expect("view lock");
+        Some(Members {
+            live: view.live.iter().map(|m| m.node_id.clone()).collect(),
+            known: view.known.clone(),
+        })
     }
 
     /// Where the node's peers reach it (QUIC), when it is a cluster member.
@@ -454,6 +484,7 @@ impl Node {
 /// A node's part in a cluster: its membership loop and its peer endpoint, running.
 struct Joined {
     addr: SocketAddr,
+    view: Arc<std::sync::RwLock<crate::peer::View>>,
     membership: tokio::task::JoinHandle<()>,
     peers: tokio::task::JoinHandle<()>,
     kill: tokio::sync::watch::Sender<bool>,
@@ -483,6 +514,7 @@ async fn join_cluster(
         &c.server_name,
     )?;
     let view = Arc::new(std::sync::RwLock::new(crate::peer::View::default()));
+    let seen = view.clone();
     let peers = Arc::new(crate::peer::Peers::bind(
         &config.node_id,
         c.listen,
@@ -507,6 +539,7 @@ async fn join_cluster(
         lease_ttl: config.lease_ttl,
         round: config.renew_every,
         margin: config.lease_ttl / 3,
+        forget_after: config.lease_ttl * FORGET_AFTER_LEASES,
     };
     let mut membership = crate::membership::Membership::join(
         &config.node_id,
@@ -524,6 +557,7 @@ async fn join_cluster(
     let (kill, killed) = tokio::sync::watch::channel(false);
     Ok(Joined {
         addr: bound,
+        view: seen,
         membership: tokio::spawn(membership.run(stop, killed)),
         peers: serving,
         kill,
@@ -713,7 +747,7 @@ async fn serve(
     store: &dyn Store,
     system: &System,
     config: &ClusterConfig,
-    mut lease: Lease,
+    (mut lease, renews): (Lease, bool),
     mail: &tokio::sync::Notify,
     shutdown: impl Future<Output = ()>,
 ) -> Result<Lease> {
@@ -746,10 +780,16 @@ async fn serve(
     loop {
         tokio::select! {
             () = &mut shutdown => return Ok(lease),
-            _ = renew.tick() => {
-                lease = store.renew_lease(&lease, ttl, now_ms()).await?;
-                tracing::debug!(node = %config.node_id, expires_at_ms = lease.expires_at_ms, "lease renewed");
-            }
+            _ = renew.tick(), if renews => match store.renew_lease(&lease, ttl, now_ms()).await {
+                Ok(l) => {
+                    lease = l;
+                    tracing::debug!(node = %config.node_id, expires_at_ms = lease.expires_at_ms, "lease renewed");
+                }
+                // Another process took this node's id: it must not go on.
+                Err(e @ caretwin_actors::Error::LeaseLost { .. }) => return Err(e.into()),
+                // A store hiccup: tried again next tick (the lease lasts several).
+                Err(e) => tracing::warn!(node = %config.node_id, error = %e, "node lease not renewed this tick"),
+            },
             () = &mut timers => unreachable!("the timers loop never ends"),
             () = &mut delivery => unreachable!("the delivery loop never ends"),
         }

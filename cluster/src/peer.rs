@@ -55,6 +55,9 @@ const CALL_TIMEOUT: Duration = Duration::from_secs(30);
 pub struct View {
     /// The live members.
     pub live: Vec<Member>,
+    /// Every member whose lease is still read each round: the live ones and those dead
+    /// for less than `forget_after` (they may come back).
+    pub known: Vec<String>,
 }
 
 impl View {
