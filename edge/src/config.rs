@@ -195,7 +195,10 @@ pub fn check_node_addr(addr: &str) -> Result<(), String> {
     if host.is_empty() {
         return bad("no host");
     }
-    if host.chars().any(|c| c.is_whitespace() || c == '/' || c == ',') {
+    if host
+        .chars()
+        .any(|c| c.is_whitespace() || c == '/' || c == ',')
+    {
         return bad("the host has a space, a slash or a comma");
     }
     if let Some(inner) = host.strip_prefix('[') {
@@ -216,7 +219,9 @@ fn one_or_many<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<String>, D:
     impl<'de> serde::de::Visitor<'de> for Addrs {
         type Value = Vec<String>;
         fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
-            f.write_str("a list of \"host:port\" strings, or one string of them separated by commas")
+            f.write_str(
+                "a list of \"host:port\" strings, or one string of them separated by commas",
+            )
         }
         fn visit_str<E: serde::de::Error>(self, s: &str) -> Result<Self::Value, E> {
             Ok(s.split(',')
@@ -225,7 +230,10 @@ fn one_or_many<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<String>, D:
                 .map(str::to_owned)
                 .collect())
         }
-        fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
+        fn visit_seq<A: serde::de::SeqAccess<'de>>(
+            self,
+            mut seq: A,
+        ) -> Result<Self::Value, A::Error> {
             let mut v = Vec::new();
             while let Some(a) = seq.next_element::<String>()? {
                 v.push(a);
@@ -273,8 +281,11 @@ mod tests {
         // An existing configuration with one address keeps working.
         assert_eq!(addrs("cluster_addr = \"a:7400\"", &[]).unwrap(), ["a:7400"]);
         assert_eq!(
-            addrs("cluster_addrs = [\"a:7400\", \"10.0.0.2:7400\", \"[::1]:7400\"]", &[])
-                .unwrap(),
+            addrs(
+                "cluster_addrs = [\"a:7400\", \"10.0.0.2:7400\", \"[::1]:7400\"]",
+                &[]
+            )
+            .unwrap(),
             ["a:7400", "10.0.0.2:7400", "[::1]:7400"]
         );
         // The environment overrides the file, as a TOML list or a comma-separated value.
@@ -284,9 +295,12 @@ mod tests {
         let env = [("CARETWIN_EDGE__CLUSTER_ADDRS", "[\"b:7400\", \"c:7400\"]")];
         assert_eq!(addrs(file, &env).unwrap(), ["b:7400", "c:7400"]);
         // Both spellings at once: which one was meant is unclear, so neither is taken.
-        let e = addrs("cluster_addr = \"a:7400\"\ncluster_addrs = [\"b:7400\"]", &[])
-            .unwrap_err()
-            .to_string();
+        let e = addrs(
+            "cluster_addr = \"a:7400\"\ncluster_addrs = [\"b:7400\"]",
+            &[],
+        )
+        .unwrap_err()
+        .to_string();
         assert!(e.contains("both set"), "{e}");
         let env = [("CARETWIN_EDGE__CLUSTER_ADDRS", "b:7400")];
         assert!(addrs("cluster_addr = \"a:7400\"", &env).is_err());
@@ -297,7 +311,10 @@ mod tests {
         for (text, says) in [
             ("cluster_addrs = []", "at least one"),
             ("cluster_addrs = \"\"", "at least one"),
-            ("cluster_addrs = [\"a:7400\", \"nowhere\"]", "cluster_addrs[1]: \"nowhere\""),
+            (
+                "cluster_addrs = [\"a:7400\", \"nowhere\"]",
+                "cluster_addrs[1]: \"nowhere\"",
+            ),
             ("cluster_addrs = [\"a:0\"]", "port"),
             ("cluster_addrs = [\"a:99999\"]", "port"),
             ("cluster_addrs = [\":7400\"]", "no host"),

@@ -199,7 +199,10 @@ async fn an_edge_moves_to_the_other_node_when_its_node_dies_and_loses_nothing() 
     let mut edge = start_edge(d, &[&a1, &a2], "8s");
     let first = session_addr(&edge.wait_for("sync session open").unwrap());
     let (victim, survivor) = if first == a1 { (0, 1) } else { (1, 0) };
-    assert_eq!(first, nodes[victim].1, "the edge dialled a node it was not given");
+    assert_eq!(
+        first, nodes[victim].1,
+        "the edge dialled a node it was not given"
+    );
     // Readings are applied through the first node.
     let store = PostgresStore::open(&PostgresConfig::at(db_url.clone()))
         .await
@@ -235,8 +238,7 @@ async fn an_edge_moves_to_the_other_node_when_its_node_dies_and_loses_nothing() 
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_edge_with_one_seed_learns_the_other_node_and_fails_over_to_it_even_after_a_restart()
-{
+async fn an_edge_with_one_seed_learns_the_other_node_and_fails_over_to_it_even_after_a_restart() {
     let dir = setup();
     let d = dir.path();
     let server = pg::server_url(&Path::new(env!("CARGO_TARGET_TMPDIR")).join("postgres"));
@@ -264,7 +266,9 @@ async fn an_edge_with_one_seed_learns_the_other_node_and_fails_over_to_it_even_a
     edge.kill().unwrap();
     edge.wait().unwrap();
     let mut edge = start_edge(d, &[&seed_addr], "4s");
-    let known = edge.wait_for("cluster nodes known from the last run").unwrap();
+    let known = edge
+        .wait_for("cluster nodes known from the last run")
+        .unwrap();
     assert!(known.contains(&other_addr), "{known}");
     edge.wait_for(&format!("sync session open addr={other_addr}"))
         .unwrap();

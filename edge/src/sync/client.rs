@@ -371,20 +371,28 @@ impl SyncClient {
 
     /// Resolves `addr` and connects to it with the endpoint of its address family.
     async fn connect(&self, addr: &str) -> Result<quinn::Connection> {
-        let resolved: Vec<SocketAddr> = tokio::net::lookup_host(addr)
+        let mut resolved: Vec<SocketAddr> = tokio::net::lookup_host(addr)
             .await
             .map_err(|e| Error::io(format!("cannot resolve {addr}"), e))?
             .collect();
+        // A name with both kinds of address is dialled over IPv4: a node listens on IPv4 by
+        // default (`0.0.0.0:7400`), and an address nobody answers on costs a whole timeout.
+        resolved.sort_by_key(SocketAddr::is_ipv6);
         let family = |e: &Endpoint| e.local_addr().map(|l| l.is_ipv6()).ok();
         let (endpoint, target) = resolved
             .iter()
             .find_map(|r| {
-                let e = self.endpoints.iter().find(|e| family(e) == Some(r.is_ipv6()))?;
+                let e = self
+                    .endpoints
+                    .iter()
+                    .find(|e| family(e) == Some(r.is_ipv6()))?;
                 Some((e, *r))
             })
             .ok_or_else(|| Error::Unreachable {
                 addr: addr.to_owned(),
-                reason: format!("it resolves to {resolved:?}, no address family this edge can dial"),
+                reason: format!(
+                    "it resolves to {resolved:?}, no address family this edge can dial"
+                ),
             })?;
         Ok(connect(endpoint, target, &self.settings.server_name).await?)
     }
@@ -393,13 +401,14 @@ impl SyncClient {
         // A node that is not listening never answers; do not wait out QUIC's idle timer.
         let conn = tokio::time::timeout(CONNECT_TIMEOUT, self.connect(addr))
             .await
-            .map_err(|_| Error::Silent(format!("no answer from {addr} in {CONNECT_TIMEOUT:?}")))??;
-        let opening =
-            tokio::time::timeout(WELCOME_TIMEOUT, self.hello(&conn))
-                .await
-                .map_err(|_| {
-                    Error::Silent(format!("no Welcome from {addr} in {WELCOME_TIMEOUT:?}"))
-                })??;
+            .map_err(|_| {
+                Error::Silent(format!("no answer from {addr} in {CONNECT_TIMEOUT:?}"))
+            })??;
+        let opening = tokio::time::timeout(WELCOME_TIMEOUT, self.hello(&conn))
+            .await
+            .map_err(|_| {
+                Error::Silent(format!("no Welcome from {addr} in {WELCOME_TIMEOUT:?}"))
+            })??;
         let learned = {
             let mut d = dialer.lock().expect("dialer lock");
             d.opened(now_ms());
@@ -1245,7 +1254,8 @@ fn read_known_nodes(path: &Path) -> Vec<String> {
 /// Keeps `addrs` in `path`, one per line, replacing the file whole (written beside it,
 /// then renamed), so a crash leaves the old list or the new one, never half of one.
 fn write_known_nodes(path: &Path, addrs: &[String]) -> std::io::Result<()> {
-    let mut text = String::from("# cluster nodes' sync addresses, as the cluster last announced them\n");
+    let mut text =
+        String::from("# cluster nodes' sync addresses, as the cluster last announced them\n");
     for a in addrs {
         text.push_str(a);
         text.push('\n');
@@ -1253,4 +1263,27 @@ fn write_known_nodes(path: &Path, addrs: &[String]) -> std::io::Result<()> {
     let tmp = path.with_extension("new");
     std::fs::write(&tmp, text)?;
     std::fs::rename(&tmp, path)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn known_nodes_survive_in_their_file_and_a_missing_file_is_none() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("cluster-nodes");
+        assert!(read_known_nodes(&path).is_empty());
+        let nodes = vec!["10.0.0.1:7400".to_owned(), "n2.example:7400".to_owned()];
+        write_known_nodes(&path, &nodes).unwrap();
+        assert_eq!(read_known_nodes(&path), nodes);
+        // Replaced whole, nothing left beside it.
+        write_known_nodes(&path, &nodes[1..]).unwrap();
+        assert_eq!(read_known_nodes(&path), nodes[1..]);
+        let files = std::fs::read_dir(dir.path()).unwrap().count();
+        assert_eq!(files, 1);
+        // A garbled line is the dialer's to refuse (`Dialer::learn`), not a failure here.
+        std::fs::write(&path, "10.0.0.1:7400\nnot an address\n").unwrap();
+        assert_eq!(read_known_nodes(&path).len(), 2);
+    }
 }

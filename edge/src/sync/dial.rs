@@ -303,7 +303,10 @@ mod tests {
         let within = |w: Duration, full: Duration| w >= full / 2 && w <= full;
         let ms = Duration::from_millis;
         // Round 0: the two other nodes, one short pause each.
-        assert!(within(waits[0], ms(200)) && within(waits[1], ms(200)), "{waits:?}");
+        assert!(
+            within(waits[0], ms(200)) && within(waits[1], ms(200)),
+            "{waits:?}"
+        );
         // Every node failed once: 400 ms; twice: 800 ms; …
         for w in &waits[2..5] {
             assert!(within(*w, ms(400)), "{waits:?}");
