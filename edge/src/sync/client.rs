@@ -202,6 +202,8 @@ pub struct SyncClient {
     progress: Arc<Notify>,
     /// Device time.
     clock: Arc<dyn Clock>,
+    /// When the client was made (monotonic).
+    started: Instant,
 }
 
 /// Longest wait for a node to resolve and answer a connection attempt.
@@ -274,6 +276,7 @@ impl SyncClient {
             instance,
             progress: Arc::new(Notify::new()),
             clock: Arc::new(SystemClock),
+            started: Instant::now(),
         }
     }
 
@@ -328,7 +331,11 @@ impl SyncClient {
             }
             Err(e) => tracing::warn!(error = %e, "cannot read stored commands"),
         }
-        let seed = xxhash_rust::xxh3::xxh3_64(self.instance.as_bytes());
+        // Jitter differs per edge process, even for edges started at the same instant.
+        let seed = std::hash::BuildHasher::hash_one(
+            &std::collections::hash_map::RandomState::new(),
+            &self.instance,
+        );
         let backoff = Backoff {
             max: self.settings.max_backoff,
             ..Backoff::default()
@@ -357,7 +364,7 @@ impl SyncClient {
                 r = self.session(&dial.addr, &dialer) => r,
             };
             let last = std::mem::take(&mut dial.addr);
-            dial = dialer.lock().expect("dialer lock").ended(now_ms());
+            dial = dialer.lock().expect("dialer lock").ended(self.uptime_ms());
             match outcome {
                 Ok(()) => {
                     tracing::info!(site = %self.settings.site_id, addr = %last, next = %dial.addr, retry_in = ?dial.wait, "sync session closed by the cluster");
@@ -367,6 +374,12 @@ impl SyncClient {
                 }
             }
         }
+    }
+
+    /// Monotonic milliseconds since the client was made: the dialer's clock (a session's
+    /// length must not jump with the wall clock).
+    fn uptime_ms(&self) -> u64 {
+        self.started.elapsed().as_millis() as u64
     }
 
     /// Resolves `addr` and connects to it with the endpoint of its address family.
@@ -411,7 +424,7 @@ impl SyncClient {
             })??;
         let learned = {
             let mut d = dialer.lock().expect("dialer lock");
-            d.opened(now_ms());
+            d.opened(self.uptime_ms());
             d.learn(&opening.welcome.sync_addrs)
                 .then(|| d.learned().to_vec())
         };
