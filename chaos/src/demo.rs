@@ -321,7 +321,7 @@ pub async fn run(
         let file = site.id.replace(':', "+");
         let config = EdgeConfig {
             site_id: site.id.clone(),
-            cluster_addr: node.sync_addr().to_string(),
+            cluster_addrs: vec![node.sync_addr().to_string()],
             data_dir: dir.join(format!("edge-{}", site.home)),
             server_name: "localhost".into(),
             ca: certs.join("ca.pem"),

@@ -164,7 +164,7 @@ tokens = "{tokens}"
     let client = Arc::new(SyncClient::new(
         ClientSettings {
             site_id: SITE.into(),
-            cluster: sync_addr.parse().expect("sync addr"),
+            nodes: vec![sync_addr.to_string()],
             server_name: "localhost".into(),
             max_backoff: Duration::from_secs(1),
             compress: true,

@@ -309,7 +309,7 @@ impl Edge {
         let client = Arc::new(SyncClient::new(
             ClientSettings {
                 site_id: site.id.clone(),
-                cluster,
+                nodes: vec![cluster.to_string()],
                 server_name: "localhost".into(),
                 max_backoff: Duration::from_secs(5),
                 compress: opts.compress,

@@ -125,6 +125,13 @@ pub struct SyncConfig {
     /// intervals without a frame on its control stream.
     #[serde(default = "default_heartbeat", with = "humantime_serde")]
     pub heartbeat: Duration,
+    /// The address edges reach this node's sync endpoint at, `host:port` (a name edges
+    /// resolve, or an IP). A cluster member announces it, and every session's `Welcome`
+    /// lists the live members' addresses, so an edge configured with one node learns the
+    /// others and moves to them when its node fails. Default: the bound address when it
+    /// is a specific IP; none when the node listens on a wildcard address (`0.0.0.0`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub advertise: Option<String>,
 }
 
 /// The integrator gRPC endpoint: TLS with the node's certificate (the sync's), bearer
@@ -200,6 +207,7 @@ impl Default for SyncConfig {
             cert: default_cert(),
             key: default_key(),
             heartbeat: default_heartbeat(),
+            advertise: None,
         }
     }
 }
@@ -257,6 +265,16 @@ impl ClusterConfig {
                 "renew_every ({:?}) must be non-zero and at most half of lease_ttl ({:?})",
                 self.renew_every, self.lease_ttl
             )));
+        }
+        if let Some(a) = &self.sync.advertise {
+            let port_ok = a
+                .rsplit_once(':')
+                .is_some_and(|(h, p)| !h.is_empty() && matches!(p.parse::<u16>(), Ok(p) if p > 0));
+            if !port_ok || a.len() > 300 || a.contains(char::is_whitespace) || a.contains(',') {
+                return Err(crate::Error::Config(format!(
+                    "sync.advertise {a:?} must be host:port (edges dial it)"
+                )));
+            }
         }
         self.integrations.validate()
     }
@@ -609,6 +627,13 @@ mod tests {
         assert!(ClusterConfig::load("node_id = \"\"", []).is_err());
         assert!(ClusterConfig::load("[store]\nbackend = \"floppy\"", []).is_err());
         assert!(ClusterConfig::load("lease_ttl = \"soon\"", []).is_err());
+        for bad in ["nowhere", "n1:0", ":7400", "n1 .example:7400", "a:1,b:2"] {
+            let text = format!("[sync]\nadvertise = \"{bad}\"");
+            let e = ClusterConfig::load(&text, []).unwrap_err().to_string();
+            assert!(e.contains("sync.advertise"), "{bad}: {e}");
+        }
+        let c = ClusterConfig::load("[sync]\nadvertise = \"n1.example:7400\"", []).unwrap();
+        assert_eq!(c.sync.advertise.as_deref(), Some("n1.example:7400"));
     }
 
     #[test]

@@ -339,6 +339,8 @@ impl Ingest {
                 v1::Compression::None
             } as i32,
             server_time_ms: now as i64,
+            // The sync endpoint adds the cluster's members (`SyncServer::tell_members`).
+            sync_addrs: Vec::new(),
         })
     }
 

@@ -19,6 +19,13 @@
 //! A node that is cut off from the store therefore drops every shard within
 //! `lease_ttl - margin` of its last renewal, and another node takes them over after
 //! `lease_ttl`.
+//!
+//! A node also announces the address edges reach its sync endpoint at (`[sync]
+//! advertise`), beside its peer address in the same `members` entry; each round
+//! publishes the live members' sync addresses ([`SyncAddrs`]), which the sync endpoint
+//! tells every edge in its `Welcome`, so an edge configured with one node learns the
+//! others and can move to them. The field is optional JSON: nodes that predate it read
+//! the entry as before, and their own entries simply announce no sync address.
 
 use crate::peer::View;
 use crate::{Error, Result};
@@ -44,6 +51,44 @@ async fn announce_self(store: &dyn Store, announcement: &[u8]) -> Result<()> {
 
 /// Entries of the members log read per call.
 const READ_CHUNK: usize = 1_000;
+
+/// Where a joining node is reached.
+#[derive(Debug, Clone)]
+pub struct Addresses {
+    /// Its peer endpoint, `host:port`, for the other nodes.
+    pub peer: String,
+    /// Its sync endpoint, `host:port`, as edges reach it; `None` announces none (edges
+    /// then only know the nodes they were configured with).
+    pub sync: Option<String>,
+}
+
+/// A `members` log entry: the placement's [`Announce`] and the sync address, if any.
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+struct Entry {
+    #[serde(flatten)]
+    announce: Announce,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    sync_addr: Option<String>,
+}
+
+/// The live members' sync addresses as of the last round, for the sync endpoint.
+#[derive(Debug, Default)]
+pub struct SyncAddrs(RwLock<Vec<String>>);
+
+impl SyncAddrs {
+    /// The addresses, in the members' id order.
+    pub fn get(&self) -> Vec<String> {
+        self.0.read().expect("sync addrs lock").clone()
+    }
+
+    fn set(&self, addrs: Vec<String>) {
+        let mut cur = self.0.write().expect("sync addrs lock");
+        if *cur != addrs {
+            tracing::info!(sync_addrs = ?addrs, "members' sync addresses");
+            *cur = addrs;
+        }
+    }
+}
 
 /// Timing of the membership loop.
 #[derive(Debug, Clone, Copy)]
@@ -72,6 +117,9 @@ pub struct Membership {
     /// This node's own announcement as appended to the members log, appended again
     /// when its member lease had lapsed (the others may have removed it meanwhile).
     announcement: Vec<u8>,
+    /// Each announced node's sync address, from its latest entry.
+    sync_of: BTreeMap<String, Option<String>>,
+    sync_addrs: Arc<SyncAddrs>,
     next_entry: u64,
     held: BTreeMap<u32, Lease>,
     /// The node's member lease, renewed every round (also while the node is still
@@ -80,19 +128,22 @@ pub struct Membership {
 }
 
 impl Membership {
-    /// Announces `me` at `peer_addr` in the members log (the node holds its member lease
+    /// Announces `me` at `addrs` in the members log (the node holds its member lease
     /// already) and returns the loop's state.
     pub async fn join(
         me: &str,
-        peer_addr: &str,
+        addrs: &Addresses,
         store: Arc<dyn Store>,
         system: Arc<System>,
         view: Arc<RwLock<View>>,
         timing: Timing,
     ) -> Result<Self> {
-        let announce = Announce {
-            node_id: me.to_owned(),
-            peer_addr: peer_addr.to_owned(),
+        let entry = Entry {
+            announce: Announce {
+                node_id: me.to_owned(),
+                peer_addr: addrs.peer.clone(),
+            },
+            sync_addr: addrs.sync.clone(),
         };
         let member = store
             .lease(&Key::new(placement::member_lease(me)))
@@ -101,8 +152,7 @@ impl Membership {
             .ok_or_else(|| {
                 Error::Config(format!("node {me} holds no member lease; register first"))
             })?;
-        let announcement =
-            serde_json::to_vec(&announce).map_err(|e| Error::Config(e.to_string()))?;
+        let announcement = serde_json::to_vec(&entry).map_err(|e| Error::Config(e.to_string()))?;
         announce_self(&*store, &announcement).await?;
         Ok(Self {
             me: me.to_owned(),
@@ -113,10 +163,17 @@ impl Membership {
             clock: crate::node::now_ms,
             announced: Vec::new(),
             announcement,
+            sync_of: BTreeMap::new(),
+            sync_addrs: Arc::new(SyncAddrs::default()),
             next_entry: 1,
             held: BTreeMap::new(),
             member,
         })
+    }
+
+    /// The live members' sync addresses, kept up to date by every round.
+    pub fn sync_addrs(&self) -> Arc<SyncAddrs> {
+        self.sync_addrs.clone()
     }
 
     fn ttl_ms(&self) -> u64 {
@@ -137,8 +194,14 @@ impl Membership {
             let n = entries.len();
             for e in entries {
                 self.next_entry = e.index + 1;
-                match serde_json::from_slice::<Announce>(&e.value) {
-                    Ok(a) => self.announced.push(a),
+                match serde_json::from_slice::<Entry>(&e.value) {
+                    Ok(Entry {
+                        announce,
+                        sync_addr,
+                    }) => {
+                        self.sync_of.insert(announce.node_id.clone(), sync_addr);
+                        self.announced.push(announce);
+                    }
                     Err(err) => {
                         tracing::warn!(index = e.index, error = %err, "unreadable member announcement skipped")
                     }
@@ -224,6 +287,11 @@ impl Membership {
             view.known.sort_unstable();
             view.known.dedup();
         }
+        self.sync_addrs.set(
+            live.iter()
+                .filter_map(|m| self.sync_of.get(&m.node_id).cloned().flatten())
+                .collect(),
+        );
         let expiries = self
             .held
             .iter()
@@ -368,6 +436,7 @@ impl Membership {
             }
         }
         self.view.write().expect("view lock").live.clear();
+        self.sync_addrs.set(Vec::new());
     }
 
     /// The shards held now.
@@ -402,5 +471,39 @@ impl Membership {
             }
             tokio::time::sleep(self.timing.round.min(Duration::from_millis(50))).await;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn members_entries_read_both_ways_across_versions() {
+        // An entry of a node that predates sync addresses: no sync address.
+        let old = br#"{"node_id":"n1","peer_addr":"10.0.0.1:7300"}"#;
+        let e: Entry = serde_json::from_slice(old).unwrap();
+        assert_eq!(e.announce.node_id, "n1");
+        assert_eq!(e.sync_addr, None);
+        // A new entry, as such a node reads it: the placement's fields, the rest ignored.
+        let new = serde_json::to_vec(&Entry {
+            announce: Announce {
+                node_id: "n2".into(),
+                peer_addr: "10.0.0.2:7300".into(),
+            },
+            sync_addr: Some("n2.example:7400".into()),
+        })
+        .unwrap();
+        let a: Announce = serde_json::from_slice(&new).unwrap();
+        assert_eq!(a.peer_addr, "10.0.0.2:7300");
+        let e: Entry = serde_json::from_slice(&new).unwrap();
+        assert_eq!(e.sync_addr.as_deref(), Some("n2.example:7400"));
+        // None announced: the entry is exactly the old shape.
+        let none = serde_json::to_string(&Entry {
+            announce: a,
+            sync_addr: None,
+        })
+        .unwrap();
+        assert_eq!(none, r#"{"node_id":"n2","peer_addr":"10.0.0.2:7300"}"#);
     }
 }

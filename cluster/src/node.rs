@@ -245,6 +245,16 @@ impl Node {
         );
         partners.bind(&system);
         ensure_dev_pki(&config.sync)?;
+        let server_config = crate::sync::tls::server_config_from_files(
+            &config.sync.ca,
+            &config.sync.cert,
+            &config.sync.key,
+        )
+        .map_err(|e| Error::Config(format!("sync TLS: {e}")))?;
+        // Bound before joining, so the node can announce where edges reach it; sessions
+        // are served only once the node is ready.
+        let (endpoint, sync_addr) = crate::sync::transport::bind(config.sync.listen, server_config)
+            .map_err(|e| Error::Config(format!("sync endpoint: {e}")))?;
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
         let mut cluster = if clustered {
             let wake = Wake {
@@ -256,7 +266,7 @@ impl Node {
                     &config,
                     (&store, &watched),
                     &system,
-                    wake,
+                    (wake, sync_advertised(&config.sync, sync_addr)),
                     options.monitor,
                     stop_rx.clone(),
                 )
@@ -271,20 +281,15 @@ impl Node {
         if let Some(path) = &config.provision {
             provision(&system, &vault, path).await?;
         }
-        let server_config = crate::sync::tls::server_config_from_files(
-            &config.sync.ca,
-            &config.sync.cert,
-            &config.sync.key,
-        )
-        .map_err(|e| Error::Config(format!("sync TLS: {e}")))?;
-        let (endpoint, sync_addr) = crate::sync::transport::bind(config.sync.listen, server_config)
-            .map_err(|e| Error::Config(format!("sync endpoint: {e}")))?;
         tracing::info!(addr = %sync_addr, "sync listening");
         let ingest = Arc::new(
             Ingest::new(system.clone(), store.clone(), &config.node_id)
                 .with_heartbeat(config.sync.heartbeat),
         );
         let server = SyncServer::new(ingest.clone(), signals.clone(), clock.clone());
+        if let Some(c) = &cluster {
+            server.tell_members(c.sync_addrs.clone());
+        }
 
         let grpc_listener = tokio::net::TcpListener::bind(config.grpc.listen)
             .await
@@ -485,6 +490,8 @@ impl Node {
 struct Joined {
     addr: SocketAddr,
     view: Arc<std::sync::RwLock<crate::peer::View>>,
+    /// The live members' sync addresses, for the edges.
+    sync_addrs: Arc<crate::membership::SyncAddrs>,
     membership: tokio::task::JoinHandle<()>,
     peers: tokio::task::JoinHandle<()>,
     kill: tokio::sync::watch::Sender<bool>,
@@ -502,7 +509,7 @@ async fn join_cluster(
     config: &ClusterConfig,
     (store, watched): (&Arc<dyn Store>, &Arc<crate::store::watch::Watched>),
     system: &Arc<System>,
-    wake: Wake,
+    (wake, sync_advertise): (Wake, Option<String>),
     monitor: Option<Arc<dyn caretwin_actors::host::remote::Monitor>>,
     stop: tokio::sync::watch::Receiver<bool>,
 ) -> Result<Joined> {
@@ -541,9 +548,13 @@ async fn join_cluster(
         margin: config.lease_ttl / 3,
         forget_after: config.lease_ttl * FORGET_AFTER_LEASES,
     };
+    let addresses = crate::membership::Addresses {
+        peer: advertise.to_string(),
+        sync: sync_advertise,
+    };
     let mut membership = crate::membership::Membership::join(
         &config.node_id,
-        &advertise.to_string(),
+        &addresses,
         store.clone(),
         system.clone(),
         view,
@@ -553,15 +564,27 @@ async fn join_cluster(
     // The first rounds before serving: the node starts with its shards (as far as their
     // previous holders let go of them in time).
     let settled = membership.settle(config.lease_ttl * 2).await;
-    tracing::info!(node = %config.node_id, peer = %advertise, shards = membership.held().len(), settled, "joined the cluster");
+    tracing::info!(node = %config.node_id, peer = %advertise, sync = ?addresses.sync, shards = membership.held().len(), settled, "joined the cluster");
+    let sync_addrs = membership.sync_addrs();
     let (kill, killed) = tokio::sync::watch::channel(false);
     Ok(Joined {
         addr: bound,
         view: seen,
+        sync_addrs,
         membership: tokio::spawn(membership.run(stop, killed)),
         peers: serving,
         kill,
     })
+}
+
+/// The sync address this node announces to edges: `[sync] advertise`, else the bound
+/// address when it is a specific IP (an edge cannot dial `0.0.0.0`), else none.
+fn sync_advertised(sync: &crate::config::SyncConfig, bound: SocketAddr) -> Option<String> {
+    match &sync.advertise {
+        Some(a) => Some(a.clone()),
+        None if bound.ip().is_unspecified() => None,
+        None => Some(bound.to_string()),
+    }
 }
 
 /// On a fresh checkout, `run` must work with no manual step: when the sync certificates

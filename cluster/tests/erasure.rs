@@ -255,7 +255,7 @@ async fn an_erased_customer_leaves_nothing_personal_in_any_read_or_any_byte() {
     let client = Arc::new(SyncClient::new(
         ClientSettings {
             site_id: SITE.into(),
-            cluster: sync_addr.parse().unwrap(),
+            nodes: vec![sync_addr.to_string()],
             server_name: "localhost".into(),
             max_backoff: Duration::from_secs(1),
             compress: true,

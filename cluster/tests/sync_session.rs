@@ -370,7 +370,7 @@ fn start_edge_at(
     let client = SyncClient::new(
         ClientSettings {
             site_id: "t1:home-1".into(),
-            cluster,
+            nodes: vec![cluster.to_string()],
             server_name: "localhost".into(),
             max_backoff: Duration::from_millis(500),
             compress,

@@ -56,6 +56,15 @@ pub enum Error {
     /// The cluster did not answer in time.
     #[error("cluster silent: {0}")]
     Silent(String),
+    /// A node's address cannot be dialled (it resolves to no address family the edge
+    /// has an endpoint for).
+    #[error("cannot dial {addr}: {reason}")]
+    Unreachable {
+        /// The node's address as configured or learned.
+        addr: String,
+        /// Why.
+        reason: String,
+    },
     /// A task of the node failed.
     #[error("task failed: {0}")]
     Task(#[from] tokio::task::JoinError),

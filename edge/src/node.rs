@@ -68,6 +68,7 @@ impl Edge {
     /// simulator) and the sync client. Device time comes from `clock` (the wall clock, or
     /// the demo's scaled clock shared with the cluster).
     pub async fn start(config: EdgeConfig, clock: Arc<dyn Clock>) -> Result<Self> {
+        config.validate().map_err(Error::Config)?;
         let outbox = Arc::new(Outbox::open(&OutboxConfig {
             limit_bytes: config.outbox_limit_mib * 1024 * 1024,
             ..OutboxConfig::at(config.data_dir.join("outbox"))
@@ -76,28 +77,25 @@ impl Edge {
         let new_items = Arc::new(Notify::new());
         let (cmd_tx, cmd_rx) = mpsc::channel::<Downlink>(1024);
 
-        let cluster: SocketAddr = tokio::net::lookup_host(&config.cluster_addr)
-            .await
-            .map_err(|e| Error::io(format!("cannot resolve {}", config.cluster_addr), e))?
-            .next()
-            .ok_or_else(|| {
-                Error::Config(format!(
-                    "cluster_addr {} resolves to nothing",
-                    config.cluster_addr
-                ))
-            })?;
         let client_config =
             crate::sync::tls::client_config_from_files(&config.ca, &config.cert, &config.key)?;
-        let bind = if cluster.is_ipv4() {
-            SocketAddr::from(([0, 0, 0, 0], 0))
-        } else {
-            SocketAddr::from((std::net::Ipv6Addr::UNSPECIFIED, 0))
+        // One endpoint per address family (quinn's advice: dual-stack sockets differ by
+        // platform): IPv4 always, IPv6 where the machine has it. Each node's address is
+        // resolved at every attempt and dialled with the endpoint of its family.
+        let v4 = SocketAddr::from(([0, 0, 0, 0], 0));
+        let endpoint = crate::sync::transport::client_endpoint(v4, client_config.clone())?;
+        let v6 = SocketAddr::from((std::net::Ipv6Addr::UNSPECIFIED, 0));
+        let endpoint_v6 = match crate::sync::transport::client_endpoint(v6, client_config) {
+            Ok(e) => Some(e),
+            Err(e) => {
+                tracing::debug!(error = %e, "no IPv6 endpoint; IPv4 only");
+                None
+            }
         };
-        let endpoint = crate::sync::transport::client_endpoint(bind, client_config)?;
-        let client = SyncClient::new(
+        let mut client = SyncClient::new(
             ClientSettings {
                 site_id: config.site_id.clone(),
-                cluster,
+                nodes: config.cluster_addrs.clone(),
                 server_name: config.server_name.clone(),
                 max_backoff: Duration::from_secs(5),
                 compress: config.compress,
@@ -107,7 +105,11 @@ impl Edge {
             new_items.clone(),
             cmd_tx,
         )
+        .with_known_nodes(config.data_dir.join("cluster-nodes"))
         .with_clock(clock.clone());
+        if let Some(e) = &endpoint_v6 {
+            client = client.with_endpoint(e.clone());
+        }
 
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
         let http = match config.http_listen {
@@ -200,10 +202,12 @@ impl Edge {
             if let Some(m) = mqtt {
                 m.await?;
             }
-            endpoint.close(quinn::VarInt::from_u32(0), b"edge shutting down");
             // Flush the close, so the cluster ends the session now rather than after its
             // timeout.
-            let _ = tokio::time::timeout(Duration::from_secs(1), endpoint.wait_idle()).await;
+            for e in std::iter::once(&endpoint).chain(&endpoint_v6) {
+                e.close(quinn::VarInt::from_u32(0), b"edge shutting down");
+                let _ = tokio::time::timeout(Duration::from_secs(1), e.wait_idle()).await;
+            }
             tracing::info!(backlog = box_.stats().backlog_items, "edge stopped");
             Ok(())
         });

@@ -6,6 +6,11 @@
 //! further bidirectional stream is a data stream whose device log frames are answered with
 //! one `Ack` each, after the twins' writes are durable. A second connection of the same
 //! site supersedes the first (which is closed with `SESSION_SUPERSEDED`).
+//!
+//! In a cluster the `Welcome` also lists the live members' sync addresses
+//! ([`crate::membership::SyncAddrs`]), so edges learn every node they may move to. Any
+//! node serves any site: the watermarks of a `Welcome` are read from the shared store,
+//! so an edge that moves to another node resumes exactly where its twins stand.
 
 use super::transport::{FrameReader, TransportError, accept_site};
 use crate::error::{Error, Result};
@@ -29,6 +34,8 @@ pub struct SyncServer {
     clock: Arc<dyn Clock>,
     sessions: Mutex<HashMap<String, Connection>>,
     next_session: AtomicU64,
+    /// The cluster's members' sync addresses, told to edges; unset on a single node.
+    members: std::sync::OnceLock<Arc<crate::membership::SyncAddrs>>,
 }
 
 fn close_code(code: ErrorCode) -> VarInt {
@@ -58,7 +65,16 @@ impl SyncServer {
             clock,
             sessions: Mutex::new(HashMap::new()),
             next_session: AtomicU64::new(1),
+            members: std::sync::OnceLock::new(),
         })
+    }
+
+    /// Lists `members`' sync addresses in every `Welcome` from now on (a cluster member's
+    /// server; set once, before serving).
+    pub fn tell_members(&self, members: Arc<crate::membership::SyncAddrs>) {
+        if self.members.set(members).is_err() {
+            tracing::warn!("the members' sync addresses were already set; kept the first");
+        }
     }
 
     /// Sites connected now.
@@ -170,7 +186,7 @@ impl SyncServer {
             }
         };
         let now = self.clock.now_ms();
-        let welcome = match self.ingest.hello(site, session, &hello, now).await {
+        let mut welcome = match self.ingest.hello(site, session, &hello, now).await {
             Ok(w) => w,
             Err(e) => {
                 let code = ErrorCode::try_from(e.code).unwrap_or(ErrorCode::Internal);
@@ -183,6 +199,9 @@ impl SyncServer {
                 return Err(Error::Session(format!("hello refused: {message}")));
             }
         };
+        if let Some(members) = self.members.get() {
+            welcome.sync_addrs = members.get();
+        }
         let agreed = Compression::try_from(welcome.compression).unwrap_or(Compression::None);
         let welcome = ClusterFrame {
             body: Some(cluster_frame::Body::Welcome(welcome)),

@@ -5,7 +5,13 @@
 //! Nothing is deleted from the outbox except on the cluster's word (a watermark in a
 //! `Welcome` or an `Ack`), so a crash of either side, a lost connection or a lost ack
 //! means items are sent again — and the cluster skips what it already has.
+//!
+//! The edge may know several cluster nodes; which one it dials and when is decided by
+//! [`super::dial::Dialer`]. A session on another node resumes exactly where the last one
+//! stood: its `Welcome` carries the twins' high-water marks from the store every node
+//! shares, and each session starts from those, not from what the edge sent before.
 
+use super::dial::{Backoff, Dialer};
 use super::transport::{FrameReader, TransportError, connect, send_frame};
 use crate::error::{Error, Result};
 use crate::outbox::{
@@ -23,6 +29,7 @@ use quinn::{Endpoint, SendStream};
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::future::Future;
 use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -112,11 +119,13 @@ pub enum Downlink {
 /// Where and how to reach the cluster.
 #[derive(Debug, Clone)]
 pub struct ClientSettings {
-    /// The site (for logs; the cluster reads it from the certificate).
+    /// The site (for logs and for its choice of node; the cluster reads the site from the
+    /// certificate).
     pub site_id: String,
-    /// The cluster's sync address.
-    pub cluster: SocketAddr,
-    /// The name on the cluster's certificate.
+    /// The cluster nodes' sync addresses, `host:port` (at least one), resolved at every
+    /// attempt.
+    pub nodes: Vec<String>,
+    /// The name on the cluster's certificates (every node's).
     pub server_name: String,
     /// Longest wait between reconnection attempts.
     pub max_backoff: Duration,
@@ -177,7 +186,11 @@ impl ClientStats {
 /// The sync client.
 pub struct SyncClient {
     settings: ClientSettings,
-    endpoint: Endpoint,
+    /// One endpoint per address family the edge can dial (IPv4, and IPv6 when it has
+    /// one).
+    endpoints: Vec<Endpoint>,
+    /// Where the addresses learned from the cluster are kept across restarts.
+    known_nodes: Option<PathBuf>,
     outbox: Arc<Outbox>,
     /// Signalled when the outbox has new items to send.
     new_items: Arc<Notify>,
@@ -189,10 +202,16 @@ pub struct SyncClient {
     progress: Arc<Notify>,
     /// Device time.
     clock: Arc<dyn Clock>,
+    /// When the client was made (monotonic).
+    started: Instant,
 }
 
-/// Longest wait for the cluster to answer a connection attempt.
+/// Longest wait for a node to resolve and answer a connection attempt.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
+/// Longest wait for the `Welcome` once connected: a node that takes the connection but
+/// never answers (stuck, or still starting) must not hold the edge. Generous, since the
+/// node reads every device's high-water mark before answering.
+const WELCOME_TIMEOUT: Duration = Duration::from_secs(30);
 /// Items read from the outbox per device per round.
 const PER_DEVICE: usize = 512;
 /// Most data streams the edge opens, whatever the cluster allows.
@@ -213,6 +232,15 @@ impl Agreed {
     fn codec(&self) -> Codec {
         Codec::new(self.compression, self.max_frame())
     }
+}
+
+/// A connection that got its `Welcome`: the control stream and the cluster's answer.
+struct Opening {
+    control: SendStream,
+    reader: FrameReader,
+    welcome: v1::Welcome,
+    /// Devices the `Hello` listed.
+    devices: usize,
 }
 
 /// A frame in flight on a data stream: when it went, and where each of its devices
@@ -239,7 +267,8 @@ impl SyncClient {
         );
         Self {
             settings,
-            endpoint,
+            endpoints: vec![endpoint],
+            known_nodes: None,
             outbox,
             new_items,
             commands,
@@ -247,6 +276,7 @@ impl SyncClient {
             instance,
             progress: Arc::new(Notify::new()),
             clock: Arc::new(SystemClock),
+            started: Instant::now(),
         }
     }
 
@@ -254,6 +284,21 @@ impl SyncClient {
     /// machine's; heartbeats and backoff stay in real time.
     pub fn with_clock(mut self, clock: Arc<dyn Clock>) -> Self {
         self.clock = clock;
+        self
+    }
+
+    /// Also dials with `endpoint`: one of the other address family than the first (an
+    /// IPv6 one beside an IPv4 one), used for the addresses only it can reach.
+    pub fn with_endpoint(mut self, endpoint: Endpoint) -> Self {
+        self.endpoints.push(endpoint);
+        self
+    }
+
+    /// Keeps the node addresses the cluster announces in `path` (one per line), and
+    /// starts with those found there: an edge configured with one node that is down
+    /// when the edge restarts still reaches the others.
+    pub fn with_known_nodes(mut self, path: PathBuf) -> Self {
+        self.known_nodes = Some(path);
         self
     }
 
@@ -286,46 +331,117 @@ impl SyncClient {
             }
             Err(e) => tracing::warn!(error = %e, "cannot read stored commands"),
         }
-        let mut backoff = Duration::from_millis(100);
-        loop {
-            let outcome = tokio::select! {
-                () = &mut shutdown => return,
-                r = self.session() => r,
-            };
-            match outcome {
-                Ok(()) => backoff = Duration::from_millis(100),
-                Err(e) => {
-                    tracing::warn!(site = %self.settings.site_id, error = %e, retry_in = ?backoff, "sync session ended");
-                }
+        // Jitter differs per edge process, even for edges started at the same instant.
+        let seed = std::hash::BuildHasher::hash_one(
+            &std::collections::hash_map::RandomState::new(),
+            &self.instance,
+        );
+        let backoff = Backoff {
+            max: self.settings.max_backoff,
+            ..Backoff::default()
+        };
+        let mut dialer = Dialer::new(
+            &self.settings.site_id,
+            self.settings.nodes.clone(),
+            backoff,
+            seed,
+        );
+        if let Some(path) = &self.known_nodes {
+            let known = read_known_nodes(path);
+            if dialer.learn(&known) {
+                tracing::info!(nodes = ?dialer.known(), "cluster nodes known from the last run");
             }
-            // Jitter (up to half the backoff) spreads the reconnects of many sites that lost
-            // the same cluster at the same moment.
-            let jitter = backoff.mul_f64(0.5 * unit_noise(&self.instance, backoff));
+        }
+        let dialer = std::sync::Mutex::new(dialer);
+        let mut dial = dialer.lock().expect("dialer lock").first();
+        loop {
             tokio::select! {
                 () = &mut shutdown => return,
-                () = tokio::time::sleep(backoff + jitter) => {}
+                () = tokio::time::sleep(dial.wait) => {}
             }
-            backoff = (backoff * 2).min(self.settings.max_backoff);
+            let outcome = tokio::select! {
+                () = &mut shutdown => return,
+                r = self.session(&dial.addr, &dialer) => r,
+            };
+            let last = std::mem::take(&mut dial.addr);
+            dial = dialer.lock().expect("dialer lock").ended(self.uptime_ms());
+            match outcome {
+                Ok(()) => {
+                    tracing::info!(site = %self.settings.site_id, addr = %last, next = %dial.addr, retry_in = ?dial.wait, "sync session closed by the cluster");
+                }
+                Err(e) => {
+                    tracing::warn!(site = %self.settings.site_id, addr = %last, error = %e, next = %dial.addr, retry_in = ?dial.wait, "sync session ended");
+                }
+            }
         }
     }
 
-    async fn session(&self) -> Result<()> {
-        // A cluster that is not listening never answers; do not wait out QUIC's idle timer.
-        let conn = tokio::time::timeout(
-            CONNECT_TIMEOUT,
-            connect(
-                &self.endpoint,
-                self.settings.cluster,
-                &self.settings.server_name,
-            ),
-        )
-        .await
-        .map_err(|_| {
-            Error::Silent(format!(
-                "no answer from {} in {CONNECT_TIMEOUT:?}",
-                self.settings.cluster
-            ))
-        })??;
+    /// Monotonic milliseconds since the client was made: the dialer's clock (a session's
+    /// length must not jump with the wall clock).
+    fn uptime_ms(&self) -> u64 {
+        self.started.elapsed().as_millis() as u64
+    }
+
+    /// Resolves `addr` and connects to it with the endpoint of its address family.
+    async fn connect(&self, addr: &str) -> Result<quinn::Connection> {
+        let mut resolved: Vec<SocketAddr> = tokio::net::lookup_host(addr)
+            .await
+            .map_err(|e| Error::io(format!("cannot resolve {addr}"), e))?
+            .collect();
+        // A name with both kinds of address is dialled over IPv4: a node listens on IPv4 by
+        // default (`0.0.0.0:7400`), and an address nobody answers on costs a whole timeout.
+        resolved.sort_by_key(SocketAddr::is_ipv6);
+        let family = |e: &Endpoint| e.local_addr().map(|l| l.is_ipv6()).ok();
+        let (endpoint, target) = resolved
+            .iter()
+            .find_map(|r| {
+                let e = self
+                    .endpoints
+                    .iter()
+                    .find(|e| family(e) == Some(r.is_ipv6()))?;
+                Some((e, *r))
+            })
+            .ok_or_else(|| Error::Unreachable {
+                addr: addr.to_owned(),
+                reason: format!(
+                    "it resolves to {resolved:?}, no address family this edge can dial"
+                ),
+            })?;
+        Ok(connect(endpoint, target, &self.settings.server_name).await?)
+    }
+
+    async fn session(&self, addr: &str, dialer: &std::sync::Mutex<Dialer>) -> Result<()> {
+        // A node that is not listening never answers; do not wait out QUIC's idle timer.
+        let conn = tokio::time::timeout(CONNECT_TIMEOUT, self.connect(addr))
+            .await
+            .map_err(|_| {
+                Error::Silent(format!("no answer from {addr} in {CONNECT_TIMEOUT:?}"))
+            })??;
+        let opening = tokio::time::timeout(WELCOME_TIMEOUT, self.hello(&conn))
+            .await
+            .map_err(|_| {
+                Error::Silent(format!("no Welcome from {addr} in {WELCOME_TIMEOUT:?}"))
+            })??;
+        let learned = {
+            let mut d = dialer.lock().expect("dialer lock");
+            d.opened(self.uptime_ms());
+            d.learn(&opening.welcome.sync_addrs)
+                .then(|| d.learned().to_vec())
+        };
+        if let Some(learned) = learned {
+            tracing::info!(nodes = ?learned, "cluster nodes learned");
+            if let Some(path) = &self.known_nodes
+                && let Err(e) = write_known_nodes(path, &learned)
+            {
+                // Only a hint for the next start: the session carries on.
+                tracing::warn!(path = %path.display(), error = %e, "cluster nodes not kept");
+            }
+        }
+        self.open_session(addr, &conn, opening).await
+    }
+
+    /// Opens the control stream, says `Hello` and reads the cluster's answer.
+    async fn hello(&self, conn: &quinn::Connection) -> Result<Opening> {
         let (mut csend, crecv) = conn.open_bi().await.map_err(TransportError::from)?;
         let devices = self.outbox.devices().await?;
         let hello = Hello {
@@ -366,6 +482,27 @@ impl SyncClient {
             }) => return Err(refused(&e)),
             other => return Err(Error::Protocol(format!("expected Welcome, got {other:?}"))),
         };
+        Ok(Opening {
+            control: csend,
+            reader: creader,
+            welcome,
+            devices: devices.len(),
+        })
+    }
+
+    /// Runs the session the `Welcome` opened, until it fails.
+    async fn open_session(
+        &self,
+        addr: &str,
+        conn: &quinn::Connection,
+        opening: Opening,
+    ) -> Result<()> {
+        let Opening {
+            control: csend,
+            reader: creader,
+            welcome,
+            devices,
+        } = opening;
         let compression = Compression::try_from(welcome.compression).unwrap_or(Compression::None);
         if compression != Compression::None && !self.settings.compress {
             return Err(Error::Protocol(format!(
@@ -385,14 +522,14 @@ impl SyncClient {
                 .await?;
             sent.insert(w.device_id.clone(), w.persisted_seq);
         }
-        tracing::info!(site = %welcome.site_id, session = %welcome.session_id, devices = devices.len(), compression = ?compression, "sync session open");
+        tracing::info!(addr = %addr, node = %welcome.cluster_node_id, site = %welcome.site_id, session = %welcome.session_id, devices, compression = ?compression, "sync session open");
         let control = Mutex::new((csend, agreed.codec()));
         let heard = AtomicU64::new(now_ms());
         let every_ms = agreed.limits.heartbeat_interval_ms.max(100) as u64;
         tokio::select! {
             r = self.control(&control, creader, &agreed, &heard) => r,
             r = self.heartbeats(&control, every_ms, &heard) => r,
-            r = self.data(&conn, sent, &agreed, &heard) => r,
+            r = self.data(conn, sent, &agreed, &heard) => r,
         }
     }
 
@@ -1103,19 +1240,63 @@ fn alarm_kind(kind: &str) -> v1::AlarmKind {
         .unwrap_or(v1::AlarmKind::Other)
 }
 
-/// A number in `[0, 1)` that differs between edges and between attempts: the edge's
-/// instance id and the clock, hashed.
-fn unit_noise(instance: &str, salt: Duration) -> f64 {
-    use std::hash::{BuildHasher, Hasher};
-    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
-    h.write(instance.as_bytes());
-    h.write_u128(salt.as_nanos());
-    h.write_u64(now_ms());
-    (h.finish() >> 11) as f64 / (1u64 << 53) as f64
-}
-
 fn now_ms() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// The node addresses kept in `path` by an earlier run; none when there is no such file
+/// or it cannot be read (it is only a hint: the configured addresses always work).
+fn read_known_nodes(path: &Path) -> Vec<String> {
+    match std::fs::read_to_string(path) {
+        Ok(text) => text
+            .lines()
+            .map(str::trim)
+            .filter(|l| !l.is_empty() && !l.starts_with('#'))
+            .map(str::to_owned)
+            .collect(),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
+        Err(e) => {
+            tracing::warn!(path = %path.display(), error = %e, "cluster nodes from the last run unreadable");
+            Vec::new()
+        }
+    }
+}
+
+/// Keeps `addrs` in `path`, one per line, replacing the file whole (written beside it,
+/// then renamed), so a crash leaves the old list or the new one, never half of one.
+fn write_known_nodes(path: &Path, addrs: &[String]) -> std::io::Result<()> {
+    let mut text =
+        String::from("# cluster nodes' sync addresses, as the cluster last announced them\n");
+    for a in addrs {
+        text.push_str(a);
+        text.push('\n');
+    }
+    let tmp = path.with_extension("new");
+    std::fs::write(&tmp, text)?;
+    std::fs::rename(&tmp, path)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn known_nodes_survive_in_their_file_and_a_missing_file_is_none() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("cluster-nodes");
+        assert!(read_known_nodes(&path).is_empty());
+        let nodes = vec!["10.0.0.1:7400".to_owned(), "n2.example:7400".to_owned()];
+        write_known_nodes(&path, &nodes).unwrap();
+        assert_eq!(read_known_nodes(&path), nodes);
+        // Replaced whole, nothing left beside it.
+        write_known_nodes(&path, &nodes[1..]).unwrap();
+        assert_eq!(read_known_nodes(&path), nodes[1..]);
+        let files = std::fs::read_dir(dir.path()).unwrap().count();
+        assert_eq!(files, 1);
+        // A garbled line is the dialer's to refuse (`Dialer::learn`), not a failure here.
+        std::fs::write(&path, "10.0.0.1:7400\nnot an address\n").unwrap();
+        assert_eq!(read_known_nodes(&path).len(), 2);
+    }
 }
