@@ -148,6 +148,20 @@ pub async fn run(config: ClusterConfig, shutdown: impl Future<Output = ()>) -> R
         .await
 }
 
+/// The store settings a node opens its store with: `config.store`, with PostgreSQL's
+/// limit on a transaction waiting for its next statement at half a lease unless set. A
+/// node that vanished mid-batch (cut off from the database) leaves its transaction open,
+/// holding its shard's lease row; the others can take the shard once its lease ran out
+/// *and* the server ended that transaction, which this bounds below the lease.
+fn store_config(config: &ClusterConfig) -> crate::store::StoreConfig {
+    let mut store = config.store.clone();
+    store
+        .postgres
+        .idle_in_transaction_timeout
+        .get_or_insert(config.lease_ttl / 2);
+    store
+}
+
 impl Node {
     /// Starts a node: opens its store, takes its membership lease (refusing to start if
     /// another process is live under the same id), hosts the twins, serves the edge sync
@@ -156,7 +170,7 @@ impl Node {
         config.validate()?;
         let backend = match options.store {
             Some(store) => store,
-            None => crate::store::open(&config.store).await?,
+            None => crate::store::open(&store_config(&config)).await?,
         };
         // The twins write through the watched store, so the gRPC case streams wake as soon
         // as a case event or command transition is durable, and twin watches as soon as a
