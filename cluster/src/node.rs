@@ -761,8 +761,19 @@ async fn serve(
         tokio::select! {
             () = &mut shutdown => return Ok(lease),
             _ = renew.tick() => {
-                lease = store.renew_lease(&lease, ttl, now_ms()).await?;
-                tracing::debug!(node = %config.node_id, expires_at_ms = lease.expires_at_ms, "lease renewed");
+                // Lost to another process under this node's id: this one must stop. Not
+                // renewed (the store slow or out of reach, a network cut): again next tick,
+                // not waiting longer than that, while the membership loop stops the shards
+                // by its own clock; a node that comes back renews and rejoins.
+                match tokio::time::timeout(config.renew_every, store.renew_lease(&lease, ttl, now_ms())).await {
+                    Ok(Ok(l)) => {
+                        lease = l;
+                        tracing::debug!(node = %config.node_id, expires_at_ms = lease.expires_at_ms, "lease renewed");
+                    }
+                    Ok(Err(e @ caretwin_actors::Error::LeaseLost { .. })) => return Err(e.into()),
+                    Ok(Err(e)) => tracing::warn!(node = %config.node_id, error = %e, "node lease not renewed this round"),
+                    Err(_) => tracing::warn!(node = %config.node_id, "node lease not renewed this round: the store did not answer in time"),
+                }
             }
             () = &mut timers => unreachable!("the timers loop never ends"),
             () = &mut delivery => unreachable!("the delivery loop never ends"),
