@@ -9,6 +9,7 @@
 //! - [`machine`] — what benchmarks print about the machine they ran on.
 //! - [`bin`] — the path of a workspace binary, built next to the tests.
 //! - [`postgres`] — a real PostgreSQL server and a fresh database per test.
+//! - [`relay`] — a TCP relay (a server reached from another network namespace).
 //! - [`cluster`] — a cluster of node processes with simulated sites, and the checks on
 //!   the shards they hosted (single activation).
 
@@ -16,6 +17,7 @@
 
 pub mod cluster;
 pub mod postgres;
+pub mod relay;
 
 use std::io::{BufRead, BufReader};
 use std::path::Path;
