@@ -187,3 +187,38 @@ fn taken_names_and_addresses_are_refused() {
     assert!(matches!(clash, Err(Error::Invalid(_))), "{clash:?}");
     assert!(!exists(&["link", "show", "ctnclashh"]), "nothing was made");
 }
+
+#[test]
+fn the_chaos_tool_cuts_and_heals_a_command_and_passes_on_its_status() {
+    if namespace().is_none() {
+        return;
+    }
+    let exe = env!("CARGO_BIN_EXE_caretwin-chaos");
+    let run = |script: &str| {
+        Command::new(exe)
+            .args([
+                "partition",
+                "--cut-after",
+                "100ms",
+                "--heal-after",
+                "200ms",
+                "--",
+            ])
+            .args(["bash", "-c", script])
+            .output()
+            .unwrap()
+    };
+    // Inside, the command sees only the pair (and lo): no route anywhere else.
+    let ok = run("sleep 0.6; ip -4 -o addr show | grep -v ' lo ' | grep -c 198.1");
+    let out = String::from_utf8_lossy(&ok.stdout);
+    assert!(ok.status.success(), "{ok:?}");
+    assert!(out.contains("partition: namespace ctc"), "{out}");
+    assert!(out.contains("partition: cut\npartition: healed"), "{out}");
+    assert!(out.contains("\n1\n"), "one address inside: {out}");
+    let failed = run("exit 3");
+    assert!(!failed.status.success());
+    assert!(
+        String::from_utf8_lossy(&failed.stderr).contains("the command failed"),
+        "{failed:?}"
+    );
+}
