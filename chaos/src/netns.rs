@@ -368,7 +368,6 @@ fn rules(name: &str, iface: &str) -> String {
 
 /// Loads an nftables ruleset, in the root namespace or in namespace `ns`.
 fn nft_apply(ns: Option<&str>, ruleset: &str) -> Result<()> {
-    use std::io::Write;
     let mut cmd = match ns {
         Some(ns) => {
             let mut c = Command::new("ip");
@@ -378,33 +377,7 @@ fn nft_apply(ns: Option<&str>, ruleset: &str) -> Result<()> {
         None => Command::new("nft"),
     };
     cmd.args(["-f", "-"]);
-    let line = command_line(&cmd);
-    let failed = |e: std::io::Error| Error::Command {
-        command: line.clone(),
-        status: "not run".into(),
-        stderr: e.to_string(),
-    };
-    let mut child = cmd
-        .stdin(Stdio::piped())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .map_err(failed)?;
-    let written = child
-        .stdin
-        .take()
-        .expect("stdin is piped")
-        .write_all(ruleset.as_bytes());
-    let out = child.wait_with_output().map_err(failed)?;
-    written.map_err(failed)?;
-    if !out.status.success() {
-        return Err(Error::Command {
-            command: line,
-            status: out.status.to_string(),
-            stderr: String::from_utf8_lossy(&out.stderr).trim().to_owned(),
-        });
-    }
-    Ok(())
+    run_with(&mut cmd, Some(ruleset)).map(drop)
 }
 
 /// Whether `addr` is assigned to an interface of the root namespace.
@@ -416,15 +389,35 @@ fn address_in_use(addr: Ipv4Addr) -> Result<bool> {
 
 /// Runs `cmd` and returns its stdout, or an error with its stderr.
 fn run(cmd: &mut Command) -> Result<String> {
+    run_with(cmd, None)
+}
+
+/// Runs `cmd` with `input` on its stdin (none: empty) and returns its stdout, or an error
+/// with its stderr.
+fn run_with(cmd: &mut Command, input: Option<&str>) -> Result<String> {
+    use std::io::Write;
     let line = command_line(cmd);
-    let out = cmd
-        .stdin(Stdio::null())
-        .output()
-        .map_err(|e| Error::Command {
-            command: line.clone(),
-            status: "not started".into(),
-            stderr: e.to_string(),
-        })?;
+    let failed = |e: std::io::Error| Error::Command {
+        command: line.clone(),
+        status: "not run".into(),
+        stderr: e.to_string(),
+    };
+    let mut child = cmd
+        .stdin(if input.is_some() {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(failed)?;
+    let written = match (input, child.stdin.take()) {
+        (Some(text), Some(mut stdin)) => stdin.write_all(text.as_bytes()),
+        _ => Ok(()),
+    };
+    let out = child.wait_with_output().map_err(failed)?;
+    written.map_err(failed)?;
     if !out.status.success() {
         return Err(Error::Command {
             command: line,

@@ -234,18 +234,9 @@ impl Membership {
             let store = &self.store;
             async move { (*s, store.renew_lease(&lease, ttl, now).await) }
         });
-        let renewed = match in_time(deadline, async {
-            Ok::<_, caretwin_actors::Error>(futures::future::join_all(renewals).await)
-        })
-        .await
-        {
-            Ok(renewed) => renewed,
-            Err(e) => {
-                // Kept while the leases last; the next round drops what runs out.
-                tracing::warn!(error = %e, "shard leases not renewed this round");
-                Vec::new()
-            }
-        };
+        // Not all answered in time: kept while the leases last; the next round drops what
+        // runs out.
+        let renewed = all_in_time(deadline, renewals, "shard leases not renewed").await;
         for (s, r) in renewed {
             match r {
                 Ok(l) => {
@@ -269,19 +260,9 @@ impl Membership {
                 (*s, store.acquire_lease(&name, me, ttl, now).await)
             }
         });
-        let acquired = match in_time(deadline, async {
-            Ok::<_, caretwin_actors::Error>(futures::future::join_all(acquisitions).await)
-        })
-        .await
-        {
-            Ok(acquired) => acquired,
-            Err(e) => {
-                // A lease taken without our hearing of it is ours again next round (same
-                // holder, same token), or runs out.
-                tracing::warn!(error = %e, "shard leases not acquired this round");
-                Vec::new()
-            }
-        };
+        // Not all answered in time: a lease taken without our hearing of it is ours again
+        // next round (same holder, same token), or runs out.
+        let acquired = all_in_time(deadline, acquisitions, "shard leases not acquired").await;
         for (s, r) in acquired {
             match r {
                 Ok(lease) => {
@@ -425,5 +406,20 @@ async fn in_time<T, E: From<caretwin_actors::Error>>(
         .await
         .unwrap_or_else(|_| {
             Err(caretwin_actors::Error::Backend("the store did not answer in time".into()).into())
+        })
+}
+
+/// The answers of `calls`, run together, or none if they have not all answered by
+/// `deadline` (logged: `what` this round).
+async fn all_in_time<F: std::future::Future>(
+    deadline: tokio::time::Instant,
+    calls: impl IntoIterator<Item = F>,
+    what: &'static str,
+) -> Vec<F::Output> {
+    tokio::time::timeout_at(deadline, futures::future::join_all(calls))
+        .await
+        .unwrap_or_else(|_| {
+            tracing::warn!(what, "store calls unanswered in time this round");
+            Vec::new()
         })
 }

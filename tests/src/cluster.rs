@@ -241,6 +241,28 @@ simulate_for = "{simulate}ms"
     }
 }
 
+/// Waits until every edge has had all its readings acknowledged ("outbox drained"), then
+/// stops them; each must exit cleanly.
+pub fn stop_edges(edges: Vec<Process>) {
+    for mut e in edges {
+        e.wait_for("outbox drained").unwrap();
+        e.terminate().unwrap();
+        assert!(e.wait().unwrap().success(), "{}", e.transcript());
+    }
+}
+
+/// Stops every node in `nodes` (SIGTERM: it hands its shards over); each must exit
+/// cleanly. Returns when each ended (Unix ms), where its open hosting intervals end.
+pub fn stop_nodes(nodes: &mut BTreeMap<String, Process>) -> BTreeMap<String, u64> {
+    let mut ends = BTreeMap::new();
+    for (id, p) in nodes.iter_mut() {
+        p.terminate().unwrap();
+        assert!(p.wait().unwrap().success(), "{id}: {}", p.transcript());
+        ends.insert(id.clone(), now_ms());
+    }
+    ends
+}
+
 /// One `shard hosted` or `shard stopped` record of a node's log.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Record {

@@ -66,20 +66,9 @@ async fn a_killed_nodes_twins_move_within_2s_and_no_reading_is_lost_or_doubled()
     let (n4, _) = f.start_node("n4", &db_url).unwrap();
     nodes.insert("n4".into(), n4);
 
-    for e in &mut edges {
-        e.wait_for("outbox drained").unwrap();
-    }
-    for mut e in edges {
-        e.terminate().unwrap();
-        assert!(e.wait().unwrap().success(), "{}", e.transcript());
-    }
-    let mut ends = BTreeMap::new();
+    c::stop_edges(edges);
+    let mut ends = c::stop_nodes(&mut nodes);
     ends.insert("n2".to_owned(), killed_at);
-    for (id, p) in &mut nodes {
-        p.terminate().unwrap();
-        assert!(p.wait().unwrap().success(), "{id}: {}", p.transcript());
-        ends.insert(id.clone(), c::now_ms());
-    }
     let mut all = before_kill;
     all.extend(c::all_records(nodes.iter()));
     all.sort_by_key(|r| r.at_ms);

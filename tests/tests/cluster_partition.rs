@@ -295,19 +295,8 @@ async fn a_partitioned_node_stops_before_its_shards_move_and_its_stale_writes_ar
     eprintln!("healed: n2 hosted its shards again within {back_by} ms");
 
     // The sites finish; nothing they acknowledged is lost or applied twice.
-    for e in &mut edges {
-        e.wait_for("outbox drained").unwrap();
-    }
-    for mut e in edges {
-        e.terminate().unwrap();
-        assert!(e.wait().unwrap().success(), "{}", e.transcript());
-    }
-    let mut ends = BTreeMap::new();
-    for (id, p) in &mut nodes {
-        p.terminate().unwrap();
-        assert!(p.wait().unwrap().success(), "{id}: {}", p.transcript());
-        ends.insert(id.clone(), c::now_ms());
-    }
+    c::stop_edges(edges);
+    let ends = c::stop_nodes(&mut nodes);
     c::assert_single_activation(&c::all_records(nodes.iter()), &ends);
     let total = f.assert_every_reading_applied_once(&db_url).await;
     eprintln!("{total} readings, each applied once");
