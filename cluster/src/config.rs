@@ -622,7 +622,7 @@ mod tests {
         let idle = |t: &str| {
             ClusterConfig::load(
                 &format!(
-                    "lease_ttl = \"4s\"\n[store.postgres]\nidle_in_transaction_timeout = \"{t}\""
+                    "lease_ttl = \"4s\"\nrenew_every = \"1s\"\n[store.postgres]\nidle_in_transaction_timeout = \"{t}\""
                 ),
                 [],
             )
