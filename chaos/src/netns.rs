@@ -140,7 +140,10 @@ impl Netns {
         // A table of a killed run of the same name matches nothing now, but would clash.
         let _ = run(Command::new("nft").args(["delete", "table", "inet", &table(name)]));
 
-        run(Command::new("ip").args(["netns", "add", name]))?;
+        // The first thing that needs the kernel's permission: refused, namespaces are
+        // unavailable here (a container without CAP_NET_ADMIN, say), not broken.
+        run(Command::new("ip").args(["netns", "add", name]))
+            .map_err(|e| Error::Unavailable(format!("cannot make a network namespace: {e}")))?;
         // From here on, dropping `ns` undoes whatever was made.
         let ns = Self {
             name: name.to_owned(),
