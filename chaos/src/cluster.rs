@@ -75,50 +75,76 @@ impl Monitor for NodeMonitor {
 }
 
 /// A node's way to the store, which the test can cut (a network partition between the
-/// node and the database): every call then fails as an unreachable database would.
+/// node and the database): every call then fails as an unreachable database would
+/// ([`Cut::set`]), or — as on a real cut, where packets vanish — neither answers nor fails
+/// until the way is healed ([`Cut::silence`]).
 pub struct Cut {
     inner: Arc<dyn Store>,
-    cut: std::sync::atomic::AtomicBool,
+    state: tokio::sync::watch::Sender<Way>,
+}
+
+/// The state of a [`Cut`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Way {
+    Open,
+    Failing,
+    Silent,
 }
 
 impl Cut {
-    /// `inner`, reachable until [`Cut::set`].
+    /// `inner`, reachable until [`Cut::set`] or [`Cut::silence`].
     pub fn new(inner: Arc<dyn Store>) -> Arc<Self> {
         Arc::new(Self {
             inner,
-            cut: false.into(),
+            state: tokio::sync::watch::Sender::new(Way::Open),
         })
     }
 
-    /// Cuts (`true`) or heals the way to the store.
+    /// Cuts (`true`: every call fails at once) or heals the way to the store.
     pub fn set(&self, cut: bool) {
-        self.cut.store(cut, std::sync::atomic::Ordering::SeqCst);
+        self.state
+            .send_replace(if cut { Way::Failing } else { Way::Open });
     }
-}
 
-impl Cut {
-    fn check(&self) -> caretwin_actors::Result<()> {
-        if self.cut.load(std::sync::atomic::Ordering::SeqCst) {
-            return Err(caretwin_actors::Error::Backend(
-                "partitioned from the store".into(),
-            ));
+    /// Cuts (`true`: every call waits, unanswered, until the heal; then it goes through)
+    /// or heals the way to the store.
+    pub fn silence(&self, silent: bool) {
+        self.state
+            .send_replace(if silent { Way::Silent } else { Way::Open });
+    }
+
+    async fn check(&self) -> caretwin_actors::Result<()> {
+        let mut state = self.state.subscribe();
+        loop {
+            let way = *state.borrow_and_update();
+            match way {
+                Way::Open => return Ok(()),
+                Way::Failing => {
+                    return Err(caretwin_actors::Error::Backend(
+                        "partitioned from the store".into(),
+                    ));
+                }
+                Way::Silent => {
+                    // The sender lives as long as `self`.
+                    let _ = state.changed().await;
+                }
+            }
         }
-        Ok(())
     }
 }
 
 #[async_trait::async_trait]
 impl Store for Cut {
     async fn commit(&self, batch: WriteBatch) -> caretwin_actors::Result<Vec<Applied>> {
-        self.check()?;
+        self.check().await?;
         self.inner.commit(batch).await
     }
     async fn snapshot(&self, key: &Key) -> caretwin_actors::Result<Option<Versioned>> {
-        self.check()?;
+        self.check().await?;
         self.inner.snapshot(key).await
     }
     async fn high_water(&self, device: &Key) -> caretwin_actors::Result<u64> {
-        self.check()?;
+        self.check().await?;
         self.inner.high_water(device).await
     }
     async fn read_log(
@@ -127,11 +153,11 @@ impl Store for Cut {
         from: u64,
         limit: usize,
     ) -> caretwin_actors::Result<Vec<Entry>> {
-        self.check()?;
+        self.check().await?;
         self.inner.read_log(log, from, limit).await
     }
     async fn idempotency(&self, key: &Key) -> caretwin_actors::Result<Option<Vec<u8>>> {
-        self.check()?;
+        self.check().await?;
         self.inner.idempotency(key).await
     }
     async fn read_outbox(
@@ -140,7 +166,7 @@ impl Store for Cut {
         from: u64,
         limit: usize,
     ) -> caretwin_actors::Result<Vec<Entry>> {
-        self.check()?;
+        self.check().await?;
         self.inner.read_outbox(queue, from, limit).await
     }
     async fn read_due(
@@ -149,7 +175,7 @@ impl Store for Cut {
         until_ms: u64,
         limit: usize,
     ) -> caretwin_actors::Result<Vec<Due>> {
-        self.check()?;
+        self.check().await?;
         self.inner.read_due(schedule, until_ms, limit).await
     }
     async fn acquire_lease(
@@ -159,7 +185,7 @@ impl Store for Cut {
         ttl_ms: u64,
         now_ms: u64,
     ) -> caretwin_actors::Result<Lease> {
-        self.check()?;
+        self.check().await?;
         self.inner.acquire_lease(name, holder, ttl_ms, now_ms).await
     }
     async fn renew_lease(
@@ -168,15 +194,15 @@ impl Store for Cut {
         ttl_ms: u64,
         now_ms: u64,
     ) -> caretwin_actors::Result<Lease> {
-        self.check()?;
+        self.check().await?;
         self.inner.renew_lease(lease, ttl_ms, now_ms).await
     }
     async fn release_lease(&self, lease: &Lease) -> caretwin_actors::Result<()> {
-        self.check()?;
+        self.check().await?;
         self.inner.release_lease(lease).await
     }
     async fn lease(&self, name: &Key) -> caretwin_actors::Result<Option<Lease>> {
-        self.check()?;
+        self.check().await?;
         self.inner.lease(name).await
     }
 }

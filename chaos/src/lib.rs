@@ -11,6 +11,8 @@
 //! - [`crash`] — SIGKILL a writing process, reopen its store, find every acknowledged
 //!   write.
 //! - [`demo`] — a node, sites with simulated devices and an agents' desk, in fast time.
+//! - [`netns`] — a real network partition: a Linux network namespace on a veth pair that
+//!   is cut and healed (root, `ip` and `nft`).
 
 #![forbid(unsafe_code)]
 
@@ -18,3 +20,4 @@ pub mod cluster;
 pub mod config;
 pub mod crash;
 pub mod demo;
+pub mod netns;

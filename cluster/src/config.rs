@@ -276,6 +276,16 @@ impl ClusterConfig {
                 )));
             }
         }
+        if let Some(t) = self.store.postgres.idle_in_transaction_timeout
+            && (t.is_zero() || t >= self.lease_ttl)
+        {
+            return Err(crate::Error::Config(format!(
+                "store.postgres.idle_in_transaction_timeout ({t:?}) must be non-zero and below \
+                 lease_ttl ({:?}): a transaction left by a node cut off from the database \
+                 would hold its shard's lease past the lease",
+                self.lease_ttl
+            )));
+        }
         self.integrations.validate()
     }
 }
@@ -634,6 +644,24 @@ mod tests {
         }
         let c = ClusterConfig::load("[sync]\nadvertise = \"n1.example:7400\"", []).unwrap();
         assert_eq!(c.sync.advertise.as_deref(), Some("n1.example:7400"));
+        let idle = |t: &str| {
+            ClusterConfig::load(
+                &format!(
+                    "lease_ttl = \"4s\"\nrenew_every = \"1s\"\n[store.postgres]\nidle_in_transaction_timeout = \"{t}\""
+                ),
+                [],
+            )
+        };
+        assert!(idle("4s").is_err(), "not below the lease");
+        assert!(idle("0s").is_err());
+        assert_eq!(
+            idle("1500ms")
+                .unwrap()
+                .store
+                .postgres
+                .idle_in_transaction_timeout,
+            Some(Duration::from_millis(1500))
+        );
     }
 
     #[test]

@@ -18,7 +18,11 @@
 //!
 //! A node that is cut off from the store therefore drops every shard within
 //! `lease_ttl - margin` of its last renewal, and another node takes them over after
-//! `lease_ttl`.
+//! `lease_ttl`. That holds only if the loop keeps its own time: on a real network cut the
+//! store's packets vanish and a call waits until TCP gives up, minutes later. So every
+//! round first drops what is about to lapse, by the node's clock alone, and its store
+//! calls may take until the next lease must be dropped (at least one round), no longer: a
+//! call that has not answered by then counts as failed (`store_deadline`).
 //!
 //! A node also announces the address edges reach its sync endpoint at (`[sync]
 //! advertise`), beside its peer address in the same `members` entry; each round
@@ -180,6 +184,21 @@ impl Membership {
         self.timing.lease_ttl.as_millis() as u64
     }
 
+    /// Until when the store calls of a round begun at `now` may run: until the first held
+    /// shard lease is due to be dropped (`margin` before it runs out), or with none held
+    /// for `lease_ttl - margin`; at least one round, so a slow store still gets answers.
+    fn store_deadline(&self, now: u64) -> tokio::time::Instant {
+        let margin = self.timing.margin.as_millis() as u64;
+        let budget = self
+            .held
+            .values()
+            .map(|l| l.expires_at_ms.saturating_sub(margin).saturating_sub(now))
+            .min()
+            .unwrap_or_else(|| self.ttl_ms().saturating_sub(margin));
+        let budget = Duration::from_millis(budget).max(self.timing.round);
+        tokio::time::Instant::now() + budget
+    }
+
     /// Reads the members log's new entries and every announced member's lease.
     async fn read_view(&mut self, now: u64) -> Result<Vec<placement::Member>> {
         loop {
@@ -244,10 +263,15 @@ impl Membership {
     pub async fn round(&mut self) -> Result<()> {
         let now = (self.clock)();
         let lapsed = self.member.expires_at_ms <= now;
-        match self
-            .store
-            .renew_lease(&self.member, self.ttl_ms(), now)
-            .await
+        // Before asking the store anything, which may not answer: what is about to lapse
+        // stops now.
+        self.drop_lapsing(now).await;
+        let deadline = self.store_deadline(now);
+        match in_time(
+            deadline,
+            self.store.renew_lease(&self.member, self.ttl_ms(), now),
+        )
+        .await
         {
             Ok(l) => {
                 self.member = l;
@@ -255,7 +279,9 @@ impl Membership {
                     // Cut off for a while: the others may have removed this node from
                     // their view. Announce it again; it is live as of this renewal.
                     tracing::warn!("member lease had lapsed; announcing this node again");
-                    if let Err(e) = announce_self(&*self.store, &self.announcement).await {
+                    if let Err(e) =
+                        in_time(deadline, announce_self(&*self.store, &self.announcement)).await
+                    {
                         tracing::warn!(error = %e, "announcement not written; next round retries");
                         self.member.expires_at_ms = 0;
                     }
@@ -271,12 +297,12 @@ impl Membership {
             }
             Err(e) => tracing::warn!(error = %e, "member lease not renewed this round"),
         }
-        let live = match self.read_view(now).await {
+        let live = match in_time(deadline, self.read_view(now)).await {
             Ok(live) => live,
             Err(e) => {
                 // Without a view the node keeps what it holds while its leases last.
                 tracing::warn!(error = %e, "membership view unreadable this round");
-                self.drop_lapsing(now).await;
+                self.drop_lapsing((self.clock)()).await;
                 return Err(e);
             }
         };
@@ -311,7 +337,7 @@ impl Membership {
         }
         for s in plan.hand_over {
             if let Some(lease) = self.stop_hosting(s, true, "handed over").await
-                && let Err(e) = self.store.release_lease(&lease).await
+                && let Err(e) = in_time(deadline, self.store.release_lease(&lease)).await
             {
                 tracing::warn!(shard = s, error = %e, "shard lease not released; it will expire");
             }
@@ -322,7 +348,10 @@ impl Membership {
             let store = &self.store;
             async move { (*s, store.renew_lease(&lease, ttl, now).await) }
         });
-        for (s, r) in futures::future::join_all(renewals).await {
+        // Not all answered in time: kept while the leases last; the next round drops what
+        // runs out.
+        let renewed = all_in_time(deadline, renewals, "shard leases not renewed").await;
+        for (s, r) in renewed {
             match r {
                 Ok(l) => {
                     self.held.insert(s, l);
@@ -345,7 +374,10 @@ impl Membership {
                 (*s, store.acquire_lease(&name, me, ttl, now).await)
             }
         });
-        for (s, r) in futures::future::join_all(acquisitions).await {
+        // Not all answered in time: a lease taken without our hearing of it is ours again
+        // next round (same holder, same token), or runs out.
+        let acquired = all_in_time(deadline, acquisitions, "shard leases not acquired").await;
+        for (s, r) in acquired {
             match r {
                 Ok(lease) => {
                     let at_ms = (self.clock)();
@@ -382,6 +414,7 @@ impl Membership {
         lease
     }
 
+    /// Stops every shard whose lease runs out within `margin` of `now` (no store call).
     async fn drop_lapsing(&mut self, now: u64) {
         let margin = self.timing.margin.as_millis() as u64;
         let lapsing: Vec<u32> = self
@@ -428,9 +461,12 @@ impl Membership {
 
     /// Hands every held shard over: drained, then its lease released.
     pub async fn leave(&mut self) {
+        // A store that does not answer must not hold the node's shutdown: unreleased
+        // leases run out.
+        let deadline = tokio::time::Instant::now() + self.timing.lease_ttl;
         for s in self.held() {
             if let Some(lease) = self.stop_hosting(s, true, "leaving").await
-                && let Err(e) = self.store.release_lease(&lease).await
+                && let Err(e) = in_time(deadline, self.store.release_lease(&lease)).await
             {
                 tracing::warn!(shard = s, error = %e, "shard lease not released; it will expire");
             }
@@ -472,6 +508,35 @@ impl Membership {
             tokio::time::sleep(self.timing.round.min(Duration::from_millis(50))).await;
         }
     }
+}
+
+/// `call`'s result, or a backend error if it has not answered by `deadline` (the call is
+/// dropped; what it had sent may still be applied, which every caller here tolerates: a
+/// renewal or acquisition we did not hear of only keeps the lease ours a little longer).
+async fn in_time<T, E: From<caretwin_actors::Error>>(
+    deadline: tokio::time::Instant,
+    call: impl std::future::Future<Output = std::result::Result<T, E>>,
+) -> std::result::Result<T, E> {
+    tokio::time::timeout_at(deadline, call)
+        .await
+        .unwrap_or_else(|_| {
+            Err(caretwin_actors::Error::Backend("the store did not answer in time".into()).into())
+        })
+}
+
+/// The answers of `calls`, run together, or none if they have not all answered by
+/// `deadline` (logged: `what` this round).
+async fn all_in_time<F: std::future::Future>(
+    deadline: tokio::time::Instant,
+    calls: impl IntoIterator<Item = F>,
+    what: &'static str,
+) -> Vec<F::Output> {
+    tokio::time::timeout_at(deadline, futures::future::join_all(calls))
+        .await
+        .unwrap_or_else(|_| {
+            tracing::warn!(what, "store calls unanswered in time this round");
+            Vec::new()
+        })
 }
 
 #[cfg(test)]

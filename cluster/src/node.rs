@@ -164,6 +164,20 @@ pub async fn run(config: ClusterConfig, shutdown: impl Future<Output = ()>) -> R
         .await
 }
 
+/// The store settings a node opens its store with: `config.store`, with PostgreSQL's
+/// limit on a transaction waiting for its next statement at half a lease unless set. A
+/// node that vanished mid-batch (cut off from the database) leaves its transaction open,
+/// holding its shard's lease row; the others can take the shard once its lease ran out
+/// *and* the server ended that transaction, which this bounds below the lease.
+fn store_config(config: &ClusterConfig) -> crate::store::StoreConfig {
+    let mut store = config.store.clone();
+    store
+        .postgres
+        .idle_in_transaction_timeout
+        .get_or_insert(config.lease_ttl / 2);
+    store
+}
+
 impl Node {
     /// Starts a node: opens its store, takes its membership lease (refusing to start if
     /// another process is live under the same id), hosts the twins, serves the edge sync
@@ -172,7 +186,7 @@ impl Node {
         config.validate()?;
         let backend = match options.store {
             Some(store) => store,
-            None => crate::store::open(&config.store).await?,
+            None => crate::store::open(&store_config(&config)).await?,
         };
         // The twins write through the watched store, so the gRPC case streams wake as soon
         // as a case event or command transition is durable, and twin watches as soon as a
@@ -803,16 +817,21 @@ async fn serve(
     loop {
         tokio::select! {
             () = &mut shutdown => return Ok(lease),
-            _ = renew.tick(), if renews => match store.renew_lease(&lease, ttl, now_ms()).await {
-                Ok(l) => {
-                    lease = l;
-                    tracing::debug!(node = %config.node_id, expires_at_ms = lease.expires_at_ms, "lease renewed");
+            _ = renew.tick(), if renews => {
+                // Lost to another process under this node's id: this one must stop. Not
+                // renewed (the store slow or out of reach, a network cut): again next tick,
+                // not waiting longer than that, while the membership loop stops the shards
+                // by its own clock; a node that comes back renews and rejoins.
+                match tokio::time::timeout(config.renew_every, store.renew_lease(&lease, ttl, now_ms())).await {
+                    Ok(Ok(l)) => {
+                        lease = l;
+                        tracing::debug!(node = %config.node_id, expires_at_ms = lease.expires_at_ms, "lease renewed");
+                    }
+                    Ok(Err(e @ caretwin_actors::Error::LeaseLost { .. })) => return Err(e.into()),
+                    Ok(Err(e)) => tracing::warn!(node = %config.node_id, error = %e, "node lease not renewed this round"),
+                    Err(_) => tracing::warn!(node = %config.node_id, "node lease not renewed this round: the store did not answer in time"),
                 }
-                // Another process took this node's id: it must not go on.
-                Err(e @ caretwin_actors::Error::LeaseLost { .. }) => return Err(e.into()),
-                // A store hiccup: tried again next tick (the lease lasts several).
-                Err(e) => tracing::warn!(node = %config.node_id, error = %e, "node lease not renewed this tick"),
-            },
+            }
             () = &mut timers => unreachable!("the timers loop never ends"),
             () = &mut delivery => unreachable!("the delivery loop never ends"),
         }

@@ -9,10 +9,15 @@
 //! - [`machine`] — what benchmarks print about the machine they ran on.
 //! - [`bin`] — the path of a workspace binary, built next to the tests.
 //! - [`postgres`] — a real PostgreSQL server and a fresh database per test.
+//! - [`relay`] — a TCP relay (a server reached from another network namespace).
+//! - [`cluster`] — a cluster of node processes with simulated sites, and the checks on
+//!   the shards they hosted (single activation).
 
 #![forbid(unsafe_code)]
 
+pub mod cluster;
 pub mod postgres;
+pub mod relay;
 
 use std::io::{BufRead, BufReader};
 use std::path::Path;
@@ -57,14 +62,24 @@ impl Process {
         if let Some(dir) = dir {
             cmd.current_dir(dir);
         }
-        cmd.args(args)
-            .env("NO_COLOR", "1")
-            .env_remove("RUST_LOG")
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped());
+        cmd.args(args);
         for (k, v) in env {
             cmd.env(k, v);
         }
+        let name = exe
+            .file_name()
+            .map_or_else(String::new, |n| n.to_string_lossy().into());
+        Self::spawn(&name, cmd)
+    }
+
+    /// Starts a prepared command (e.g. one that runs the binary in another network
+    /// namespace), named `name` in failure messages; no colours in logs, no `RUST_LOG`
+    /// from the test's environment.
+    pub fn spawn(name: &str, mut cmd: Command) -> anyhow::Result<Self> {
+        cmd.env("NO_COLOR", "1")
+            .env_remove("RUST_LOG")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
         let mut child = cmd.spawn()?;
         let (tx, lines) = mpsc::channel();
         let stdout = child.stdout.take().expect("stdout is piped");
@@ -86,9 +101,7 @@ impl Process {
             });
         }
         Ok(Self {
-            name: exe
-                .file_name()
-                .map_or_else(String::new, |n| n.to_string_lossy().into()),
+            name: name.to_owned(),
             child,
             lines,
             seen: Vec::new(),
@@ -130,6 +143,14 @@ impl Process {
                     )
                 }
             }
+        }
+    }
+
+    /// Takes in every line printed so far, without waiting (for tests that watch
+    /// [`Process::output`] until a condition holds).
+    pub fn poll(&mut self) {
+        while let Ok(l) = self.lines.try_recv() {
+            self.seen.push(l);
         }
     }
 

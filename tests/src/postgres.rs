@@ -100,6 +100,32 @@ pub fn with_database(url: &str, db: &str) -> String {
     out
 }
 
+/// The host and port of `url` (`postgres://user@host:port/db`), if it names an IP
+/// address and a port.
+pub fn address(url: &str) -> Option<std::net::SocketAddr> {
+    let (start, end) = authority(url);
+    let host_port = url[start..end].rsplit('@').next()?;
+    host_port.parse().ok()
+}
+
+/// `url` with its host and port replaced by `addr` (e.g. a relay's).
+pub fn with_address(url: &str, addr: std::net::SocketAddr) -> String {
+    let (start, end) = authority(url);
+    let user = url[start..end]
+        .rsplit_once('@')
+        .map_or(String::new(), |(u, _)| format!("{u}@"));
+    format!("{}{user}{addr}{}", &url[..start], &url[end..])
+}
+
+/// Where the authority (`user@host:port`) of `url` starts and ends.
+fn authority(url: &str) -> (usize, usize) {
+    let start = url.find("://").map_or(0, |i| i + 3);
+    let end = url[start..]
+        .find(['/', '?'])
+        .map_or(url.len(), |i| start + i);
+    (start, end)
+}
+
 async fn connect(url: &str) -> anyhow::Result<tokio_postgres::Client> {
     let (client, connection) = tokio_postgres::connect(url, tokio_postgres::NoTls)
         .await
@@ -210,6 +236,21 @@ impl Drop for PrivateServer {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn addresses_are_read_and_replaced() {
+        let url = "postgres://caretwin@127.0.0.1:5433/ct_1?connect_timeout=3";
+        assert_eq!(address(url), Some("127.0.0.1:5433".parse().unwrap()));
+        assert_eq!(
+            with_address(url, "198.18.0.1:7000".parse().unwrap()),
+            "postgres://caretwin@198.18.0.1:7000/ct_1?connect_timeout=3"
+        );
+        assert_eq!(
+            with_address("postgres://h:1", "10.0.0.1:2".parse().unwrap()),
+            "postgres://10.0.0.1:2"
+        );
+        assert_eq!(address("postgres://u@db.example:5432/x"), None);
+    }
 
     #[test]
     fn database_names_are_replaced() {

@@ -54,6 +54,23 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Run a command in a network namespace of its own and cut it off from this machine
+    /// for a while: every packet between them dropped, both ways, nobody told — a real
+    /// partition of one process (a cluster node, say). Inside, it reaches the machine only
+    /// at the host-side address printed at the start (bind what it must reach there, or
+    /// on 0.0.0.0), and is reached at the namespace's. Needs root, `ip` and `nft`; the
+    /// namespace and its rules are removed at the end. Exits with the command's status.
+    Partition {
+        /// Cut after this long (`10s`).
+        #[arg(long, value_parser = humantime::parse_duration)]
+        cut_after: std::time::Duration,
+        /// Heal this long after the cut (`20s`); without it the cut lasts until the end.
+        #[arg(long, value_parser = humantime::parse_duration)]
+        heal_after: Option<std::time::Duration>,
+        /// The command and its arguments, after `--`.
+        #[arg(required = true, last = true)]
+        command: Vec<String>,
+    },
     /// Print the effective configuration (file, then environment overrides) as TOML.
     Config,
     /// The writer process of `crash-store`: commits writes forever and prints `ack <id>`
@@ -118,6 +135,11 @@ async fn real_main() -> anyhow::Result<bool> {
             return demo(options, json).await;
         }
         Command::Config => print!("{}", toml::to_string(&config)?),
+        Command::Partition {
+            cut_after,
+            heal_after,
+            command,
+        } => return partition(cut_after, heal_after, &command).await,
         Command::StoreWriter { dir } => {
             caretwin_chaos::crash::store_writer(&dir, config.writers).await?;
         }
@@ -145,6 +167,54 @@ async fn real_main() -> anyhow::Result<bool> {
             return Ok(report.ok());
         }
     }
+    Ok(true)
+}
+
+/// Runs `command` in a new namespace, cuts it after `cut_after` and heals it `heal_after`
+/// later; an error when the command failed.
+async fn partition(
+    cut_after: std::time::Duration,
+    heal_after: Option<std::time::Duration>,
+    command: &[String],
+) -> anyhow::Result<bool> {
+    let mut ns = caretwin_chaos::netns::Netns::create_unique("ctc")?;
+    println!(
+        "partition: namespace {}; inside at {}, the machine at {}",
+        ns.name(),
+        ns.ns_addr(),
+        ns.host_addr()
+    );
+    let mut cmd = ns.command(&command[0]);
+    cmd.args(&command[1..]);
+    let mut child = tokio::process::Command::from(cmd)
+        .kill_on_drop(true)
+        .spawn()
+        .with_context(|| format!("cannot start {:?}", command[0]))?;
+    let cut = tokio::time::sleep(cut_after);
+    let heal = tokio::time::sleep(cut_after + heal_after.unwrap_or_default());
+    tokio::pin!(cut, heal);
+    let (mut was_cut, mut healed) = (false, false);
+    let status = loop {
+        tokio::select! {
+            status = child.wait() => break status?,
+            () = &mut cut, if !was_cut => {
+                ns.cut()?;
+                was_cut = true;
+                println!("partition: cut");
+            }
+            () = &mut heal, if was_cut && !healed && heal_after.is_some() => {
+                ns.heal()?;
+                healed = true;
+                println!("partition: healed");
+            }
+            _ = tokio::signal::ctrl_c() => {
+                child.kill().await?;
+                break child.wait().await?;
+            }
+        }
+    };
+    anyhow::ensure!(status.success(), "the command failed ({status})");
+    println!("partition: the command ended ({status})");
     Ok(true)
 }
 

@@ -27,6 +27,13 @@
 //! never see them as data errors. A connection lost *during* `COMMIT` is different: the
 //! outcome is unknown, and the caller gets [`Error::Backend`] saying so.
 //!
+//! A client that vanishes mid-transaction — cut off by the network, its packets dropped —
+//! leaves the transaction open on the server, and with it the share lock on its shard's
+//! lease row: a takeover's `FOR UPDATE` would wait for it until the server's TCP keep-alive
+//! gives up on the client, hours later, and every other lease call of the taking node with
+//! it. `idle_in_transaction_timeout` has the server end such a transaction; a node sets it
+//! to half its lease, so the lock is gone before the lease runs out.
+//!
 //! Durability: a commit is acknowledged after PostgreSQL flushed its WAL. Every
 //! connection sets `synchronous_commit = on`, whatever the server's default; a server
 //! running with `fsync = off` is reported at open.
@@ -66,6 +73,15 @@ pub struct PostgresConfig {
     /// Most connections the node keeps open; more concurrent calls wait for one.
     #[serde(default = "default_pool_size")]
     pub pool_size: usize,
+    /// How long the server lets a transaction of ours wait for its next statement before
+    /// it ends the session (PostgreSQL's `idle_in_transaction_session_timeout`). A node cut
+    /// off mid-batch leaves its transaction open on the server, holding the share lock on
+    /// its shard's lease row, and no other node can take that lease until the transaction
+    /// ends: without a limit, not before the server's TCP keep-alive gives up on the node
+    /// (hours). Unset: the server's setting; a node sets half its `lease_ttl` (and refuses
+    /// a value that is not below it).
+    #[serde(default, with = "humantime_serde")]
+    pub idle_in_transaction_timeout: Option<Duration>,
 }
 
 fn default_url() -> String {
@@ -87,6 +103,7 @@ impl PostgresConfig {
         Self {
             url: url.into(),
             pool_size: default_pool_size(),
+            idle_in_transaction_timeout: None,
         }
     }
 }
@@ -352,10 +369,15 @@ impl PostgresStore {
             .parse()
             .map_err(|e| Error::Config(format!("postgres url: {e}")))?;
         // Acknowledge only what is flushed, whatever the server's default says.
-        let options = format!(
+        let mut options = format!(
             "{} -c synchronous_commit=on",
             pg.get_options().unwrap_or_default()
         );
+        if let Some(t) = config.idle_in_transaction_timeout {
+            // In ms; 0 would switch the limit off.
+            let ms = t.as_millis().max(1);
+            options.push_str(&format!(" -c idle_in_transaction_session_timeout={ms}"));
+        }
         pg.options(options.trim_start());
         if pg.get_application_name().is_none() {
             pg.application_name("caretwin");
