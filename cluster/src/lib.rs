@@ -22,6 +22,7 @@
 //!   handed over and dropped as `caretwin_actors::placement` decides.
 //! - [`peer`] — the peer channel: calls for twins hosted on other nodes, over QUIC with
 //!   mutual TLS.
+//! - [`presence`] — which sites have a sync session anywhere in the cluster.
 //! - [`pii`] — customers' personal data, sealed with a per-customer key so erasure can
 //!   destroy it (crypto-shredding), and the tenants' customer indexes.
 
@@ -39,6 +40,7 @@ pub mod membership;
 pub mod node;
 pub mod peer;
 pub mod pii;
+pub mod presence;
 pub mod replay;
 pub mod store;
 pub mod sync;

@@ -124,6 +124,8 @@ pub struct Membership {
     /// Each announced node's sync address, from its latest entry.
     sync_of: BTreeMap<String, Option<String>>,
     sync_addrs: Arc<SyncAddrs>,
+    /// The sites connected to each live member ([`crate::presence`]).
+    presence: Arc<crate::presence::Presence>,
     next_entry: u64,
     held: BTreeMap<u32, Lease>,
     /// The node's member lease, renewed every round (also while the node is still
@@ -169,6 +171,7 @@ impl Membership {
             announcement,
             sync_of: BTreeMap::new(),
             sync_addrs: Arc::new(SyncAddrs::default()),
+            presence: Arc::default(),
             next_entry: 1,
             held: BTreeMap::new(),
             member,
@@ -178,6 +181,11 @@ impl Membership {
     /// The live members' sync addresses, kept up to date by every round.
     pub fn sync_addrs(&self) -> Arc<SyncAddrs> {
         self.sync_addrs.clone()
+    }
+
+    /// The sites online across the cluster, kept up to date by every round.
+    pub fn presence(&self) -> Arc<crate::presence::Presence> {
+        self.presence.clone()
     }
 
     fn ttl_ms(&self) -> u64 {
@@ -318,6 +326,18 @@ impl Membership {
                 .filter_map(|m| self.sync_of.get(&m.node_id).cloned().flatten())
                 .collect(),
         );
+        let others: Vec<String> = live
+            .iter()
+            .filter(|m| m.node_id != self.me)
+            .map(|m| m.node_id.clone())
+            .collect();
+        let presence = async {
+            self.presence.publish(&*self.store, &self.me).await?;
+            self.presence.read(&*self.store, &others).await
+        };
+        if let Err(e) = in_time(deadline, presence).await {
+            tracing::warn!(error = %e, "sites online not exchanged this round");
+        }
         let expiries = self
             .held
             .iter()
@@ -473,6 +493,7 @@ impl Membership {
         }
         self.view.write().expect("view lock").live.clear();
         self.sync_addrs.set(Vec::new());
+        self.presence.clear_remote();
     }
 
     /// The shards held now.

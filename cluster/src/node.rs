@@ -303,6 +303,8 @@ impl Node {
         let server = SyncServer::new(ingest.clone(), signals.clone(), clock.clone());
         if let Some(c) = &cluster {
             server.tell_members(c.sync_addrs.clone());
+            let here = server.clone();
+            c.presence.set_local(Arc::new(move || here.live_sites()));
         }
 
         let grpc_listener = tokio::net::TcpListener::bind(config.grpc.listen)
@@ -318,7 +320,17 @@ impl Node {
             crate::grpc::auth::Tokens::default()
         };
         tracing::info!(addr = %grpc_addr, tokens = tokens.len(), "gRPC listening");
-        let sites = server.clone();
+        // A site may be connected to any member: online is what the cluster knows.
+        let sites_online: crate::presence::LocalSites = match &cluster {
+            Some(c) => {
+                let presence = c.presence.clone();
+                Arc::new(move || presence.online())
+            }
+            None => {
+                let sites = server.clone();
+                Arc::new(move || sites.live_sites())
+            }
+        };
         let services = crate::grpc::Services::with_retention(
             crate::grpc::Parts {
                 system: system.clone(),
@@ -329,7 +341,7 @@ impl Node {
                 clock: clock.clone(),
                 catalogue: catalogue.clone(),
                 scheduler: config.services.scheduler.clone(),
-                sites_online: Arc::new(move || sites.live_sites()),
+                sites_online,
                 closing: stop_rx.clone(),
             },
             crate::grpc::projection::Retention::keeping(config.grpc.case_retention),
@@ -506,6 +518,8 @@ struct Joined {
     view: Arc<std::sync::RwLock<crate::peer::View>>,
     /// The live members' sync addresses, for the edges.
     sync_addrs: Arc<crate::membership::SyncAddrs>,
+    /// The sites online across the cluster.
+    presence: Arc<crate::presence::Presence>,
     membership: tokio::task::JoinHandle<()>,
     peers: tokio::task::JoinHandle<()>,
     kill: tokio::sync::watch::Sender<bool>,
@@ -580,11 +594,13 @@ async fn join_cluster(
     let settled = membership.settle(config.lease_ttl * 2).await;
     tracing::info!(node = %config.node_id, peer = %advertise, sync = ?addresses.sync, shards = membership.held().len(), settled, "joined the cluster");
     let sync_addrs = membership.sync_addrs();
+    let presence = membership.presence();
     let (kill, killed) = tokio::sync::watch::channel(false);
     Ok(Joined {
         addr: bound,
         view: seen,
         sync_addrs,
+        presence,
         membership: tokio::spawn(membership.run(stop, killed)),
         peers: serving,
         kill,

@@ -9,13 +9,19 @@
 //!   it on disk, moves to it when the seed dies, and reaches it again after a restart of
 //!   its own while the seed is still dead.
 //!
+//! Whichever node an integrator asks, the site is online while its edge is connected to
+//! any of them, and offline once it is gone.
+//!
 //! Either way nothing is lost and nothing applied twice: at the end every device's twin
 //! high-water mark in the database equals the last sequence number the edge assigned,
 //! and the edge's outbox is empty.
 
 use caretwin_actors::store::{Key, Store};
+use caretwin_cluster::grpc::auth::{Scope, TokensFile, mint};
 use caretwin_cluster::store::{PostgresConfig, PostgresStore};
 use caretwin_edge::outbox::{Outbox, OutboxConfig};
+use caretwin_proto::v1;
+use caretwin_proto::v1::twin_service_client::TwinServiceClient;
 use caretwin_tests::postgres as pg;
 use caretwin_tests::{Process, bin, log_field};
 use std::path::Path;
@@ -54,12 +60,59 @@ fn setup() -> tempfile::TempDir {
     }
     write(&d.join("devices.toml"), &provision);
     write(&d.join("sim.toml"), &sim);
+    let (token, entry) = mint("ops", "t1", vec![Scope::TwinsRead]);
+    let tokens = TokensFile {
+        tokens: vec![entry],
+    };
+    write(&d.join("tokens.toml"), &toml::to_string(&tokens).unwrap());
+    write(&d.join("token"), &token);
     dir
 }
 
-/// Starts node `id` on the database; returns it and its sync address (which it
-/// announces: it listens on a specific IP).
-fn start_node(dir: &Path, id: &str, db_url: &str) -> (Process, String) {
+/// Whether node `grpc` reports the site of device 0 online, asked over gRPC.
+async fn site_online(dir: &Path, grpc: &str) -> bool {
+    let ca = std::fs::read(dir.join("certs").join("ca.pem")).unwrap();
+    let channel = tonic::transport::Channel::from_shared(format!("https://{grpc}"))
+        .unwrap()
+        .tls_config(
+            tonic::transport::ClientTlsConfig::new()
+                .ca_certificate(tonic::transport::Certificate::from_pem(ca))
+                .domain_name("localhost"),
+        )
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let token = std::fs::read_to_string(dir.join("token")).unwrap();
+    let mut req = tonic::Request::new(v1::GetTwinRequest {
+        device_id: device(0),
+        ..Default::default()
+    });
+    req.metadata_mut()
+        .insert("authorization", format!("Bearer {token}").parse().unwrap());
+    let twin = TwinServiceClient::new(channel)
+        .get_twin(req)
+        .await
+        .unwrap()
+        .into_inner();
+    twin.site_online
+}
+
+/// Waits until node `grpc` reports the site `online` (or not).
+async fn wait_site_online(dir: &Path, grpc: &str, online: bool) {
+    let deadline = std::time::Instant::now() + caretwin_tests::DEADLINE;
+    while site_online(dir, grpc).await != online {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "node {grpc} never reported the site online = {online}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+}
+
+/// Starts node `id` on the database; returns it, its sync address (which it announces:
+/// it listens on a specific IP) and its gRPC address.
+fn start_node(dir: &Path, id: &str, db_url: &str) -> (Process, String, String) {
     let config = dir.join(format!("{id}.toml"));
     let certs = dir.join("certs");
     write(
@@ -89,7 +142,7 @@ tokens = "{tokens}"
 [cluster]
 enabled = true
 "#,
-            tokens = dir.join("no-tokens.toml").display(),
+            tokens = dir.join("tokens.toml").display(),
             provision = dir.join("devices.toml").display(),
             ca = certs.join("ca.pem").display(),
             cert = certs.join("cluster.pem").display(),
@@ -104,8 +157,10 @@ enabled = true
     .unwrap();
     let line = p.wait_for("sync listening").unwrap();
     let addr = log_field(&line, "addr").expect("the bound address is logged");
+    let line = p.wait_for("gRPC listening").unwrap();
+    let grpc = log_field(&line, "addr").expect("the gRPC address is logged");
     p.wait_for("joined the cluster").unwrap();
-    (p, addr)
+    (p, addr, grpc)
 }
 
 /// Starts the edge with `nodes` as its `cluster_addrs`, simulating for `simulate_for`.
@@ -192,9 +247,9 @@ async fn an_edge_moves_to_the_other_node_when_its_node_dies_and_loses_nothing() 
     let d = dir.path();
     let server = pg::server_url(&Path::new(env!("CARGO_TARGET_TMPDIR")).join("postgres"));
     let (_, db_url) = pg::fresh_database(&server).await.unwrap();
-    let (n1, a1) = start_node(d, "n1", &db_url);
-    let (n2, a2) = start_node(d, "n2", &db_url);
-    let mut nodes = [(n1, a1.clone()), (n2, a2.clone())];
+    let (n1, a1, g1) = start_node(d, "n1", &db_url);
+    let (n2, a2, g2) = start_node(d, "n2", &db_url);
+    let mut nodes = [(n1, a1.clone(), g1), (n2, a2.clone(), g2)];
 
     let mut edge = start_edge(d, &[&a1, &a2], "8s");
     let first = session_addr(&edge.wait_for("sync session open").unwrap());
@@ -203,6 +258,9 @@ async fn an_edge_moves_to_the_other_node_when_its_node_dies_and_loses_nothing() 
         first, nodes[victim].1,
         "the edge dialled a node it was not given"
     );
+    // Online as either node sees it, though connected to one.
+    wait_site_online(d, &nodes[victim].2, true).await;
+    wait_site_online(d, &nodes[survivor].2, true).await;
     // Readings are applied through the first node.
     let store = PostgresStore::open(&PostgresConfig::at(db_url.clone()))
         .await
@@ -225,9 +283,12 @@ async fn an_edge_moves_to_the_other_node_when_its_node_dies_and_loses_nothing() 
         .unwrap();
     assert!(moved.contains("node=n"), "{moved}");
 
+    wait_site_online(d, &nodes[survivor].2, true).await;
+
     // Everything generated, before and after the kill, is acknowledged by the survivor.
     edge.wait_for("outbox drained").unwrap();
     stop(&mut edge);
+    wait_site_online(d, &nodes[survivor].2, false).await;
     stop(&mut nodes[survivor].0);
     let total = nothing_lost_nothing_doubled(d, &db_url).await;
     assert!(total > 500, "only {total} readings went through");
@@ -243,12 +304,14 @@ async fn an_edge_with_one_seed_learns_the_other_node_and_fails_over_to_it_even_a
     let d = dir.path();
     let server = pg::server_url(&Path::new(env!("CARGO_TARGET_TMPDIR")).join("postgres"));
     let (_, db_url) = pg::fresh_database(&server).await.unwrap();
-    let (mut seed, seed_addr) = start_node(d, "n1", &db_url);
-    let (mut other, other_addr) = start_node(d, "n2", &db_url);
+    let (mut seed, seed_addr, _) = start_node(d, "n1", &db_url);
+    let (mut other, other_addr, other_grpc) = start_node(d, "n2", &db_url);
 
     let mut edge = start_edge(d, &[&seed_addr], "12s");
     let open = edge.wait_for("sync session open").unwrap();
     assert_eq!(session_addr(&open), seed_addr);
+    // Connected to the seed, online as the other node sees it too.
+    wait_site_online(d, &other_grpc, true).await;
     // The seed's Welcome names both nodes; the edge keeps them on disk.
     let learned = edge.wait_for("cluster nodes learned").unwrap();
     assert!(learned.contains(&other_addr), "{learned}");
