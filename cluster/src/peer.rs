@@ -621,6 +621,13 @@ impl Peers {
                             .get_or_insert_with(|| {
                                 let (version, keys) = snapshots.interest();
                                 let msg = encode_interest(epoch, version, &keys);
+                                if msg.len() > MAX_FRAME {
+                                    tracing::warn!(
+                                        keys = keys.len(),
+                                        bytes = msg.len(),
+                                        "twins watched here exceed one peer message; peers cannot learn them"
+                                    );
+                                }
                                 (version, Arc::new(encode_request(INTEREST, &self.me, &msg)))
                             })
                             .clone();

@@ -4,7 +4,10 @@
 //!
 //! Only logs whose name starts with one of the watched prefixes are signalled; every other
 //! call passes straight through. Snapshot writes are signalled to the [`Inbox`]es that
-//! asked for their key ([`SnapshotSignals`]): the twin watches wake on them.
+//! asked for their key ([`SnapshotSignals`]): the twin watches wake on them. In a cluster
+//! the signals also hold the keys the peers' watches asked for, and a commit of one is
+//! handed to the peer channel, which tells that peer (`crate::peer`); what the peers
+//! commit of the keys watched here comes back the same way.
 
 use caretwin_actors::Result;
 use caretwin_actors::store::{Applied, Due, Entry, Key, Lease, Op, Store, Versioned, WriteBatch};
