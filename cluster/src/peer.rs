@@ -681,6 +681,7 @@ async fn send_tells(
 ) {
     let mut failures = 0u32;
     let mut last: Option<tokio::time::Instant> = None;
+    let mut missing_since: Option<tokio::time::Instant> = None;
     loop {
         tokio::select! {
             () = queue.wake.notified() => {}
@@ -702,13 +703,25 @@ async fn send_tells(
             };
             let sent = match me.addr_of(&peer) {
                 Some(addr) => {
+                    missing_since = None;
                     let request = encode_request(TELL, &me.me, &encode_tell(&out));
                     matches!(
                         tokio::time::timeout(CALL_TIMEOUT, me.call(addr, request)).await,
                         Ok(Ok(_))
                     )
                 }
-                None => false, // not in the view (yet, or for a moment)
+                // Not in the view (yet, or for a moment); gone for good after a while.
+                None => {
+                    let since = *missing_since.get_or_insert_with(tokio::time::Instant::now);
+                    if since.elapsed().as_millis() as u64 >= sharing::FORGET_AFTER_MS {
+                        let mut queues = me.queues.lock().expect("queues lock");
+                        if queues.get(&peer).is_some_and(|q| Arc::ptr_eq(q, &queue)) {
+                            queues.remove(&peer);
+                        }
+                        return;
+                    }
+                    false
+                }
             };
             drop(me);
             last = Some(tokio::time::Instant::now());

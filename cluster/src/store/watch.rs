@@ -182,9 +182,10 @@ impl Remote {
 struct Local {
     keys: HashMap<String, Vec<std::sync::Weak<Inbox>>>,
     version: u64,
-    /// (version, key): to look at again once every peer knows `version` (a change a peer
-    /// made before it knew may not have been signalled).
-    unsynced: std::collections::VecDeque<(u64, String)>,
+    /// Key → the version it was first watched at: to look at again once every peer knows
+    /// that version (a change a peer made before it knew was not relayed). Only watched
+    /// keys, so it stays bounded however long a peer takes to answer.
+    unsynced: HashMap<String, u64>,
 }
 
 /// Who is told of a snapshot that changed here, for the peers that watch it: the peer's
@@ -250,7 +251,7 @@ impl SnapshotSignals {
         if new {
             l.version += 1;
             if self.relay.get().is_some() {
-                l.unsynced.push_back((l.version, key.to_owned()));
+                l.unsynced.insert(key.to_owned(), l.version);
             }
         }
         self.counted(l);
@@ -264,6 +265,7 @@ impl SnapshotSignals {
             v.retain(|w| w.strong_count() > 0 && !std::ptr::eq(w.as_ptr(), Arc::as_ptr(inbox)));
             if v.is_empty() {
                 l.keys.remove(key);
+                l.unsynced.remove(key);
                 l.version += 1;
             }
         }
@@ -326,6 +328,7 @@ impl SnapshotSignals {
         });
         if v.is_empty() {
             l.keys.remove(key);
+            l.unsynced.remove(key);
             l.version += 1;
             self.counted(l);
         }
@@ -358,10 +361,13 @@ impl SnapshotSignals {
         let mut keys = Vec::new();
         {
             let mut local = self.local.lock().expect("snapshot signals lock");
-            while local.unsynced.front().is_some_and(|(v, _)| *v <= version) {
-                let (_, key) = local.unsynced.pop_front().expect("front exists");
-                keys.push(key);
-            }
+            local.unsynced.retain(|key, v| {
+                if *v <= version {
+                    keys.push(key.clone());
+                    return false;
+                }
+                true
+            });
         }
         if relook {
             for key in keys {
