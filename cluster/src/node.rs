@@ -563,6 +563,9 @@ async fn join_cluster(
     // appends here are told to the peers, and theirs wake ours.
     let teller = peers.clone();
     watched.also_tell(Arc::new(move |log: &Key| teller.tell_grew(log.as_str())));
+    // Twin watches too: the peers learn which twins are watched here and relay their
+    // changes (the task ends with the peer endpoint).
+    peers.share(watched.snapshot_signals(), wake.logs.clone());
     let on_grew: crate::peer::OnGrew = Arc::new(move |log: &str| {
         wake.logs.grew(&Key::new(log));
         if let Some(site) = log.strip_prefix("edge/") {

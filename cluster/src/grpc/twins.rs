@@ -19,6 +19,9 @@
 //! [`Inbox`], a set, so a burst of readings costs one look. Each twin is sent at most once
 //! per `min_interval_ms` (its latest state); a site watch also follows the index, so
 //! devices that join the site are watched and those that leave get a final `REMOVED`.
+//! The twin may be hosted on another node of the cluster: the peer channel then carries
+//! the watched keys to the nodes that write them and their commits back into the inbox
+//! (`crate::peer`), so a watch works the same on any node and across shard moves.
 
 use super::auth::{Principal, Scope};
 use super::convert;
