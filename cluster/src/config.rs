@@ -286,6 +286,17 @@ impl ClusterConfig {
                 self.lease_ttl
             )));
         }
+        if self
+            .store
+            .postgres
+            .tcp_user_timeout
+            .is_some_and(|t| t.is_zero())
+        {
+            return Err(crate::Error::Config(
+                "store.postgres.tcp_user_timeout must be non-zero (leave it out for the default)"
+                    .into(),
+            ));
+        }
         self.integrations.validate()
     }
 }
@@ -653,6 +664,12 @@ mod tests {
             )
         };
         assert!(idle("4s").is_err(), "not below the lease");
+        assert!(
+            ClusterConfig::load("[store.postgres]\ntcp_user_timeout = \"0s\"", [])
+                .unwrap_err()
+                .to_string()
+                .contains("tcp_user_timeout")
+        );
         assert!(idle("0s").is_err());
         assert_eq!(
             idle("1500ms")

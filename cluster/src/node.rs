@@ -165,7 +165,8 @@ pub async fn run(config: ClusterConfig, shutdown: impl Future<Output = ()>) -> R
 }
 
 /// The store settings a node opens its store with: `config.store`, with PostgreSQL's
-/// limit on a transaction waiting for its next statement at half a lease unless set. A
+/// limit on a transaction waiting for its next statement at half a lease, and on data
+/// unacknowledged by the server at a lease, unless set. A
 /// node that vanished mid-batch (cut off from the database) leaves its transaction open,
 /// holding its shard's lease row; the others can take the shard once its lease ran out
 /// *and* the server ended that transaction, which this bounds below the lease.
@@ -175,6 +176,10 @@ fn store_config(config: &ClusterConfig) -> crate::store::StoreConfig {
         .postgres
         .idle_in_transaction_timeout
         .get_or_insert(config.lease_ttl / 2);
+    store
+        .postgres
+        .tcp_user_timeout
+        .get_or_insert(config.lease_ttl);
     store
 }
 

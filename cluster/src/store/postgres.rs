@@ -82,6 +82,14 @@ pub struct PostgresConfig {
     /// a value that is not below it).
     #[serde(default, with = "humantime_serde")]
     pub idle_in_transaction_timeout: Option<Duration>,
+    /// How long data we sent may go unacknowledged by the server before the connection
+    /// is closed (TCP_USER_TIMEOUT, Linux). Behind a network cut a connection otherwise
+    /// waits out TCP's retransmissions (minutes) before it fails and is replaced, and a
+    /// node whose cut healed waits with it before it can rejoin. Unset: the URL's
+    /// `tcp_user_timeout` if it has one, else the system's; a node sets its `lease_ttl`
+    /// (a connection that cannot deliver for a whole lease is of no use to it).
+    #[serde(default, with = "humantime_serde")]
+    pub tcp_user_timeout: Option<Duration>,
 }
 
 fn default_url() -> String {
@@ -104,6 +112,7 @@ impl PostgresConfig {
             url: url.into(),
             pool_size: default_pool_size(),
             idle_in_transaction_timeout: None,
+            tcp_user_timeout: None,
         }
     }
 }
@@ -379,6 +388,11 @@ impl PostgresStore {
             options.push_str(&format!(" -c idle_in_transaction_session_timeout={ms}"));
         }
         pg.options(options.trim_start());
+        if let Some(t) = config.tcp_user_timeout
+            && pg.get_tcp_user_timeout().is_none()
+        {
+            pg.tcp_user_timeout(t);
+        }
         if pg.get_application_name().is_none() {
             pg.application_name("caretwin");
         }
