@@ -13,6 +13,7 @@ use crate::Result;
 use crate::mail::Mail;
 use crate::store::{Key, Op, Store, WriteBatch};
 use async_trait::async_trait;
+use futures::StreamExt;
 use std::collections::HashMap;
 use std::sync::Arc;
 
@@ -101,14 +102,17 @@ impl Dispatcher {
             .iter()
             .map(|(q, &from)| (q.clone(), from))
             .collect();
-        let mut runs = Vec::with_capacity(queues.len());
-        for chunk in queues.chunks(PUMPS_AT_ONCE) {
-            let chunk = chunk.iter().map(|(queue, from)| async move {
-                let from = *from;
-                (queue.clone(), pump_queue(store, router, queue, from).await)
-            });
-            runs.extend(futures::future::join_all(chunk).await);
-        }
+        // At most PUMPS_AT_ONCE queues in flight, the next one starting as soon as one
+        // ends (not in chunks waiting for their slowest queue). The items are owned: a
+        // stream of futures borrowing the list is not `Send` for every lifetime.
+        let runs: Vec<(Key, Result<QueueRun>)> =
+            futures::stream::iter(queues.into_iter().map(|(queue, from)| async move {
+                let run = pump_queue(store, router, &queue, from).await;
+                (queue, run)
+            }))
+            .buffer_unordered(PUMPS_AT_ONCE)
+            .collect()
+            .await;
         let mut report = PumpReport::default();
         let mut failed = None;
         for (queue, run) in runs {
